@@ -1,0 +1,3 @@
+"""kdlab: knowledge distillation of image classifiers."""
+
+__version__ = "0.1.0"

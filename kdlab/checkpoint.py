@@ -1,0 +1,137 @@
+"""Weights and training state on disk: safetensors only (no pickle), checksummed, written atomically.
+
+A file's metadata holds `kdlab` (JSON: epoch, optimizer hyper-parameters, anything small) and
+`sha256` over every tensor's bytes in key order, so truncation and bit flips are detected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from kdlab.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".pkl", ".ckpt")
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"kdlab": json.dumps(meta or {}), "sha256": tensors_digest(cpu)}
+    atomic_write_bytes(Path(path), st_save(cpu, metadata=metadata))
+
+
+def _read_metadata(raw: bytes) -> dict[str, str]:
+    if len(raw) < 8:
+        raise ValueError("file too short")
+    n = int.from_bytes(raw[:8], "little")
+    if n <= 0 or 8 + n > len(raw):
+        raise ValueError("header length out of range (truncated file?)")
+    header = json.loads(raw[8 : 8 + n])
+    return header.get("__metadata__") or {}
+
+
+def load(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and kdlab metadata; CheckpointError naming the file for anything wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.name.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path}: kdlab reads weights only from safetensors files (see load_weights for .pt files)")
+    raw = b""
+    try:
+        raw = path.read_bytes()
+        metadata = _read_metadata(raw)
+        tensors = st_load(raw)
+    except (SafetensorError, ValueError, UnicodeDecodeError, OSError, RuntimeError) as e:
+        if raw[:1] == b"\x80" or raw[:2] == b"PK":
+            raise CheckpointError(f"{path}: a pickle or torch.save file, not safetensors; kdlab never unpickles checkpoints") from None
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    if verify and "sha256" in metadata and tensors_digest(tensors) != metadata["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch (the file was modified or damaged)")
+    try:
+        meta = json.loads(metadata.get("kdlab", "{}"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: unreadable kdlab metadata") from None
+    return tensors, meta
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, or from a torch file through weights_only=True (no code runs)."""
+    path = Path(path)
+    if path.name.endswith(".safetensors"):
+        return load(path)[0]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only raises UnpicklingError for any forbidden global
+        raise CheckpointError(f"{path}: refused or unreadable torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a one-line error naming the file and the first mismatching keys or shapes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            parts.append(f"shape {', '.join(wrong[:2])}")
+        raise CheckpointError(f"{source}: weights do not fit {type(module).__name__} ({'; '.join(parts)})")
+    module.load_state_dict(state)

@@ -1,0 +1,144 @@
+"""`kdlab ...`: the command line. User errors print one line and exit with code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kdlab.errors import KdlabError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, code 2
+        sys.stderr.write(f"kdlab: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kdlab", description="Knowledge distillation of image classifiers.")
+    from kdlab import __version__
+
+    p.add_argument("--version", action="version", version=f"kdlab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a recipe into a run directory, or resume one")
+    t.add_argument("recipe", nargs="?", help="recipe YAML")
+    t.add_argument("--out", help="run directory to create")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    t.add_argument("--seed", type=int, help="override the recipe's seed")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.epochs=2 (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no per-epoch lines on stdout (log.txt still written)")
+
+    e = sub.add_parser("eval", help="evaluate a run directory or a student.safetensors file")
+    e.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
+    e.add_argument("--data", choices=["digits", "cifar10", "cifar100", "imagefolder"], help="default: the run's data set")
+    e.add_argument("--data-root", help="default: the run's data.root")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+
+    d = sub.add_parser("demo", help="train every method on the embedded digits data and print a table")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--only", nargs="*", help="only these methods")
+    d.add_argument("--quiet", action="store_true")
+
+    sub.add_parser("models", help="list the registered models")
+    sub.add_parser("methods", help="list the registered methods")
+    return p
+
+
+def cmd_train(args) -> int:
+    from kdlab import runner
+    from kdlab.config import load_recipe
+
+    if args.resume:
+        if args.recipe or args.overrides or args.seed is not None:
+            raise KdlabError("--resume DIR continues a run as it was configured; drop the recipe, --set and --seed")
+        result = runner.run(None, Path(args.resume), resume=True, quiet=args.quiet)
+    else:
+        if not args.recipe or not args.out:
+            raise KdlabError("train needs RECIPE.yaml and --out DIR (or --resume DIR)")
+        recipe = load_recipe(args.recipe, args.overrides, args.seed)
+        result = runner.run(recipe, Path(args.out), quiet=args.quiet)
+    print(json.dumps({k: result[k] for k in ("top1_last", "top1_best", "top5_last", "epochs", "seed", "params")}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from kdlab import checkpoint, models
+    from kdlab.config import DataConfig, read_yaml
+    from kdlab.data import DeviceLoader, load_dataset
+    from kdlab.runner import resolve_weights
+    from kdlab.train import evaluate, resolve_device
+
+    path, meta = resolve_weights(Path(args.weights))
+    if "model" not in meta:
+        raise KdlabError(f"{path}: no model name in its metadata; was it written by kdlab?")
+    run_cfg = path.parent / "config.yaml"
+    data = DataConfig.model_validate(read_yaml(run_cfg).get("data", {})) if run_cfg.exists() else DataConfig()
+    name = args.data or data.name
+    root = args.data_root or (data.root if name == data.name else None)
+    kw = {"image_size": data.image_size} if name == "imagefolder" else {}
+    test = load_dataset(name, root, split="test", **kw)
+    model = models.create(meta["model"], num_classes=meta.get("num_classes", test.num_classes), in_chans=meta.get("in_chans", 3),
+                          **meta.get("kwargs", {}))
+    checkpoint.load_state_into(model, checkpoint.load(path)[0], str(path))
+    if test.num_classes != meta.get("num_classes", test.num_classes) or test.images.shape[1] != meta.get("in_chans", 3):
+        raise KdlabError(f"{path}: model has {meta.get('num_classes')} classes / {meta.get('in_chans')} channels, "
+                         f"data {name} has {test.num_classes} / {test.images.shape[1]}")
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    metrics = evaluate(model.to(device), DeviceLoader(test, 256, train=False, device=device))
+    metrics.update(model=meta["model"], data=name, images=len(test.labels), seconds=round(time.perf_counter() - t0, 3))
+    print(json.dumps(metrics))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_models(_args) -> int:
+    from kdlab import models
+
+    for name in models.names():
+        print(name)
+    return 0
+
+
+def cmd_methods(_args) -> int:
+    from kdlab.methods import METHODS
+
+    width = max(map(len, METHODS))
+    for m in METHODS.values():
+        print(f"{m.name:<{width}}  {m.summary}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kdlab.demo import run_demo
+
+    run_demo(Path(args.out), only=args.only, quiet=args.quiet)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "models": cmd_models, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KdlabError as e:
+        sys.stderr.write(f"kdlab: error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("kdlab: interrupted; continue with 'kdlab train --resume DIR'\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

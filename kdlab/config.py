@@ -1,0 +1,290 @@
+"""Typed recipe schema: every key a recipe may hold, its type, default and allowed range.
+
+A recipe is YAML validated against `Recipe`. Unknown keys, wrong types and impossible values are
+rejected with a one-line message naming the dotted key (`format_validation_error`), which the CLI
+prints before exiting with code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdlab.errors import ConfigError
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_model_name(name: str) -> str:
+    from kdlab import models
+
+    if name not in models.names():
+        try:
+            models.create(name)
+        except ConfigError as e:  # its message lists the close matches; pydantic adds the key
+            raise ValueError(str(e)) from None
+    return name
+
+
+class AugmentConfig(Strict):
+    """None means the data set's published default (see kdlab.data.default_augment)."""
+
+    crop_pad: int | None = Field(default=None, ge=0)
+    flip: bool | None = None
+    rotation: float | None = Field(default=None, ge=0, le=180)
+
+
+class DataConfig(Strict):
+    name: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    root: str | None = None
+    image_size: int = Field(default=32, ge=8, description="imagefolder only: images are resized to this")
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _root_needed(self):
+        if self.name == "imagefolder" and not self.root:
+            raise ValueError("data.root is required for data.name=imagefolder")
+        return self
+
+
+class ScheduleConfig(Strict):
+    type: Literal["multistep", "step", "cosine", "constant"] = "multistep"
+    milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
+    gamma: float = Field(default=0.1, gt=0, le=1)
+    step_size: int = Field(default=30, ge=1, description="step schedule: decay every this many epochs")
+    warmup_epochs: float = Field(default=0.0, ge=0, description="linear warm-up from 0, per iteration")
+    min_lr: float = Field(default=0.0, ge=0, description="cosine floor")
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(m <= 0 for m in v) or sorted(v) != v:
+            raise ValueError("milestones must be positive and increasing")
+        return v
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(default=240, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(default=5e-4, ge=0)
+    decay_norm_and_bias: bool = Field(default=True, description="apply weight decay to BN and bias too (the published recipes do)")
+    schedule: ScheduleConfig = ScheduleConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 autocast on CUDA, off on CPU")
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    eval_every: int = Field(default=1, ge=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+    nonfinite: Literal["stop", "skip"] = Field(default="stop", description="what a NaN/Inf loss does: stop the run, or skip the step")
+    max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap on steps per epoch (smoke tests)")
+    keep_epochs: list[int] = Field(default_factory=list, description="also keep the weights of these epochs (defective-KD teachers)")
+
+
+class ModelConfig(Strict):
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return _check_model_name(v)
+
+
+class TeacherConfig(Strict):
+    """A teacher: given weights, or trained first (vanilla CE) with `train` overriding the recipe's train."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(default=None, description="student.safetensors file, or a finished run directory")
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the recipe's train section for this teacher")
+    epoch: int | None = Field(default=None, ge=0, description="use the teacher as it was after this epoch (0 = at init): defective KD")
+    seed: int | None = Field(default=None, description="default: the run seed + 1 + the teacher's index")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return _check_model_name(v)
+
+    @model_validator(mode="after")
+    def _train_overrides_valid(self):
+        try:
+            TrainConfig.model_validate(self.train)
+        except ValidationError as e:
+            raise ValueError(f"train.{format_validation_error(e)}") from None
+        if self.weights and self.epoch is not None:
+            raise ValueError("teacher: 'epoch' picks a checkpoint of a teacher trained here; it cannot be combined with 'weights'")
+        return self
+
+
+class LossConfig(Strict):
+    ce: float = Field(default=1.0, ge=0, description="weight of the cross-entropy on the labels (mean over the batch)")
+    terms: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _terms_valid(self):
+        from kdlab.losses import TERMS
+
+        for name, opts in self.terms.items():
+            if name not in TERMS:
+                raise ValueError(f"unknown loss term {name!r}; registered: {', '.join(sorted(TERMS))}")
+            try:
+                TERMS[name].Options.model_validate(opts or {})
+            except ValidationError as e:
+                raise ValueError(f"terms.{name}.{format_validation_error(e)}") from None
+        return self
+
+
+class Recipe(Strict):
+    method: str = "vanilla"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    student: ModelConfig
+    teachers: list[TeacherConfig] = Field(default_factory=list)
+    generations: int = Field(default=0, ge=0, description="sequential methods: student generations after generation 0")
+    bane: bool = Field(default=False, description="also evaluate the ensemble of generations 1..G (BAN)")
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    cache_dir: str | None = Field(default=None, description="where trained teachers are cached; default <out>/teachers or $KDLAB_CACHE")
+    note: str = ""
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from kdlab.methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; registered: {', '.join(sorted(METHODS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        from kdlab.losses import TERMS
+
+        needs_teacher = [n for n in self.loss.terms if TERMS[n].needs_teacher]
+        if needs_teacher and not self.teachers and self.generations == 0:
+            raise ValueError(f"loss term(s) {', '.join(needs_teacher)} need a teacher: add 'teachers' or 'generations'")
+        if self.generations and self.teachers:
+            raise ValueError("'generations' trains each generation's teacher itself; remove 'teachers'")
+        if self.loss.ce == 0 and not self.loss.terms:
+            raise ValueError("loss: ce is 0 and there are no terms: nothing to train")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, error formatting
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line: the first problem, with its dotted key path."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    nested = re.match(r"^([A-Za-z_][\w]*(?:\.[\w]+)+): (.*)$", msg)
+    if nested:  # a section validator that names the sub-key itself (loss terms, teacher train overrides)
+        loc = ".".join(p for p in (loc, nested.group(1)) if p)
+        msg = nested.group(2)
+    key = ".".join(p for p in (prefix, loc) if p)
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{key}: {msg}{more}" if key else f"{msg}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`--set a.b.c=V` on the raw mapping; the schema then says whether the key exists."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = out
+        for i, part in enumerate(path):
+            where = ".".join(path[: i + 1])
+            if isinstance(node, list):  # teachers.0.name: an index into a list
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {item}: {where}: no such list index (the list has {len(node)} entries)")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(path[:i])} is not a section")
+            if i == len(path) - 1:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {format_validation_error(e)}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), seed: int | None = None) -> Recipe:
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    if seed is not None:
+        raw["seed"] = seed
+    return validate(raw, source=str(path))
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def teacher_train_config(recipe: Recipe, teacher: TeacherConfig) -> TrainConfig:
+    cfg = TrainConfig.model_validate(deep_merge(recipe.train.model_dump(mode="json"), teacher.train))
+    if teacher.epoch is not None and teacher.epoch not in cfg.keep_epochs:
+        cfg = cfg.model_copy(update={"keep_epochs": sorted({*cfg.keep_epochs, teacher.epoch})})
+    return cfg

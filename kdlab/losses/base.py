@@ -1,0 +1,101 @@
+"""What every loss term shares: options schema, tapped layers, side modules, and the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from kdlab import taps
+from kdlab.errors import LayerError
+
+TERMS: dict[str, type["Term"]] = {}
+
+
+def register(cls: type["Term"]) -> type["Term"]:
+    TERMS[cls.name] = cls
+    return cls
+
+
+class TermOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(default=1.0, ge=0, description="multiplies the term's value as its docstring defines it")
+
+
+@dataclass
+class Outputs:
+    """One forward pass of the student and the teachers, as the terms read it."""
+
+    logits: torch.Tensor  # (N, K) student
+    targets: torch.Tensor  # (N,) int64
+    feats: dict[str, torch.Tensor] = field(default_factory=dict)  # student taps by spec
+    teacher_logits: list[torch.Tensor] = field(default_factory=list)  # per teacher (N, K)
+    teacher_feats: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+class Term(nn.Module):
+    """A weighted loss term. Subclasses define `name`, `Options`, the taps and `value`.
+
+    `forward` returns the UNWEIGHTED value; the Distiller multiplies by `weight` and logs both.
+    Trainable side modules (regressors, translators) are submodules of the term, hence trained with
+    the student and saved in its checkpoint, and never part of the exported student.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[TermOptions]] = TermOptions
+    needs_teacher: ClassVar[bool] = True
+    reads_teacher_features: ClassVar[bool] = False
+    default_student_layers: ClassVar[str | None] = None  # 'all' | 'last' | 'middle' | 'embedding'
+    default_teacher_layers: ClassVar[str | None] = None
+
+    def __init__(self, opts: TermOptions, student: nn.Module, teachers: list[nn.Module]):
+        super().__init__()
+        self.opts = opts
+        self.weight = opts.weight
+        self.num_teachers = len(teachers)
+        if self.needs_teacher and not teachers:
+            raise LayerError(f"loss term {self.name!r} needs a teacher")
+        self.student_layers = self._layers(student, "student_layers", self.default_student_layers, "student")
+        self.teacher_layers = [
+            self._layers(t, "teacher_layers", self.default_teacher_layers, f"teacher {i}") for i, t in enumerate(teachers)
+        ] if self.reads_teacher_features else [[] for _ in teachers]
+        if self.reads_teacher_features and self.student_layers and any(len(tl) != len(self.student_layers) for tl in self.teacher_layers):
+            raise LayerError(
+                f"{self.name}: {len(self.student_layers)} student layer(s) {self.student_layers} but teacher layers "
+                f"{self.teacher_layers}; give the same number (student_layers / teacher_layers options)"
+            )
+
+    def _layers(self, model: nn.Module, key: str, default: str | None, role: str) -> list[str]:
+        if default is None:
+            return []
+        given = getattr(self.opts, key, None)
+        specs = list(given) if given else taps.default_layers(model, default, role)
+        for spec in specs:
+            taps.resolve(model, spec, role)  # fail before training, listing the valid names
+        return specs
+
+    def build(self, probe: Outputs) -> None:
+        """Create side modules from the shapes of one probe batch (no-op by default)."""
+
+    def pre_stage(self, ctx) -> None:
+        """A stage that runs before the main training (FitNet hints, FT paraphraser); no-op by default."""
+
+    def forward(self, out: Outputs) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def pool_to_match(a: torch.Tensor, b: torch.Tensor, pool: bool, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive-average-pool the larger map to the smaller one's spatial size when asked to."""
+    if a.shape[-2:] == b.shape[-2:]:
+        return a, b
+    if not pool:
+        raise LayerError(
+            f"{what}: spatial sizes differ, student {tuple(a.shape[1:])} vs teacher {tuple(b.shape[1:])}; "
+            f"set the term's option pool: true to average-pool the larger map, or tap other layers"
+        )
+    if a.shape[-1] > b.shape[-1]:
+        return nn.functional.adaptive_avg_pool2d(a, b.shape[-2:]), b
+    return a, nn.functional.adaptive_avg_pool2d(b, a.shape[-2:])

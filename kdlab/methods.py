@@ -1,0 +1,53 @@
+"""The methods kdlab offers, by name: each is a recipe shape (loss terms, teachers, generations).
+
+A method name in a recipe is checked against this table: the terms it names must be present, so a
+recipe called `nst` really trains with the NST term. Methods add no code of their own to the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdlab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    terms: tuple[str, ...] = ()
+    teachers: str = "given"  # 'none' | 'given' | 'generations'
+    paper: str = ""
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("vanilla", "cross-entropy only: the baseline", teachers="none"),
+        Method("kd", "Hinton KD, T^2-scaled batch-mean KL", ("kd",), paper="Hinton et al. 2015"),
+        Method("ensemble_kd", "KD from the averaged logits of several teachers", ("ensemble_kd",)),
+        Method("fitnet", "hint regressor + hint stage, then KD (single-stage as an option)", ("fitnet",), paper="Romero et al. 2015"),
+        Method("at", "attention transfer over the chosen stages", ("at",), paper="Zagoruyko & Komodakis 2017"),
+        Method("nst", "MMD^2 between neuron selectivity patterns (linear, poly, gaussian)", ("nst",), paper="Huang & Wang 2017"),
+        Method("lp", "locality-preserving loss over k nearest neighbours in the teacher's feature space", ("lp",), paper="Chen et al. 2018"),
+        Method("ft", "factor transfer: paraphraser on the teacher, translator on the student", ("ft",), paper="Kim, Park, Kwak 2018"),
+        Method("pfeed", "parallel FEED: K teachers, K translators on the student's feature map", ("feed",), paper="Park & Kwak 2019"),
+        Method("sfeed", "sequential FEED: each generation's student teaches the next at feature level", ("feed",), "generations", "Park & Kwak 2019"),
+        Method("ban", "born-again generations with logit KD; BANE ensemble evaluation", ("kd",), "generations", "Furlanello et al. 2018"),
+        Method("tfkd_self", "teacher-free self-distillation: train the student, then teach a fresh copy", ("kd",), "generations", "Yuan et al. 2020"),
+        Method("tfkd_reg", "teacher-free regularisation with the manually designed distribution", ("tfkd_reg",), "none", "Yuan et al. 2020"),
+        Method("lsr", "label smoothing", ("lsr",), "none", "Szegedy et al. 2016"),
+    ]
+}
+
+
+def check_recipe(recipe) -> None:
+    """The recipe has what its method needs (terms present; teachers or generations as the method says)."""
+    method = METHODS[recipe.method]
+    missing = [t for t in method.terms if t not in recipe.loss.terms]
+    if missing:
+        raise ConfigError(f"method {method.name!r} needs loss term(s) {', '.join(missing)} in loss.terms")
+    if method.teachers == "generations" and recipe.generations < 1:
+        raise ConfigError(f"method {method.name!r} trains generations: set generations >= 1")
+    if method.teachers == "given" and not recipe.teachers:
+        raise ConfigError(f"method {method.name!r} needs at least one entry in 'teachers'")

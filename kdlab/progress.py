@@ -1,0 +1,61 @@
+"""Progress of a training run: a live bar with images/s and ETA on a terminal, plain lines elsewhere (CI, logs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+
+def is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"lr {row['lr']:.4g}", f"loss {row['train_loss']:.4f}"]
+    parts += [f"{k[6:]} {v:.4f}" for k, v in row.items() if k.startswith("train_") and k not in ("train_loss", "train_top1")]
+    if "test_top1" in row:
+        parts.append(f"test top1 {row['test_top1']:.2f} top5 {row['test_top5']:.2f}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+class Progress:
+    def __init__(self, total_epochs: int, steps_per_epoch: int, batch_size: int, log: Callable[[str], None]):
+        self.total_epochs, self.steps_per_epoch, self.batch_size, self.log = total_epochs, steps_per_epoch, batch_size, log
+        self.steps_done = 0
+        self._bar = None
+        self._task = None
+        self._t0 = time.perf_counter()
+        if is_terminal():
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), transient=True,
+            )
+            self._bar.start()
+
+    def start_epoch(self, epoch: int) -> None:
+        self.steps_done = 0
+        self._epoch_t0 = time.perf_counter()
+        if self._bar is not None:
+            if self._task is not None:
+                self._bar.remove_task(self._task)
+            self._task = self._bar.add_task(f"epoch {epoch + 1}/{self.total_epochs}", total=self.steps_per_epoch, speed="")
+
+    def step(self, step: int) -> None:
+        self.steps_done += 1
+        if self._bar is not None and (step % 5 == 0 or self.steps_done == self.steps_per_epoch):
+            dt = max(time.perf_counter() - self._epoch_t0, 1e-9)
+            self._bar.update(self._task, completed=self.steps_done, speed=f"{self.steps_done * self.batch_size / dt:,.0f} img/s")
+
+    def end_epoch(self, row: dict) -> None:
+        dt = max(row["seconds"], 1e-9)
+        self.log(format_row(row) + f" | {self.steps_done * self.batch_size / dt:,.0f} img/s")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

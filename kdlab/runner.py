@@ -1,0 +1,328 @@
+"""A recipe becomes a run directory: teachers (given, cached or trained), generations, stages, the student.
+
+Every sub-run (a teacher, a generation) is itself a run directory with its own checkpoints and
+`result.json`; a finished one is reused and an unfinished one resumed, so rerunning a killed
+recipe continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from torch import nn
+
+from kdlab import __version__, checkpoint, models
+from kdlab.config import LossConfig, Recipe, TeacherConfig, TrainConfig, dump, teacher_train_config, validate
+from kdlab.data import DeviceLoader, default_augment, load_dataset
+from kdlab.distiller import Distiller
+from kdlab.errors import CheckpointError, ConfigError, KdlabError
+from kdlab.lock import RunLock
+from kdlab.methods import check_recipe
+from kdlab.stages import StageContext
+from kdlab.train import autocast_factory, evaluate, fit, resolve_device
+
+RESULT = "result.json"
+EVAL_BATCH = 256
+
+
+class Log:
+    """Prints and appends to the run's log.txt."""
+
+    def __init__(self, path: Path | None = None, quiet: bool = False, prefix: str = ""):
+        self.path, self.quiet, self.prefix = path, quiet, prefix
+
+    def __call__(self, msg: str) -> None:
+        line = f"{self.prefix}{msg}"
+        if not self.quiet:
+            print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+    def child(self, path: Path, prefix: str) -> "Log":
+        return Log(path, self.quiet, self.prefix + prefix)
+
+
+@dataclass
+class Data:
+    train: object
+    test: object
+    num_classes: int
+    in_chans: int
+
+    def loaders(self, recipe: Recipe, batch_size: int, device: torch.device, seed: int):
+        aug = default_augment(recipe.data.name, image_size=recipe.data.image_size)
+        for key, value in recipe.data.augment.model_dump().items():
+            if value is not None:
+                setattr(aug, key, value)
+        train = DeviceLoader(self.train, batch_size, train=True, augment=aug, device=device, seed=seed)
+        test = DeviceLoader(self.test, EVAL_BATCH, train=False, device=device, seed=seed)
+        return train, test
+
+
+def load_data(recipe: Recipe) -> Data:
+    kw = {"image_size": recipe.data.image_size} if recipe.data.name == "imagefolder" else {}
+    train = load_dataset(recipe.data.name, recipe.data.root, split="train", **kw)
+    test = load_dataset(recipe.data.name, recipe.data.root, split="test", **kw)
+    return Data(train, test, train.num_classes, train.images.shape[1])
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(name: str, kwargs: dict, data: Data, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.create(name, num_classes=data.num_classes, in_chans=data.in_chans, **kwargs)
+
+
+def read_result(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / RESULT
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# One training run in one directory
+
+
+def train_run(
+    run_dir: Path,
+    recipe: Recipe,
+    student_name: str,
+    student_kwargs: dict,
+    teachers: list[nn.Module],
+    loss: LossConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+    data: Data,
+    log: Log,
+    extra: dict | None = None,
+) -> dict:
+    """Train (or resume, or reuse) one student in `run_dir`; returns its result.json content."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = read_result(run_dir)
+    if done is not None:
+        log(f"{run_dir}: finished earlier (top-1 {done['top1_last']:.2f}), reused")
+        return done
+    t_start = time.time()
+    device = resolve_device(train_cfg.device)
+    student = build_model(student_name, student_kwargs, data, seed)
+    train_loader, test_loader = data.loaders(recipe, train_cfg.batch_size, device, seed)
+    distiller = Distiller(student, teachers, loss).to(device)
+    probe_x, probe_y = next(iter(test_loader))
+    distiller.build(probe_x[: min(8, len(probe_x))], probe_y[: min(8, len(probe_y))])
+    autocast = autocast_factory(train_cfg, device)
+    ctx = StageContext(
+        student=student, teachers=distiller.teachers, train_loader=train_loader, device=device, run_dir=run_dir,
+        autocast=autocast, log=log, forward=distiller.outputs, max_steps=train_cfg.max_steps_per_epoch,
+        momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
+    )
+    for term in distiller.terms.values():
+        term.pre_stage(ctx)
+    resume = (run_dir / "checkpoints").exists()
+    state = fit(distiller, train_loader, test_loader, train_cfg, run_dir, log, resume=resume)
+    last = state.history[-1] if state.history else {}
+    if "test_top1" not in last:
+        ev = evaluate(student, test_loader, autocast)
+        last = {**last, "test_top1": ev["top1"], "test_top5": ev["top5"]}
+    result = {
+        "top1_last": last["test_top1"],
+        "top1_best": max(state.best_top1, last["test_top1"]),
+        "best_epoch": state.best_epoch,
+        "top5_last": last["test_top5"],
+        "epochs": train_cfg.epochs,
+        "seed": seed,
+        "params": param_count(student),
+        "student": student_name,
+        "method": recipe.method,
+        "data": recipe.data.name,
+        "device": device_name(device),
+        "wall_seconds": round(time.time() - t_start, 2),
+        "kdlab": __version__,
+        "torch": torch.__version__,
+        **(extra or {}),
+    }
+    checkpoint.save(run_dir / "student.safetensors", student.state_dict(), {"model": student_name, "kwargs": student_kwargs,
+                                                                           "num_classes": data.num_classes, "in_chans": data.in_chans})
+    checkpoint.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    log(f"{run_dir}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({result['params']:,} params)")
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Teachers
+
+
+def teacher_key(recipe: Recipe, teacher: TeacherConfig, train_cfg: TrainConfig, seed: int) -> str:
+    """Content hash of everything that determines a trained teacher's weights."""
+    payload = {
+        "model": teacher.name, "kwargs": teacher.kwargs, "data": recipe.data.model_dump(mode="json"),
+        "train": train_cfg.model_dump(mode="json"), "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_root(recipe: Recipe, out: Path) -> Path:
+    if recipe.cache_dir:
+        return Path(recipe.cache_dir)
+    if os.environ.get("KDLAB_CACHE"):
+        return Path(os.environ["KDLAB_CACHE"])
+    return out / "teachers"
+
+
+def load_model_weights(model: nn.Module, path: Path, what: str) -> None:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "student.safetensors"
+    checkpoint.load_state_into(model, checkpoint.load_weights(path), f"{what} {path}")
+
+
+def prepare_teacher(recipe: Recipe, index: int, teacher: TeacherConfig, data: Data, out: Path, log: Log) -> tuple[nn.Module, dict]:
+    seed = teacher.seed if teacher.seed is not None else recipe.seed + 1 + index
+    model = build_model(teacher.name, teacher.kwargs, data, seed)
+    info = {"name": teacher.name, "params": param_count(model)}
+    if teacher.weights:
+        load_model_weights(model, Path(teacher.weights), f"teacher {index}")
+        info["source"] = teacher.weights
+    else:
+        cfg = teacher_train_config(recipe, teacher)
+        run_dir = cache_root(recipe, out) / f"{teacher.name}-{teacher_key(recipe, teacher, cfg, seed)}"
+        with RunLock(run_dir):
+            checkpoint.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+                {"teacher_of": str(out), "model": teacher.name, "seed": seed, "train": cfg.model_dump(mode="json")}, sort_keys=False))
+            result = train_run(run_dir, recipe.model_copy(update={"method": "vanilla"}), teacher.name, teacher.kwargs, [],
+                               LossConfig(ce=1.0), cfg, seed, data, log.child(run_dir / "log.txt", f"[teacher {index}] "))
+        info.update(source=str(run_dir), top1_last=result["top1_last"], top1_best=result["top1_best"])
+        if teacher.epoch is not None:
+            path = run_dir / "checkpoints" / f"epoch_{teacher.epoch}.safetensors"
+            load_model_weights(model, path, f"teacher {index} (epoch {teacher.epoch})")
+            info["epoch"] = teacher.epoch
+            device = resolve_device(cfg.device)
+            _, test_loader = data.loaders(recipe, cfg.batch_size, device, seed)
+            info["top1_at_epoch"] = evaluate(model.to(device), test_loader)["top1"]
+        else:
+            load_model_weights(model, run_dir / "student.safetensors", f"teacher {index}")
+    return model, info
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole recipe
+
+
+def start(recipe: Recipe | None, out: Path, resume: bool) -> Recipe:
+    """Check the output directory and write (or read back) its config.yaml."""
+    out = Path(out)
+    config_path = out / "config.yaml"
+    if resume:
+        if not config_path.exists():
+            raise ConfigError(f"--resume {out}: no config.yaml there (not a kdlab run directory)")
+        from kdlab.config import read_yaml
+
+        return validate(read_yaml(config_path), source=str(config_path))
+    if (out / RESULT).exists():
+        raise ConfigError(f"{out} holds a finished run; choose another --out (nothing was overwritten)")
+    if config_path.exists():
+        raise ConfigError(f"{out} already holds a run; continue it with 'kdlab train --resume {out}' or choose another --out")
+    assert recipe is not None
+    check_recipe(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(config_path, dump(recipe))
+    return recipe
+
+
+def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = False) -> dict:
+    out = Path(out)
+    with RunLock(out):
+        recipe = start(recipe, out, resume)
+        check_recipe(recipe)
+        log = Log(out / "log.txt", quiet)
+        if read_result(out) is not None:
+            log(f"{out}: already finished")
+            return read_result(out)
+        data = load_data(recipe)
+        if recipe.generations:
+            return run_generations(recipe, out, data, log)
+        teachers, infos = [], []
+        for i, t in enumerate(recipe.teachers):
+            model, info = prepare_teacher(recipe, i, t, data, out, log)
+            teachers.append(model)
+            infos.append(info)
+        return train_run(out, recipe, recipe.student.name, recipe.student.kwargs, teachers, recipe.loss, recipe.train,
+                         recipe.seed, data, log, extra={"teachers": infos})
+
+
+def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
+    """Generation 0 trained on labels; generation g learns from generation g-1; the last one is `out` itself."""
+    gens = recipe.generations
+    gen_dirs = [out / "generations" / f"gen{g}" for g in range(gens)] + [out]
+    vanilla = recipe.model_copy(update={"method": "vanilla"})
+    results = [train_run(gen_dirs[0], vanilla, recipe.student.name, recipe.student.kwargs, [], LossConfig(ce=1.0),
+                         recipe.train, recipe.seed, data, log.child(gen_dirs[0] / "log.txt", "[gen 0] "))]
+    for g in range(1, gens + 1):
+        teacher = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
+        load_model_weights(teacher, gen_dirs[g - 1], f"generation {g - 1}")
+        history = [{"generation": i, "top1_last": r["top1_last"], "top1_best": r["top1_best"]} for i, r in enumerate(results)]
+        extra = {"generation": g, "generations": history, "teachers": [{"name": recipe.student.name, "source": str(gen_dirs[g - 1]),
+                                                                         "top1_last": results[-1]["top1_last"]}]}
+        glog = log if g == gens else log.child(gen_dirs[g] / "log.txt", f"[gen {g}] ")
+        results.append(train_run(gen_dirs[g], recipe, recipe.student.name, recipe.student.kwargs, [teacher], recipe.loss,
+                                 recipe.train, recipe.seed + g, data, glog, extra=extra))
+    final = dict(results[-1])
+    final["generations"] = [{"generation": i, "top1_last": r["top1_last"], "top1_best": r["top1_best"]} for i, r in enumerate(results)]
+    if recipe.bane and gens >= 1:
+        final["bane_top1"] = ensemble_top1(recipe, data, gen_dirs[1:])
+        log(f"BANE (generations 1..{gens}) top-1 {final['bane_top1']:.2f}")
+    checkpoint.atomic_write_text(out / RESULT, json.dumps(final, indent=2) + "\n")
+    return final
+
+
+@torch.no_grad()
+def ensemble_top1(recipe: Recipe, data: Data, run_dirs: list[Path]) -> float:
+    """Top-1 of the average softmax of several students (BAN's ensemble of generations)."""
+    device = resolve_device(recipe.train.device)
+    _, test_loader = data.loaders(recipe, EVAL_BATCH, device, recipe.seed)
+    nets = []
+    for d in run_dirs:
+        net = build_model(recipe.student.name, recipe.student.kwargs, data, 0)
+        load_model_weights(net, d, "generation")
+        nets.append(net.to(device).eval())
+    correct = total = 0
+    for x, y in test_loader:
+        probs = torch.stack([net(x).float().softmax(1) for net in nets]).mean(0)
+        correct += int((probs.argmax(1) == y).sum())
+        total += y.numel()
+    return 100.0 * correct / max(total, 1)
+
+
+def resolve_weights(path: Path) -> tuple[Path, dict]:
+    """A run directory or a student.safetensors file -> (weights path, its metadata)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "student.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file (expected a run directory or a .safetensors file)")
+    _, meta = checkpoint.load(path)
+    return path, meta
+
+
+__all__ = ["run", "train_run", "Log", "load_data", "resolve_weights", "KdlabError"]

@@ -1,0 +1,69 @@
+"""Short auxiliary training stages that run before the main one (FitNet hints, FT paraphrasers).
+
+Each stage's result is saved under `<run>/stages/` and a rerun loads it instead of training again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from kdlab import checkpoint
+
+
+@dataclass
+class StageContext:
+    student: nn.Module
+    teachers: list[nn.Module]
+    train_loader: object  # kdlab.data.DeviceLoader
+    device: torch.device
+    run_dir: Path
+    autocast: Callable[[], object]
+    log: Callable[[str], None]
+    forward: Callable  # (x, y) -> kdlab.losses.base.Outputs: the student with grad, the teachers without
+    max_steps: int | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+def run_stage(
+    ctx: StageContext,
+    name: str,
+    modules: dict[str, nn.Module],
+    params: Iterable[nn.Parameter],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    epochs: int,
+    lr: float,
+) -> None:
+    """Train `params` on `loss_fn(x, y)` for `epochs`, or load the saved result of an earlier run."""
+    path = ctx.run_dir / "stages" / f"{name}.safetensors"
+    if path.exists():
+        state, _ = checkpoint.load(path)
+        for key, module in modules.items():
+            module.load_state_dict({k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")})
+        ctx.log(f"stage {name}: loaded {path}")
+        return
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+    loader = ctx.train_loader
+    for epoch in range(epochs):
+        loader.set_epoch(10_000 + epoch)  # its own augmentation stream, disjoint from the main epochs
+        total = torch.zeros((), device=ctx.device)
+        steps = 0
+        for step, (x, y) in enumerate(loader):
+            if ctx.max_steps is not None and step >= ctx.max_steps:
+                break
+            with ctx.autocast():
+                loss = loss_fn(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach().float()
+            steps += 1
+        ctx.log(f"stage {name}: epoch {epoch + 1}/{epochs} loss {total.item() / max(steps, 1):.4f}")
+    state = {f"{key}.{k}": v for key, module in modules.items() for k, v in module.state_dict().items()}
+    checkpoint.save(path, state, {"stage": name, "epochs": epochs})

@@ -1,0 +1,120 @@
+"""Features taken by forward hooks on module names, so any nn.Module can be distilled unedited.
+
+A layer spec is either a dotted module name (as in `named_modules()`) or, for models that declare
+`feature_info`, an alias: `stage3` (post-activation output of stage 3), `stage3:pre` (its
+pre-activation output), `last` / `last:pre` (the deepest stage) and `embedding` (the penultimate
+vector fed to the classifier).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from kdlab.errors import LayerError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / torch.compile wrappers, so names stay the user's names."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def stage_aliases(model: nn.Module) -> dict[str, str]:
+    info = getattr(unwrap(model), "feature_info", None) or []
+    aliases: dict[str, str] = {}
+    for entry in info:
+        aliases[entry["name"]] = entry["module"]
+        if entry.get("preact_module"):
+            aliases[entry["name"] + ":pre"] = entry["preact_module"]
+    if info:
+        aliases["last"] = info[-1]["module"]
+        if info[-1].get("preact_module"):
+            aliases["last:pre"] = info[-1]["preact_module"]
+    emb = getattr(unwrap(model), "embedding_module", None)
+    if emb:
+        aliases["embedding"] = emb
+    return aliases
+
+
+def resolve(model: nn.Module, spec: str, role: str = "model") -> str:
+    """The module name a layer spec points to; a wrong spec fails here, listing what exists."""
+    base = unwrap(model)
+    aliases = stage_aliases(base)
+    name = aliases.get(spec, spec)
+    for prefix in WRAPPER_PREFIXES:
+        while name.startswith(prefix) and name not in dict(base.named_modules()):
+            name = name[len(prefix):]
+    modules = dict(base.named_modules())
+    if name in modules and name != "":
+        return name
+    valid = list(aliases) + [n for n in modules if n]
+    close = difflib.get_close_matches(spec, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    shown = ", ".join(list(aliases) + [n for n in modules if n][:40])
+    more = " ..." if len(modules) > 41 else ""
+    raise LayerError(f"{role} has no layer {spec!r}{hint} Valid: {shown}{more}")
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    return [e["name"] for e in (getattr(unwrap(model), "feature_info", None) or [])]
+
+
+def default_layers(model: nn.Module, which: str, role: str) -> list[str]:
+    """Sensible defaults per method: 'all' stages, the 'last' stage, 'middle' (FitNet's hint), 'embedding'."""
+    stages = stage_names(model)
+    if which == "embedding":
+        if not getattr(unwrap(model), "embedding_module", None):
+            raise LayerError(f"{role} declares no embedding_module; name the layer explicitly (e.g. the flatten before the classifier)")
+        return ["embedding"]
+    if not stages:
+        raise LayerError(f"{role} ({type(unwrap(model)).__name__}) has no feature_info; name the tapped layers explicitly in the loss term's options")
+    if which == "all":
+        return stages
+    if which == "last":
+        return [stages[-1]]
+    if which == "middle":
+        return [stages[min(1, len(stages) - 1)]]
+    raise ValueError(which)
+
+
+class FeatureTaps:
+    """Forward hooks that keep the latest output of each named module."""
+
+    def __init__(self, model: nn.Module, specs: list[str], role: str = "model"):
+        base = unwrap(model)
+        self.names = {spec: resolve(base, spec, role) for spec in dict.fromkeys(specs)}
+        self.outputs: dict[str, torch.Tensor] = {}
+        modules = dict(base.named_modules())
+        self._handles = []
+        for spec, name in self.names.items():
+            self._handles.append(modules[name].register_forward_hook(self._keeper(spec)))
+
+    def _keeper(self, spec: str):
+        def hook(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise LayerError(f"layer {self.names[spec]!r} returns {type(output).__name__}, not a tensor; tap another layer")
+            self.outputs[spec] = output
+
+        return hook
+
+    def __getitem__(self, spec: str) -> torch.Tensor:
+        return self.outputs[spec]
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out, self.outputs = self.outputs, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -1,0 +1,322 @@
+"""The training loop: one epoch = shuffled, augmented batches on the device, one optimizer step each.
+
+Metrics accumulate on the device and are read once per epoch (no host sync inside the step on
+CUDA). Every epoch ends with a checkpoint written atomically; `resume` continues exactly because
+the data order and augmentation of an epoch are a pure function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kdlab import checkpoint
+from kdlab.config import TrainConfig
+from kdlab.distiller import Distiller
+from kdlab.errors import CheckpointError, KdlabError
+from kdlab.progress import Progress
+
+
+class NonFiniteLoss(KdlabError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KdlabError("train.device=cuda but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+
+
+def lr_at(cfg: TrainConfig, epoch_float: float) -> float:
+    """Learning rate at a fractional epoch: warm-up (linear from 0), then the schedule."""
+    s = cfg.schedule
+    if s.warmup_epochs > 0 and epoch_float < s.warmup_epochs:
+        return cfg.lr * epoch_float / s.warmup_epochs
+    epoch = int(epoch_float)
+    if s.type == "multistep":
+        return cfg.lr * s.gamma ** sum(epoch >= m for m in s.milestones)
+    if s.type == "step":
+        return cfg.lr * s.gamma ** (epoch // s.step_size)
+    if s.type == "cosine":
+        t = min(1.0, (epoch_float - s.warmup_epochs) / max(cfg.epochs - s.warmup_epochs, 1e-9))
+        return s.min_lr + 0.5 * (cfg.lr - s.min_lr) * (1 + math.cos(math.pi * t))
+    return cfg.lr
+
+
+def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if cfg.decay_norm_and_bias:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        param_groups(module, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        foreach=True,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, autocast=contextlib.nullcontext, channels_last: bool = False) -> dict[str, float]:
+    """Top-1, top-5 (in %) and mean cross-entropy of a plain classifier over a loader."""
+    was_training = model.training
+    model.eval()
+    device = loader.device
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # correct1, correct5, loss, count
+    for x, y in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hit = topk.eq(y[:, None])
+        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), nn.functional.cross_entropy(logits, y, reduction="sum"),
+                             torch.tensor(y.numel(), device=device)]).double()
+    model.train(was_training)
+    c1, c5, loss, n = sums.tolist()
+    n = max(n, 1)
+    return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n}
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs finished
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)
+
+
+CKPT_LAST = "last.safetensors"
+CKPT_PREV = "prev.safetensors"
+
+
+def save_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimizer, state: TrainState) -> None:
+    tensors = {f"model.{k}": v for k, v in distiller.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, st in opt_state["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
+    meta = {"epoch": state.epoch, "best_top1": state.best_top1, "best_epoch": state.best_epoch, "param_groups": groups}
+    ckdir = run_dir / "checkpoints"
+    last = ckdir / CKPT_LAST
+    if last.exists():
+        last.replace(ckdir / CKPT_PREV)
+    checkpoint.save(last, tensors, meta)
+
+
+def load_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimizer, log: Callable[[str], None]) -> TrainState | None:
+    """The newest readable checkpoint: last, else the previous one; None when there is none."""
+    ckdir = run_dir / "checkpoints"
+    errors = []
+    for name in (CKPT_LAST, CKPT_PREV):
+        path = ckdir / name
+        if not path.exists():
+            continue
+        try:
+            tensors, meta = checkpoint.load(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            log(f"warning: {e}; trying the previous checkpoint")
+            continue
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        checkpoint.load_state_into(distiller, model_state, str(path))
+        opt_state = opt.state_dict()
+        for idx in opt_state["state"].keys() | {i for g in opt_state["param_groups"] for i in g["params"]}:
+            st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{idx}.")}
+            if st:
+                opt_state["state"][idx] = st
+        for g, saved in zip(opt_state["param_groups"], meta["param_groups"]):
+            g.update(saved)
+        opt.load_state_dict(opt_state)
+        torch.set_rng_state(tensors["rng.torch"])
+        return TrainState(epoch=meta["epoch"], best_top1=meta["best_top1"], best_epoch=meta["best_epoch"])
+    if errors:
+        raise CheckpointError(f"no readable checkpoint in {ckdir}: {errors[-1]}")
+    return None
+
+
+def read_history(run_dir: Path, upto_epoch: int) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is rewritten
+        if row.get("epoch", 0) <= upto_epoch:
+            rows.append(row)
+    return rows
+
+
+def fit(
+    distiller: Distiller,
+    train_loader,
+    test_loader,
+    cfg: TrainConfig,
+    run_dir: Path,
+    log: Callable[[str], None],
+    resume: bool = False,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> TrainState:
+    """Train the distiller's student (and side modules) for cfg.epochs, checkpointing every epoch."""
+    device = train_loader.device
+    autocast = autocast_factory(cfg, device)
+    channels_last = use_channels_last(cfg, device)
+    if channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    opt = make_optimizer(distiller, cfg, device)
+    state = load_checkpoint(run_dir, distiller, opt, log) if resume else None
+    if state is None:
+        state = TrainState()
+        if 0 in cfg.keep_epochs:
+            keep_weights(run_dir, distiller.student, 0)
+    state.history = read_history(run_dir, state.epoch)
+    checkpoint.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+    if state.epoch:
+        log(f"resuming after epoch {state.epoch}")
+    writer = _tensorboard(run_dir)
+    step_fn = distiller
+    if cfg.compile:
+        step_fn = torch.compile(distiller)
+    names = distiller.term_names()
+    steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise KdlabError(f"train.batch_size={cfg.batch_size} is larger than the training set ({train_loader.num_samples} samples)")
+    progress = Progress(total_epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.batch_size, log=log)
+    try:
+        for epoch in range(state.epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            distiller.train()
+            train_loader.set_epoch(epoch)
+            sums = torch.zeros(len(names) + 2, device=device)  # total, terms..., correct
+            first_bad = torch.full((), -1, device=device, dtype=torch.long)
+            bad_values = torch.zeros(len(names) + 1, device=device)
+            seen = 0
+            progress.start_epoch(epoch)
+            for step, (x, y) in enumerate(train_loader):
+                if step >= steps_per_epoch:
+                    break
+                lr = lr_at(cfg, epoch + step / steps_per_epoch)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    loss, logits, terms = step_fn(x, y)
+                values = torch.stack([loss.detach()] + [terms[n].detach() for n in names])
+                finite = torch.isfinite(values).all()
+                if cfg.nonfinite == "skip" and not bool(finite):
+                    log(f"epoch {epoch + 1} step {step}: non-finite loss, step skipped ({_describe(names, values)})")
+                    continue
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(distiller.trainable_parameters(), cfg.grad_clip)
+                opt.step()
+                is_first_bad = (~finite) & (first_bad < 0)
+                first_bad = torch.where(is_first_bad, torch.tensor(step, device=device), first_bad)
+                bad_values = torch.where(is_first_bad, values, bad_values)
+                correct = (logits.detach().argmax(1) == y).sum().float()
+                sums += torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), correct[None]])
+                seen += y.numel()
+                progress.step(step)
+                if device.type == "cpu" and int(first_bad) >= 0:
+                    break
+            bad = int(first_bad)
+            if bad >= 0:
+                raise NonFiniteLoss(
+                    f"non-finite loss at epoch {epoch + 1} step {bad}: {_describe(names, bad_values)}; "
+                    f"the last good checkpoint (epoch {state.epoch}) is kept in {run_dir / 'checkpoints'} "
+                    "(options: train.grad_clip, a lower train.lr, or train.nonfinite=skip)"
+                )
+            steps = max(progress.steps_done, 1)
+            avg = (sums / steps).tolist()
+            row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch + 1 - 1e-9), "train_loss": avg[0]}
+            row.update({f"train_{n}": v for n, v in zip(names, avg[1:-1])})
+            row["train_top1"] = 100 * sums[-1].item() / max(seen, 1)
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                ev = evaluate(distiller.student, test_loader, autocast, channels_last)
+                row.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
+                if ev["top1"] > state.best_top1:
+                    state.best_top1, state.best_epoch = ev["top1"], epoch + 1
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            state.epoch = epoch + 1
+            state.history.append(row)
+            # the metrics line first, then the checkpoint: a kill in between rewrites the line on resume
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+            writer.flush()
+            save_checkpoint(run_dir, distiller, opt, state)
+            if epoch + 1 in cfg.keep_epochs:
+                keep_weights(run_dir, distiller.student, epoch + 1)
+            progress.end_epoch(row)
+            if on_epoch_end:
+                on_epoch_end(epoch + 1)
+    finally:
+        progress.close()
+        writer.close()
+    return state
+
+
+def _describe(names: list[str], values: torch.Tensor) -> str:
+    vals = values.tolist()
+    parts = [f"total={vals[0]:.4g}"] + [f"{n}={v:.4g}" for n, v in zip(names, vals[1:])]
+    bad = [n for n, v in zip(["total"] + names, vals) if not math.isfinite(v)]
+    return f"term {', '.join(b for b in bad if b != 'total') or 'total'} is non-finite ({', '.join(parts)})"
+
+
+def keep_weights(run_dir: Path, model: nn.Module, epoch: int) -> None:
+    checkpoint.save(run_dir / "checkpoints" / f"epoch_{epoch}.safetensors", model.state_dict(), {"epoch": epoch})
+
+
+class _NullWriter:
+    def add_scalar(self, *a, **k):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+        return _NullWriter()
+    return SummaryWriter(log_dir=str(run_dir / "tb"))

@@ -1,0 +1,102 @@
+"""The command line: listings, eval, and bad input refused with one line and exit code 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdlab import models
+from kdlab.cli import main
+from kdlab.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+KD = str(ROOT / "recipes" / "digits" / "kd.yaml")
+QUICK = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--quiet"]
+
+
+def test_models_lists_every_registered_name(capsys):
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.split() == models.names()
+
+
+def test_methods_lists_every_method_of_the_papers(capsys):
+    assert main(["methods"]) == 0
+    first_column = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert first_column == list(METHODS)
+    for name in ("vanilla", "kd", "ensemble_kd", "fitnet", "at", "nst", "lp", "ft", "pfeed", "sfeed", "ban",
+                 "tfkd_self", "tfkd_reg", "lsr"):
+        assert name in first_column
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.lr=-0.1"], "train.lr"),
+        (["train.epochs=0"], "train.epochs"),
+        (["train.batch_size=abc"], "train.batch_size"),
+        (["train.device=tpu"], "train.device"),
+        (["train.nope=1"], "train.nope"),
+        (["student.name=resnet9000"], "student.name"),
+        (["data.name=mnist"], "data.name"),
+        (["loss.terms.kd.T=-1"], "loss.terms"),
+        (["loss.terms.kd.temperature=2"], "temperature"),
+        (["loss.terms.magic={}"], "magic"),
+        (["seed=x"], "seed"),
+    ],
+)
+def test_bad_recipe_values_exit_2_with_one_line_naming_the_key(tmp_path, capsys, overrides, key):
+    args = ["train", KD, "--out", str(tmp_path / "run")]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_yaml_and_missing_recipe(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: [unclosed\n")
+    assert main(["train", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_method_without_its_term_is_refused(tmp_path, capsys):
+    assert main(["train", KD, "--out", str(tmp_path / "r"), "--set", "method=nst"]) == 2
+    assert "nst" in capsys.readouterr().err
+
+
+def test_wrong_layer_name_is_named_before_training(tmp_path, capsys):
+    at = str(ROOT / "recipes" / "digits" / "at.yaml")
+    assert main(["train", at, "--out", str(tmp_path / "r"), *QUICK, "--set", "loss.terms.at.student_layers=[stage7]"]) == 2
+    err = capsys.readouterr().err
+    assert "stage7" in err and "Valid" in err
+    assert not (tmp_path / "r" / "result.json").exists()
+
+
+def test_train_then_eval_a_run_directory_and_its_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", KD, "--out", str(out), *QUICK]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", str(out)]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["top1"] == pytest.approx(trained["top1_last"])
+    assert main(["eval", str(out / "student.safetensors"), "--data", "digits"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(trained["top1_last"])
+    # a second train into the same directory is refused and loses nothing
+    assert main(["train", KD, "--out", str(out), *QUICK]) == 2
+    assert "finished" in capsys.readouterr().err
+
+
+def test_resume_of_a_non_run_directory(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+
+
+def test_console_script_module_entry_runs():
+    proc = subprocess.run([sys.executable, "-m", "kdlab", "train", "--set", "x=1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -1,0 +1,137 @@
+"""Contract over every registered loss term, through the Distiller as training uses it."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from kdlab import models
+from kdlab.config import LossConfig
+from kdlab.distiller import Distiller
+from kdlab.losses import TERMS
+
+# options that keep every term cheap and well defined on an 8x8 digits-sized batch of 16
+OPTIONS = {
+    "fitnet": {"stages": "single", "weight": 1.0},
+    "lp": {"k": 3},
+    "ensemble_kd": {},
+}
+TWO_TEACHERS = {"ensemble_kd", "feed"}
+# terms whose value is a distance between student and teacher quantities without a trainable map in between
+ZERO_WHEN_EQUAL = {"kd", "ensemble_kd", "at", "nst"}
+
+
+def make(term: str, student_is_teacher_copy: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    n_teachers = 2 if term in TWO_TEACHERS else (1 if TERMS[term].needs_teacher else 0)
+    if student_is_teacher_copy:
+        student = models.create("smallcnn", num_classes=10, in_chans=1)
+        teachers = [copy.deepcopy(student) for _ in range(n_teachers)]
+    else:
+        student = models.create("smallcnn", num_classes=10, in_chans=1)
+        teachers = [models.create("smallcnn_wide", num_classes=10, in_chans=1) for _ in range(n_teachers)]
+    loss = LossConfig(ce=0.0, terms={term: {"weight": 1.0, **OPTIONS.get(term, {})}})
+    d = Distiller(student, teachers, loss)
+    x = torch.randn(16, 1, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    d.build(x, y)
+    return d, x, y
+
+
+@pytest.mark.parametrize("term", sorted(TERMS))
+def test_finite_and_gradients_reach_student_and_side_modules_only(term):
+    d, x, y = make(term)
+    d.train()
+    loss, logits, values = d(x, y)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert set(values) == {term}
+    loss.backward()
+    student_grads = [p.grad for p in d.student.parameters() if p.grad is not None]
+    assert student_grads and any(g.abs().sum() > 0 for g in student_grads)
+    side = [p for p in d.terms[term].parameters() if p.requires_grad]
+    for p in side:
+        assert p.grad is not None, f"{term}: a trainable side parameter got no gradient"
+    for t in d.teachers:
+        assert not t.training
+        for p in t.parameters():
+            assert not p.requires_grad and p.grad is None
+    trainable = {id(p) for p in d.trainable_parameters()}
+    assert all(id(p) not in trainable for t in d.teachers for p in t.parameters())
+    assert all(not k.startswith("_teachers") for k in d.state_dict())
+
+
+@pytest.mark.parametrize("term", sorted(ZERO_WHEN_EQUAL))
+def test_zero_when_student_equals_teacher(term):
+    d, x, y = make(term, student_is_teacher_copy=True)
+    d.eval()  # same BN statistics on both sides
+    with torch.no_grad():
+        _, _, values = d(x, y)
+    assert abs(values[term].item()) < 1e-5
+
+
+def test_lsr_floor_is_the_entropy_of_its_target():
+    d, x, y = make("lsr")
+    eps, k = 0.1, 10
+    target = torch.full((16, k), eps / k)
+    target[torch.arange(16), y] += 1 - eps
+    from kdlab.losses.base import Outputs
+
+    value = d.terms["lsr"](Outputs(logits=target.log(), targets=y))
+    entropy = -(target * target.log()).sum(1).mean()
+    assert value.item() == pytest.approx(entropy.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("term", sorted(TERMS))
+def test_batch_order_invariance(term):
+    d, x, y = make(term)
+    d.eval()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, _, a = d(x, y)
+        _, _, b = d(x[perm], y[perm])
+    assert a[term].item() == pytest.approx(b[term].item(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("term", sorted(TERMS))
+def test_runs_under_bf16_autocast(term):
+    d, x, y = make(term)
+    d.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, values = d(x, y)
+    assert values[term].dtype == torch.float32
+    assert math.isfinite(loss.item())
+    loss.backward()
+
+
+def test_wrong_layer_name_fails_before_training_and_lists_names():
+    from kdlab.errors import LayerError
+
+    student = models.create("smallcnn", num_classes=10, in_chans=1)
+    teacher = models.create("smallcnn_wide", num_classes=10, in_chans=1)
+    with pytest.raises(LayerError) as e:
+        Distiller(student, [teacher], LossConfig(terms={"at": {"student_layers": ["stage9"], "teacher_layers": ["stage3"]}}))
+    msg = str(e.value)
+    assert "stage9" in msg and "stage3" in msg and "student" in msg
+
+
+def test_spatial_mismatch_names_both_shapes_and_the_option():
+    from kdlab.errors import LayerError
+
+    student = models.create("smallcnn", num_classes=10, in_chans=1)
+    teacher = models.create("smallcnn_wide", num_classes=10, in_chans=1)
+    d = Distiller(student, [teacher], LossConfig(terms={"at": {"student_layers": ["stage1"], "teacher_layers": ["stage3"]}}))
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    d.build(x, y)
+    with pytest.raises(LayerError) as e:
+        d(x, y)
+    msg = str(e.value)
+    assert "8, 8" in msg and "2, 2" in msg and "pool" in msg
+
+
+def test_side_modules_are_not_part_of_the_student():
+    d, x, y = make("feed")
+    plain = sum(p.numel() for p in models.create("smallcnn", num_classes=10, in_chans=1).parameters())
+    assert sum(p.numel() for p in d.student.parameters()) == plain
+    assert sum(p.numel() for p in d.terms["feed"].parameters()) > 0
+    assert len(d.terms["feed"].translators) == 2
