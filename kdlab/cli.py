@@ -49,7 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the registered methods")
+    for module in command_modules():
+        module.add_arguments(sub.add_parser(module.NAME, help=module.HELP, description=module.HELP))
     return p
+
+
+def command_modules() -> list:
+    import importlib
+    import pkgutil
+
+    from kdlab import commands
+
+    found = [importlib.import_module(f"kdlab.commands.{m.name}") for m in pkgutil.iter_modules(commands.__path__)]
+    return sorted(found, key=lambda m: m.NAME)
 
 
 def cmd_train(args) -> int:
@@ -130,8 +142,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "models": cm
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handlers = {**COMMANDS, **{m.NAME: m.run for m in command_modules()}}
     try:
-        return COMMANDS[args.command](args)
+        return handlers[args.command](args)
     except KdlabError as e:
         sys.stderr.write(f"kdlab: error: {e}\n")
         return EXIT_USAGE

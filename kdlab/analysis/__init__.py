@@ -1,0 +1,1 @@
+"""Analyses of trained networks (FEED's reconstruction error)."""
