@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from kdlab import __version__, checkpoint, models
+from kdlab import __version__, checkpoint, distributed, models
 from kdlab.config import LossConfig, Recipe, TeacherConfig, TrainConfig, dump, teacher_train_config, validate
 from kdlab.data import DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
@@ -41,6 +41,8 @@ class Log:
         self.path, self.quiet, self.prefix = path, quiet, prefix
 
     def __call__(self, msg: str) -> None:
+        if not distributed.is_main():  # under torchrun rank 0 speaks for the job
+            return
         line = f"{self.prefix}{msg}"
         if not self.quiet:
             print(line, flush=True)
@@ -64,9 +66,28 @@ class Data:
         for key, value in recipe.data.augment.model_dump().items():
             if value is not None:
                 setattr(aug, key, value)
-        train = DeviceLoader(self.train, batch_size, train=True, augment=aug, device=device, seed=seed)
-        test = DeviceLoader(self.test, EVAL_BATCH, train=False, device=device, seed=seed)
+        # batch_size is the global batch; under torchrun each rank takes its share of every step's batch
+        distributed.check_device(device)
+        shard = (distributed.rank(), distributed.world_size())
+        train = DeviceLoader(self.train, distributed.per_rank_batch(batch_size), train=True, augment=aug, device=device,
+                             seed=seed, shard=shard)
+        test = DeviceLoader(self.test, EVAL_BATCH, train=False, device=device, seed=seed, shard=shard)
         return train, test
+
+
+@torch.no_grad()
+def preflight(recipe: Recipe, data: Data) -> None:
+    """Untrained copies of the student and teachers, wired and probed with one batch, so a wrong layer
+    name or tapped shapes that do not fit fail now rather than after hours of teacher training."""
+    student = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
+    specs = recipe.teachers or ([recipe.student] if recipe.generations else [])
+    teachers = [build_model(t.name, t.kwargs, data, recipe.seed) for t in specs]
+    distiller = Distiller(student, teachers, recipe.loss)
+    probe = data.test if len(data.test.labels) >= len(data.train.labels) else data.train
+    n = min(recipe.train.batch_size, len(probe.labels))  # terms such as lp need a batch the size of training's
+    x, y = probe.images[:n].float().div(255), probe.labels[:n]
+    distiller.build(x[:8], y[:8])
+    distiller.train()(x, y)  # the terms' own shape checks run in their forward
 
 
 def load_data(recipe: Recipe) -> Data:
@@ -114,6 +135,8 @@ def train_run(
 ) -> dict:
     """Train (or resume, or reuse) one student in `run_dir`; returns its result.json content."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        checkpoint.remove_stale_temps(folder)  # left by a writer that was killed mid-write
     done = read_result(run_dir)
     if done is not None:
         log(f"{run_dir}: finished earlier (top-1 {done['top1_last']:.2f}), reused")
@@ -121,11 +144,21 @@ def train_run(
     t_start = time.time()
     device = resolve_device(train_cfg.device)
     student = build_model(student_name, student_kwargs, data, seed)
+    if train_cfg.sync_bn:  # before the Distiller: its taps hook the converted modules
+        student = distributed.convert_sync_batchnorm(student, device)
     train_loader, test_loader = data.loaders(recipe, train_cfg.batch_size, device, seed)
     distiller = Distiller(student, teachers, loss).to(device)
     probe_x, probe_y = next(iter(test_loader))
     distiller.build(probe_x[: min(8, len(probe_x))], probe_y[: min(8, len(probe_y))])
+    if train_cfg.sync_bn:  # the side modules built just now (FitNet's regressor has a BatchNorm)
+        distributed.convert_sync_batchnorm(distiller.terms, device)
     autocast = autocast_factory(train_cfg, device)
+    teacher_cache = None
+    if teachers and (train_cfg.teacher_cache or train_cfg.fast.fold_teacher):
+        from kdlab.fast.teachers import prepare_teachers
+
+        teacher_cache = prepare_teachers(distiller, data.train, train_loader, train_cfg, cache_root(recipe, run_dir) / "logits",
+                                         autocast, log)
     ctx = StageContext(
         student=student, teachers=distiller.teachers, train_loader=train_loader, device=device, run_dir=run_dir,
         autocast=autocast, log=log, forward=distiller.outputs, max_steps=train_cfg.max_steps_per_epoch,
@@ -134,7 +167,7 @@ def train_run(
     for term in distiller.terms.values():
         term.pre_stage(ctx)
     resume = (run_dir / "checkpoints").exists()
-    state = fit(distiller, train_loader, test_loader, train_cfg, run_dir, log, resume=resume)
+    state = fit(distiller, train_loader, test_loader, train_cfg, run_dir, log, resume=resume, teacher_cache=teacher_cache)
     last = state.history[-1] if state.history else {}
     if "test_top1" not in last:
         ev = evaluate(student, test_loader, autocast)
@@ -154,11 +187,14 @@ def train_run(
         "wall_seconds": round(time.time() - t_start, 2),
         "kdlab": __version__,
         "torch": torch.__version__,
+        **({"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}),
         **(extra or {}),
     }
-    checkpoint.save(run_dir / "student.safetensors", student.state_dict(), {"model": student_name, "kwargs": student_kwargs,
-                                                                           "num_classes": data.num_classes, "in_chans": data.in_chans})
-    checkpoint.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    if distributed.is_main():
+        checkpoint.save(run_dir / "student.safetensors", student.state_dict(), {"model": student_name, "kwargs": student_kwargs,
+                                                                               "num_classes": data.num_classes, "in_chans": data.in_chans})
+        checkpoint.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    distributed.barrier()  # every rank may read these files next (a teacher, a generation)
     log(f"{run_dir}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({result['params']:,} params)")
     return result
 
@@ -175,9 +211,13 @@ def device_name(device: torch.device) -> str:
 
 def teacher_key(recipe: Recipe, teacher: TeacherConfig, train_cfg: TrainConfig, seed: int) -> str:
     """Content hash of everything that determines a trained teacher's weights."""
+    # speed options that cannot change a teacher's own training (it has no teachers) stay out of the key
+    train = train_cfg.model_dump(mode="json", exclude={"teacher_cache": True, "fast": {"fold_teacher", "cache_dtype", "cache_storage"}})
+    if not train_cfg.fast.graph_step:
+        train.pop("fast")
     payload = {
         "model": teacher.name, "kwargs": teacher.kwargs, "data": recipe.data.model_dump(mode="json"),
-        "train": train_cfg.model_dump(mode="json"), "seed": seed,
+        "train": train, "seed": seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -207,9 +247,10 @@ def prepare_teacher(recipe: Recipe, index: int, teacher: TeacherConfig, data: Da
     else:
         cfg = teacher_train_config(recipe, teacher)
         run_dir = cache_root(recipe, out) / f"{teacher.name}-{teacher_key(recipe, teacher, cfg, seed)}"
-        with RunLock(run_dir):
-            checkpoint.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
-                {"teacher_of": str(out), "model": teacher.name, "seed": seed, "train": cfg.model_dump(mode="json")}, sort_keys=False))
+        with distributed.on_main(lambda: RunLock(run_dir)):
+            if distributed.is_main():
+                checkpoint.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+                    {"teacher_of": str(out), "model": teacher.name, "seed": seed, "train": cfg.model_dump(mode="json")}, sort_keys=False))
             result = train_run(run_dir, recipe.model_copy(update={"method": "vanilla"}), teacher.name, teacher.kwargs, [],
                                LossConfig(ce=1.0), cfg, seed, data, log.child(run_dir / "log.txt", f"[teacher {index}] "))
         info.update(source=str(run_dir), top1_last=result["top1_last"], top1_best=result["top1_best"])
@@ -252,14 +293,17 @@ def start(recipe: Recipe | None, out: Path, resume: bool) -> Recipe:
 
 def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = False) -> dict:
     out = Path(out)
-    with RunLock(out):
-        recipe = start(recipe, out, resume)
+    given = recipe
+    # under torchrun rank 0 alone locks the directory and writes config.yaml; every rank gets the recipe from it
+    with distributed.session(_configured_device(given, out), out), distributed.on_main(lambda: RunLock(out)):
+        recipe = distributed.main_first(lambda: start(given, out, resume))
         check_recipe(recipe)
         log = Log(out / "log.txt", quiet)
         if read_result(out) is not None:
             log(f"{out}: already finished")
             return read_result(out)
         data = load_data(recipe)
+        preflight(recipe, data)
         if recipe.generations:
             return run_generations(recipe, out, data, log)
         teachers, infos = [], []
@@ -274,10 +318,12 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
 def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
     """Generation 0 trained on labels; generation g learns from generation g-1; the last one is `out` itself."""
     gens = recipe.generations
-    gen_dirs = [out / "generations" / f"gen{g}" for g in range(gens)] + [out]
-    vanilla = recipe.model_copy(update={"method": "vanilla"})
-    results = [train_run(gen_dirs[0], vanilla, recipe.student.name, recipe.student.kwargs, [], LossConfig(ce=1.0),
-                         recipe.train, recipe.seed, data, log.child(gen_dirs[0] / "log.txt", "[gen 0] "))]
+    # generation 0 is a vanilla student with the run's protocol and seed: cached like a teacher, so
+    # every sequential recipe of the same student and protocol shares it
+    gen0 = TeacherConfig(name=recipe.student.name, kwargs=recipe.student.kwargs, seed=recipe.seed)
+    _, info = prepare_teacher(recipe, 0, gen0, data, out, log)
+    gen_dirs = [Path(info["source"])] + [out / "generations" / f"gen{g}" for g in range(1, gens)] + [out]
+    results = [read_result(gen_dirs[0])]
     for g in range(1, gens + 1):
         teacher = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
         load_model_weights(teacher, gen_dirs[g - 1], f"generation {g - 1}")
@@ -292,7 +338,9 @@ def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
     if recipe.bane and gens >= 1:
         final["bane_top1"] = ensemble_top1(recipe, data, gen_dirs[1:])
         log(f"BANE (generations 1..{gens}) top-1 {final['bane_top1']:.2f}")
-    checkpoint.atomic_write_text(out / RESULT, json.dumps(final, indent=2) + "\n")
+    if distributed.is_main():
+        checkpoint.atomic_write_text(out / RESULT, json.dumps(final, indent=2) + "\n")
+    distributed.barrier()
     return final
 
 
@@ -300,18 +348,32 @@ def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
 def ensemble_top1(recipe: Recipe, data: Data, run_dirs: list[Path]) -> float:
     """Top-1 of the average softmax of several students (BAN's ensemble of generations)."""
     device = resolve_device(recipe.train.device)
-    _, test_loader = data.loaders(recipe, EVAL_BATCH, device, recipe.seed)
+    _, test_loader = data.loaders(recipe, recipe.train.batch_size, device, recipe.seed)
     nets = []
     for d in run_dirs:
         net = build_model(recipe.student.name, recipe.student.kwargs, data, 0)
         load_model_weights(net, d, "generation")
         nets.append(net.to(device).eval())
-    correct = total = 0
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     for x, y in test_loader:
         probs = torch.stack([net(x).float().softmax(1) for net in nets]).mean(0)
-        correct += int((probs.argmax(1) == y).sum())
-        total += y.numel()
+        counts += torch.stack([(probs.argmax(1) == y).sum(), torch.tensor(y.numel(), device=device)]).double()
+    if test_loader.shard[1] > 1:
+        distributed.all_reduce_sum(counts)
+    correct, total = counts.tolist()
     return 100.0 * correct / max(total, 1)
+
+
+def _configured_device(recipe: Recipe | None, out: Path) -> str:
+    """train.device of the recipe, or of the run being resumed (read before any rank may write there)."""
+    if recipe is not None:
+        return recipe.train.device
+    try:
+        from kdlab.config import read_yaml
+
+        return str((read_yaml(out / "config.yaml").get("train") or {}).get("device", "auto"))
+    except (KdlabError, AttributeError):
+        return "auto"  # start() reports what is wrong with the directory
 
 
 def resolve_weights(path: Path) -> tuple[Path, dict]:

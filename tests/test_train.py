@@ -119,3 +119,14 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_sequential_methods_share_generation_zero(tmp_path):
+    cache = tmp_path / "cache"
+    ban = runner.run(quick("ban.yaml", f"cache_dir={cache}", epochs=1, steps=2), tmp_path / "ban", quiet=True)
+    sfeed = runner.run(quick("sfeed.yaml", f"cache_dir={cache}", epochs=1, steps=2), tmp_path / "sfeed", quiet=True)
+    gen0 = list(cache.glob("smallcnn-*/result.json"))
+    assert len(gen0) == 1  # one vanilla generation 0, trained once
+    assert ban["generations"][0] == sfeed["generations"][0]
+    assert [g["generation"] for g in ban["generations"]] == [0, 1, 2]
+    assert (tmp_path / "ban" / "generations" / "gen1" / "student.safetensors").exists()
