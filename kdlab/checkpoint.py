@@ -1,7 +1,9 @@
 """Weights and training state on disk: safetensors only (no pickle), checksummed, written atomically.
 
 A file's metadata holds `kdlab` (JSON: epoch, optimizer hyper-parameters, anything small) and
-`sha256` over every tensor's bytes in key order, so truncation and bit flips are detected on load.
+`digest`: sha256 over every tensor's bytes in key order and over the `kdlab` JSON itself, so
+truncation and bit flips anywhere in the file, metadata included, are detected on load. (Files of
+the first kdlab version carry `sha256`, over the tensors only; they are still read.)
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kdlab.errors import CheckpointError
+from kdlab.lock import pid_alive
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".pkl", ".ckpt")
 
@@ -32,20 +36,53 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def file_digest(tensors: dict[str, torch.Tensor], meta_json: str | None) -> str:
+    h = hashlib.sha256(tensors_digest(tensors).encode())
+    h.update(b"\0kdlab\0" + (meta_json.encode() if meta_json is not None else b"\0absent"))
+    return h.hexdigest()
+
+
+TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the half-written temp files of writers that died (SIGKILL, power loss) in `folder`."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMP_NAME.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename: a reader sees the old file or the new one, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"could not create {path.parent}: {e.strerror or e}") from None
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C mid-write must not leave the temp file behind either
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
+        raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -62,7 +99,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"kdlab": json.dumps(meta or {}), "sha256": tensors_digest(cpu)}
+    meta_json = json.dumps(meta or {})
+    metadata = {"kdlab": meta_json, "digest": file_digest(cpu, meta_json)}
     atomic_write_bytes(Path(path), st_save(cpu, metadata=metadata))
 
 
@@ -92,13 +130,26 @@ def load(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor]
         if raw[:1] == b"\x80" or raw[:2] == b"PK":
             raise CheckpointError(f"{path}: a pickle or torch.save file, not safetensors; kdlab never unpickles checkpoints") from None
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-    if verify and "sha256" in metadata and tensors_digest(tensors) != metadata["sha256"]:
-        raise CheckpointError(f"{path}: checksum mismatch (the file was modified or damaged)")
+    if verify:
+        _verify(path, tensors, metadata)
     try:
         meta = json.loads(metadata.get("kdlab", "{}"))
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: unreadable kdlab metadata") from None
     return tensors, meta
+
+
+def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    if "digest" in metadata:
+        ok = file_digest(tensors, metadata.get("kdlab")) == metadata["digest"]
+    elif "sha256" in metadata:
+        ok = tensors_digest(tensors) == metadata["sha256"]
+    elif "kdlab" in metadata:  # written by kdlab, so its checksum key itself was damaged
+        ok = False
+    else:
+        return  # a safetensors file from another tool: nothing to check against
+    if not ok:
+        raise CheckpointError(f"{path}: checksum mismatch (the file was modified or damaged)")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

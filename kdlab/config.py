@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,7 +22,24 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN/inf anywhere: an infinite lr or warm-up would otherwise validate and fail (or do
+    # nothing) only once training runs
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info) -> Any:
+        # YAML reads yes/no/on/off/true as booleans, which pydantic would quietly turn into 1 / 0
+        if isinstance(value, bool) and _is_numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+def _is_numeric(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, UnionType):  # int | None
+        args = get_args(annotation)
+        return bool not in args and any(_is_numeric(a) for a in args)
+    return annotation in (int, float)
 
 
 def _check_model_name(name: str) -> str:
@@ -72,9 +90,24 @@ class ScheduleConfig(Strict):
         return v
 
 
+class FastConfig(Strict):
+    """Speed options (kdlab.fast), all off by default; each keeps the recipe's maths."""
+
+    graph_step: bool = Field(default=False, description="each step as one device-side function (foreach SGD with the lr in a "
+                             "device tensor, no host sync), captured as a CUDA graph on CUDA; needs nonfinite=stop")
+    cuda_graph: bool = Field(default=True, description="with graph_step on CUDA: capture the step as a CUDA graph")
+    fold_teacher: bool = Field(default=False, description="fold the teachers' BatchNorm into their convolutions (same "
+                               "outputs within float rounding, one pass less over every map)")
+    cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="teacher cache: auto = bfloat16 on "
+                                                                "CUDA, float32 (exact) on CPU")
+    cache_storage: Literal["auto", "device", "disk"] = Field(default="auto", description="teacher cache: auto = device memory "
+                                                              "on CUDA, a memory-mapped file on CPU")
+
+
 class TrainConfig(Strict):
     epochs: int = Field(default=240, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="the global batch: under torchrun each of the W ranks "
+                            "takes batch_size / W (must divide), so a run means the same at any W")
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
@@ -90,6 +123,27 @@ class TrainConfig(Strict):
     nonfinite: Literal["stop", "skip"] = Field(default="stop", description="what a NaN/Inf loss does: stop the run, or skip the step")
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap on steps per epoch (smoke tests)")
     keep_epochs: list[int] = Field(default_factory=list, description="also keep the weights of these epochs (defective-KD teachers)")
+    teacher_cache: bool = Field(default=False, description="compute the teachers' logits for every crop/flip view once and read "
+                                "them instead of running the teachers (only when every term reads teacher logits alone)")
+    fast: FastConfig = FastConfig()
+
+    @model_validator(mode="after")
+    def _graph_step_stops_on_nonfinite(self):
+        if self.fast.graph_step and self.nonfinite == "skip":
+            raise ValueError("fast.graph_step: the step updates the weights on the device before the loss is seen; "
+                             "use nonfinite=stop (or graph_step=false)")
+        return self
+
+    @field_validator("keep_epochs")
+    @classmethod
+    def _kept_epochs_exist(cls, v: list[int], info) -> list[int]:
+        epochs = info.data.get("epochs")
+        outside = [e for e in v if e < 0 or (epochs is not None and e > epochs)]
+        if outside:
+            raise ValueError(f"{outside} outside 0..{epochs} (the run's epochs)")
+        return v
+    sync_bn: bool = Field(default=False, description="under torchrun: the student's BatchNorm uses the statistics of "
+                          "the global batch (SyncBatchNorm), not those of each rank's share")
 
 
 class ModelConfig(Strict):
@@ -153,6 +207,9 @@ class Recipe(Strict):
     student: ModelConfig
     teachers: list[TeacherConfig] = Field(default_factory=list)
     generations: int = Field(default=0, ge=0, description="sequential methods: student generations after generation 0")
+    generation_init: Literal["fresh", "previous"] = Field(
+        default="fresh", description="each generation starts from a fresh init (BAN) or from the previous generation's weights"
+    )
     bane: bool = Field(default=False, description="also evaluate the ensemble of generations 1..G (BAN)")
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
@@ -179,6 +236,26 @@ class Recipe(Strict):
             raise ValueError("'generations' trains each generation's teacher itself; remove 'teachers'")
         if self.loss.ce == 0 and not self.loss.terms:
             raise ValueError("loss: ce is 0 and there are no terms: nothing to train")
+        for i, teacher in enumerate(self.teachers):
+            epochs = teacher_train_config(self, teacher).epochs
+            if teacher.epoch is not None and teacher.epoch > epochs:
+                raise ValueError(f"teachers.{i}.epoch: {teacher.epoch} is past the teacher's last epoch ({epochs})")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_cache_possible(self):
+        # checked here, before any teacher is trained: the cache holds logits of enumerable crop/flip views only
+        if not self.train.teacher_cache:
+            return self
+        from kdlab.losses import TERMS
+
+        readers = [n for n in self.loss.terms if TERMS[n].reads_teacher_features]
+        if readers:
+            raise ValueError(f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features and the cache holds "
+                             "logits only; set train.teacher_cache=false")
+        if self.data.augment.rotation:
+            raise ValueError(f"train.teacher_cache: data.augment.rotation={self.data.augment.rotation:g} makes the views "
+                             "non-enumerable; the cache needs crop/flip augmentation only")
         return self
 
 

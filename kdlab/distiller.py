@@ -56,10 +56,18 @@ class Distiller(nn.Module):
     def term_names(self) -> list[str]:
         return (["ce"] if self.ce_weight > 0 else []) + [n for n, t in self.terms.items() if getattr(t, "active_in_main", True)]
 
-    def outputs(self, x: torch.Tensor, y: torch.Tensor, student: bool = True) -> Outputs:
-        """Forward the student (with grad) and the teachers (without) and collect every tap."""
-        teacher_logits, teacher_feats = [], []
-        if self.uses_teachers:
+    def outputs(self, x: torch.Tensor, y: torch.Tensor, student: bool = True,
+                teacher_logits: list[torch.Tensor] | None = None) -> Outputs:
+        """Forward the student (with grad) and the teachers (without) and collect every tap.
+
+        ``teacher_logits`` given (a teacher cache, kdlab.fast): the teachers do not run, and their
+        features are empty; only for terms that read teacher logits alone.
+        """
+        if teacher_logits is not None:
+            teacher_logits, teacher_feats = list(teacher_logits), [{} for _ in teacher_logits]
+        else:
+            teacher_logits, teacher_feats = [], []
+        if self.uses_teachers and not teacher_logits:
             with torch.no_grad():
                 for t, taps in zip(self._teachers, self.teacher_taps):
                     teacher_logits.append(t(x))
@@ -83,9 +91,10 @@ class Distiller(nn.Module):
         self.train(was_training)
         self.built = True
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, student logits, {term: weighted value}); the functional maths runs in float32 under autocast."""
-        out = self.outputs(x, y)
+        out = self.outputs(x, y, teacher_logits=teacher_logits)
         values: dict[str, torch.Tensor] = {}
         if self.ce_weight > 0:
             values["ce"] = self.ce_weight * nnf.cross_entropy(out.logits.float(), y)

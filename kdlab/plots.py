@@ -1,11 +1,15 @@
-"""Training curves from run directories: test top-1 and every loss term over epochs, one line per run."""
+"""Figures from run directories: training curves (test top-1 and every loss term over epochs) and
+FEED reconstruction-error bars. Written with matplotlib's Agg backend, so no display is needed."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from kdlab.errors import KdlabError
+
+DPI = 100
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -21,33 +25,108 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(labels[i] if labels else Path(d).name, read_metrics(d)) for i, d in enumerate(run_dirs)]
-    terms = sorted({k for _, rows in runs for r in rows for k in r if k.startswith("train_") and k != "train_top1"})
-    panels = ["test_top1"] + terms
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise KdlabError(f"{out}: the figure's format comes from its suffix; use .png, .svg or .pdf")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=DPI)  # then renamed: a reader never sees half a figure
+    tmp.replace(out)
+    return out
+
+
+def _series(runs: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Epochs, mean and std over the runs of one metric (epochs that every run with the key has)."""
+    per_run = [{r["epoch"]: r[key] for r in rows if key in r and isinstance(r.get(key), (int, float))} for rows in runs]
+    per_run = [p for p in per_run if p]
+    if not per_run:
+        return [], [], []
+    epochs = sorted(set.intersection(*(set(p) for p in per_run)))
+    means, stds = [], []
+    for e in epochs:
+        vals = [p[e] for p in per_run]
+        m = sum(vals) / len(vals)
+        means.append(m)
+        stds.append(math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+    return epochs, means, stds
+
+
+def plot_groups(groups: list[tuple[str, list[Path]]], out: Path, title: str | None = None) -> Path:
+    """One line per group: the mean over its runs, with a +-1 std band when it has several.
+
+    Panels: test top-1, then every `train_*` loss term that any run logged.
+    """
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    loaded = [(label, [read_metrics(d) for d in dirs]) for label, dirs in groups]
+    terms = sorted({k for _, runs in loaded for rows in runs for r in rows for k in r if k.startswith("train_") and k != "train_top1"})
+    panels = ["test_top1"] + sorted(terms, key=lambda k: (k != "train_loss", k))  # the total first, then each term
     cols = min(3, len(panels))
     rows_n = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.4 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.1 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, panels):
-        for label, rows in runs:
-            pts = [(r["epoch"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 30 else None)
-        ax.set_title(key.replace("_", " "))
+        for i, (label, runs) in enumerate(loaded):
+            epochs, mean, std = _series(runs, key)
+            if not epochs:
+                continue
+            color = f"C{i % 10}"
+            ax.plot(epochs, mean, label=label, color=color, marker="." if len(epochs) < 30 else None)
+            if len(runs) > 1:
+                ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.15)
+        ax.set_title("test top-1 (%)" if key == "test_top1" else key.replace("_", " ", 1))
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(names) // 6), 1, 1))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    ncol = min(4, max(1, len(names)))
+    legend_rows = math.ceil(len(names) / ncol)
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, min(0.45, 0.045 * legend_rows / rows_n + 0.02), 1, 1))
+    path = _save(fig, out)
     plt.close(fig)
-    return out
+    return path
+
+
+def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None, title: str | None = None) -> Path:
+    """One line per run directory."""
+    if labels is not None and len(labels) != len(run_dirs):
+        raise KdlabError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    names = labels or [Path(d).name for d in run_dirs]
+    return plot_groups([(name, [d]) for name, d in zip(names, run_dirs)], out, title)
+
+
+def plot_recon(bars: list[tuple[str, list[float]]], out: Path, ylabel: str = "reconstruction error", title: str | None = None) -> Path:
+    """One bar per label: the mean of its values, each value a dot, a +-1 std error bar when several."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(bars) + 2), 3.6))
+    xs = list(range(len(bars)))
+    for x, (label, values) in zip(xs, bars):
+        m = sum(values) / len(values)
+        s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        ax.bar(x, m, color=f"C{x % 10}", alpha=0.8, yerr=s if len(values) > 1 else None, capsize=4)
+        ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
+    ax.set_xticks(xs, [label for label, _ in bars], rotation=25 if len(bars) > 3 else 0, ha="right" if len(bars) > 3 else "center",
+                  fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = _save(fig, out)
+    plt.close(fig)
+    return path

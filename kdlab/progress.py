@@ -8,7 +8,9 @@ from typing import Callable
 
 
 def is_terminal() -> bool:
-    return sys.stderr.isatty()
+    from kdlab import distributed
+
+    return sys.stderr.isatty() and distributed.is_main()  # one bar per job, not one per rank
 
 
 def format_row(row: dict) -> str:

@@ -132,8 +132,12 @@ def train_run(
     data: Data,
     log: Log,
     extra: dict | None = None,
+    init_from: Path | None = None,
 ) -> dict:
-    """Train (or resume, or reuse) one student in `run_dir`; returns its result.json content."""
+    """Train (or resume, or reuse) one student in `run_dir`; returns its result.json content.
+
+    `init_from`: a run directory whose student weights replace the fresh initialisation.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     for folder in (run_dir, run_dir / "checkpoints"):
         checkpoint.remove_stale_temps(folder)  # left by a writer that was killed mid-write
@@ -144,6 +148,8 @@ def train_run(
     t_start = time.time()
     device = resolve_device(train_cfg.device)
     student = build_model(student_name, student_kwargs, data, seed)
+    if init_from is not None:
+        load_model_weights(student, init_from, "initial weights")
     if train_cfg.sync_bn:  # before the Distiller: its taps hook the converted modules
         student = distributed.convert_sync_batchnorm(student, device)
     train_loader, test_loader = data.loaders(recipe, train_cfg.batch_size, device, seed)
@@ -216,7 +222,7 @@ def teacher_key(recipe: Recipe, teacher: TeacherConfig, train_cfg: TrainConfig, 
     if not train_cfg.fast.graph_step:
         train.pop("fast")
     payload = {
-        "model": teacher.name, "kwargs": teacher.kwargs, "data": recipe.data.model_dump(mode="json"),
+        "model": teacher.name, "kwargs": teacher.kwargs, "data": recipe.data.model_dump(mode="json", exclude={"root"}),  # where the files sit is not what they are
         "train": train, "seed": seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -332,7 +338,8 @@ def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
                                                                          "top1_last": results[-1]["top1_last"]}]}
         glog = log if g == gens else log.child(gen_dirs[g] / "log.txt", f"[gen {g}] ")
         results.append(train_run(gen_dirs[g], recipe, recipe.student.name, recipe.student.kwargs, [teacher], recipe.loss,
-                                 recipe.train, recipe.seed + g, data, glog, extra=extra))
+                                 recipe.train, recipe.seed + g, data, glog, extra=extra,
+                                 init_from=gen_dirs[g - 1] if recipe.generation_init == "previous" else None))
     final = dict(results[-1])
     final["generations"] = [{"generation": i, "top1_last": r["top1_last"], "top1_best": r["top1_best"]} for i, r in enumerate(results)]
     if recipe.bane and gens >= 1:

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from kdlab import checkpoint
+from kdlab import checkpoint, distributed
 
 
 @dataclass
@@ -61,9 +61,12 @@ def run_stage(
                 loss = loss_fn(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(params)  # under torchrun: the stage sees the global batch too
             opt.step()
             total += loss.detach().float()
             steps += 1
         ctx.log(f"stage {name}: epoch {epoch + 1}/{epochs} loss {total.item() / max(steps, 1):.4f}")
     state = {f"{key}.{k}": v for key, module in modules.items() for k, v in module.state_dict().items()}
-    checkpoint.save(path, state, {"stage": name, "epochs": epochs})
+    if distributed.is_main():
+        checkpoint.save(path, state, {"stage": name, "epochs": epochs})
+    distributed.barrier()

@@ -29,8 +29,15 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def stage_aliases(model: nn.Module) -> dict[str, str]:
+def kdlab_feature_info(model: nn.Module) -> list[dict]:
+    """The model's feature_info entries in kdlab's form ('name' and 'module'); other libraries' entries
+    (timm's carry 'module' and 'num_chs' but no 'name') are left out, so their modules are named directly."""
     info = getattr(unwrap(model), "feature_info", None) or []
+    return [e for e in info if isinstance(e, dict) and "name" in e and "module" in e]
+
+
+def stage_aliases(model: nn.Module) -> dict[str, str]:
+    info = kdlab_feature_info(model)
     aliases: dict[str, str] = {}
     for entry in info:
         aliases[entry["name"]] = entry["module"]
@@ -66,7 +73,7 @@ def resolve(model: nn.Module, spec: str, role: str = "model") -> str:
 
 
 def stage_names(model: nn.Module) -> list[str]:
-    return [e["name"] for e in (getattr(unwrap(model), "feature_info", None) or [])]
+    return [e["name"] for e in kdlab_feature_info(model)]
 
 
 def default_layers(model: nn.Module, which: str, role: str) -> list[str]:

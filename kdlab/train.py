@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kdlab import checkpoint
+from kdlab import checkpoint, distributed
 from kdlab.config import TrainConfig
 from kdlab.distiller import Distiller
 from kdlab.errors import CheckpointError, KdlabError
@@ -31,10 +31,10 @@ class NonFiniteLoss(KdlabError):
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "cuda" and not torch.cuda.is_available():
         raise KdlabError("train.device=cuda but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
+    return distributed.local_device(torch.device(name))
 
 
 def autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -99,6 +99,8 @@ def evaluate(model: nn.Module, loader, autocast=contextlib.nullcontext, channels
         sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), nn.functional.cross_entropy(logits, y, reduction="sum"),
                              torch.tensor(y.numel(), device=device)]).double()
     model.train(was_training)
+    if getattr(loader, "shard", (0, 1))[1] > 1:  # each rank saw its own slice of the test set
+        distributed.all_reduce_sum(sums)
     c1, c5, loss, n = sums.tolist()
     n = max(n, 1)
     return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n}
@@ -188,8 +190,13 @@ def fit(
     log: Callable[[str], None],
     resume: bool = False,
     on_epoch_end: Callable[[int], None] | None = None,
+    teacher_cache=None,
 ) -> TrainState:
-    """Train the distiller's student (and side modules) for cfg.epochs, checkpointing every epoch."""
+    """Train the distiller's student (and side modules) for cfg.epochs, checkpointing every epoch.
+
+    ``teacher_cache`` (kdlab.fast.teacher_cache.TeacherCache): the teachers' logits are looked up by
+    each batch's (index, view) instead of running the teachers.
+    """
     device = train_loader.device
     autocast = autocast_factory(cfg, device)
     channels_last = use_channels_last(cfg, device)
@@ -199,16 +206,24 @@ def fit(
     state = load_checkpoint(run_dir, distiller, opt, log) if resume else None
     if state is None:
         state = TrainState()
-        if 0 in cfg.keep_epochs:
+        if 0 in cfg.keep_epochs and distributed.is_main():
             keep_weights(run_dir, distiller.student, 0)
     state.history = read_history(run_dir, state.epoch)
-    checkpoint.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+    if distributed.is_main():
+        checkpoint.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+    distributed.barrier()  # nobody reads the run directory while rank 0 rewrites it
     if state.epoch:
         log(f"resuming after epoch {state.epoch}")
-    writer = _tensorboard(run_dir)
-    step_fn = distiller
+    writer = _tensorboard(run_dir) if distributed.is_main() else _NullWriter()
+    step_fn = distributed.wrap(distiller, device)  # DDP under torchrun; the checkpoint keeps the bare distiller
     if cfg.compile:
-        step_fn = torch.compile(distiller)
+        step_fn = torch.compile(step_fn)
+    fast_step = None
+    if cfg.fast.graph_step:
+        from kdlab.fast.graph_step import GraphStep
+
+        fast_step = GraphStep(lambda x, y, tl: step_fn(x, y, teacher_logits=tl), opt, device, autocast, cfg.grad_clip,
+                              teacher_cache, capture=cfg.fast.cuda_graph and device.type == "cuda")
     names = distiller.term_names()
     steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     if steps_per_epoch == 0:
@@ -219,12 +234,14 @@ def fit(
             t0 = time.perf_counter()
             distiller.train()
             train_loader.set_epoch(epoch)
+            distributed.seed_epoch(train_loader.seed, epoch)
             sums = torch.zeros(len(names) + 2, device=device)  # total, terms..., correct
             first_bad = torch.full((), -1, device=device, dtype=torch.long)
             bad_values = torch.zeros(len(names) + 1, device=device)
             seen = 0
             progress.start_epoch(epoch)
-            for step, (x, y) in enumerate(train_loader):
+            batches = train_loader.iter_batches(with_meta=True) if teacher_cache is not None else iter(train_loader)
+            for step, (x, y, *meta) in enumerate(batches):  # meta: (index, view) for the teacher cache
                 if step >= steps_per_epoch:
                     break
                 lr = lr_at(cfg, epoch + step / steps_per_epoch)
@@ -232,20 +249,26 @@ def fit(
                     g["lr"] = lr
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    loss, logits, terms = step_fn(x, y)
+                if fast_step is not None:  # forward, backward and update in one device-side call
+                    loss, logits, terms = fast_step(x, y, lr, *meta)
+                else:
+                    cached = {"teacher_logits": teacher_cache.lookup(*meta)} if teacher_cache is not None else {}
+                    with autocast():
+                        loss, logits, terms = step_fn(x, y, **cached)
                 values = torch.stack([loss.detach()] + [terms[n].detach() for n in names])
-                finite = torch.isfinite(values).all()
+                finite = distributed.all_true(torch.isfinite(values).all())  # every rank skips or stops together
                 if cfg.nonfinite == "skip" and not bool(finite):
                     log(f"epoch {epoch + 1} step {step}: non-finite loss, step skipped ({_describe(names, values)})")
                     continue
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(distiller.trainable_parameters(), cfg.grad_clip)
-                opt.step()
+                if fast_step is None:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        nn.utils.clip_grad_norm_(distiller.trainable_parameters(), cfg.grad_clip)
+                    opt.step()
                 is_first_bad = (~finite) & (first_bad < 0)
-                first_bad = torch.where(is_first_bad, torch.tensor(step, device=device), first_bad)
+                # new_full fills on the device; torch.tensor(step, device=cuda) would copy from the host and wait
+                first_bad = torch.where(is_first_bad, first_bad.new_full((), step), first_bad)
                 bad_values = torch.where(is_first_bad, values, bad_values)
                 correct = (logits.detach().argmax(1) == y).sum().float()
                 sums += torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), correct[None]])
@@ -261,11 +284,12 @@ def fit(
                     "(options: train.grad_clip, a lower train.lr, or train.nonfinite=skip)"
                 )
             steps = max(progress.steps_done, 1)
+            sums, seen = distributed.reduce_epoch_sums(sums, seen)
             avg = (sums / steps).tolist()
             row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch + 1 - 1e-9), "train_loss": avg[0]}
             row.update({f"train_{n}": v for n, v in zip(names, avg[1:-1])})
             row["train_top1"] = 100 * sums[-1].item() / max(seen, 1)
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            if test_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 ev = evaluate(distiller.student, test_loader, autocast, channels_last)
                 row.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
                 if ev["top1"] > state.best_top1:
@@ -273,16 +297,18 @@ def fit(
             row["seconds"] = round(time.perf_counter() - t0, 3)
             state.epoch = epoch + 1
             state.history.append(row)
-            # the metrics line first, then the checkpoint: a kill in between rewrites the line on resume
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)):
-                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-            writer.flush()
-            save_checkpoint(run_dir, distiller, opt, state)
-            if epoch + 1 in cfg.keep_epochs:
-                keep_weights(run_dir, distiller.student, epoch + 1)
+            if distributed.is_main():
+                # the metrics line first, then the checkpoint: a kill in between rewrites the line on resume
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                for k, v in row.items():
+                    if k != "epoch" and isinstance(v, (int, float)):
+                        writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+                writer.flush()
+                save_checkpoint(run_dir, distiller, opt, state)
+                if epoch + 1 in cfg.keep_epochs:
+                    keep_weights(run_dir, distiller.student, epoch + 1)
+            distributed.barrier()  # the other ranks wait until the epoch is on disk
             progress.end_epoch(row)
             if on_epoch_end:
                 on_epoch_end(epoch + 1)

@@ -757,22 +757,36 @@ def test_shards_disjoint_equal_and_cover_the_epoch():
     full.set_epoch(2)
     order, views = full.epoch_plan()
     full_view = dict(zip(order.tolist(), view_index(views.dx, views.dy, views.flip, 1).tolist()))
-    world = 4
-    parts, lens = [], set()
+    world, per_rank = 4, 5
+    glob = per_rank * world
+    single = _batches(DeviceLoader(ds, batch_size=glob, train=True, augment=spec, seed=1), 2)  # one process, batch 20
+    shards = []
     for rank in range(world):
-        ld = DeviceLoader(ds, batch_size=5, train=True, augment=spec, seed=1, shard=(rank, world))
-        lens.add(len(ld))
+        ld = DeviceLoader(ds, batch_size=per_rank, train=True, augment=spec, seed=1, shard=(rank, world))
+        assert len(ld) == 103 // glob == 5
         got = _batches(ld, 2)
         idx = torch.cat([m[2] for m in got])
         vi = torch.cat([m[3] for m in got])
         assert len(idx) == 25
         # a sample's view does not depend on the sharding
         assert all(full_view[i] == v for i, v in zip(idx.tolist(), vi.tolist()))
-        parts.append(idx)
-    assert lens == {5}
-    allidx = torch.cat(parts)
+        # strided per step: rank r's step-i batch is positions [i*G + r*B, i*G + (r+1)*B) of the permutation
+        for step, (_, _, bidx, _) in enumerate(got):
+            lo = step * glob + rank * per_rank
+            assert bidx.tolist() == order[lo:lo + per_rank].tolist(), (rank, step)
+        shards.append(got)
+    allidx = torch.cat([m[2] for got in shards for m in got])
     assert len(allidx.unique()) == 100  # disjoint
     assert set(allidx.tolist()) == set(order[:100].tolist())  # the epoch's permutation, less its tail
+    # the ranks' step-i batches, side by side, are one process's step-i batch of 20: same samples, same pixels
+    for step, (x, y, idx, vi) in enumerate(single):
+        assert torch.equal(torch.cat([shards[r][step][2] for r in range(world)]), idx)
+        assert torch.equal(torch.cat([shards[r][step][0] for r in range(world)]), x)
+        assert torch.equal(torch.cat([shards[r][step][3] for r in range(world)]), vi)
+    with pytest.raises(ConfigError, match="drop_last"):
+        DeviceLoader(ds, batch_size=5, train=True, shard=(0, 2), drop_last=False)
+    with pytest.raises(ConfigError, match="global batch of 120"):
+        DeviceLoader(ds, batch_size=30, train=True, shard=(1, 4))
     # eval shards: contiguous, in order, every sample exactly once
     ev = [torch.cat([y for _, y in DeviceLoader(ds, 10, train=False, shard=(r, world))]) for r in range(world)]
     assert torch.equal(torch.cat(ev), ds.labels)

@@ -40,6 +40,9 @@ PARAM_COUNTS = {
     "googlenet": 6_258_500,
     "densenet121": 7_048_548,
     "resnext29_8x64d": 34_518_948,
+    # torchvision's 11,689,512 and 21,797,672 at 1000 classes, less 900 * 513 for the smaller fc
+    "resnet18_imagenet": 11_227_812,
+    "resnet34_imagenet": 21_335_972,
 }
 # digits nets: (min, max) parameters for 1x8x8 inputs and 10 classes
 SMALL_RANGES = {"smallcnn": (10_000, 30_000), "smallcnn_wide": (100_000, 200_000)}

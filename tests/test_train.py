@@ -130,3 +130,16 @@ def test_sequential_methods_share_generation_zero(tmp_path):
     assert ban["generations"][0] == sfeed["generations"][0]
     assert [g["generation"] for g in ban["generations"]] == [0, 1, 2]
     assert (tmp_path / "ban" / "generations" / "gen1" / "student.safetensors").exists()
+
+
+def test_generation_can_start_from_the_previous_one(tmp_path):
+    cache = tmp_path / "cache"
+    r = quick("sfeed.yaml", f"cache_dir={cache}", "generations=1", "generation_init=previous", epochs=1, steps=1)
+    runner.run(r, tmp_path / "prev", quiet=True)
+    fresh = quick("sfeed.yaml", f"cache_dir={cache}", "generations=1", epochs=1, steps=1)
+    runner.run(fresh, tmp_path / "fresh", quiet=True)
+    gen0 = checkpoint.load(next(cache.glob("smallcnn-*/student.safetensors")))[0]
+    prev, new = student_weights(tmp_path / "prev"), student_weights(tmp_path / "fresh")
+    # one SGD step from generation 0 stays close to it; a fresh init does not
+    key = "stage3.conv.weight"
+    assert (prev[key] - gen0[key]).abs().max() < (new[key] - gen0[key]).abs().max()

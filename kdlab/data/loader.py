@@ -6,12 +6,14 @@ and then the views (dx, dy, flip, angle) of the N positions of that permutation;
 moved to the device. CPU and CUDA runs therefore see the same batches, and resuming at any epoch
 (or, with ``iter_batches(start=k)``, at any batch) reproduces the uninterrupted run exactly.
 
-Sharding ``shard=(rank, world_size)``: in train mode each rank takes the contiguous slice
-``[rank * M, (rank + 1) * M)`` of the epoch's permutation, ``M = N // world_size`` (the last
-``N % world_size`` positions are dropped that epoch), so the slices are disjoint, equally long, and a
-sample gets the same view whatever the world size. In eval mode the samples, in order, are split
-into contiguous slices whose sizes differ by at most one (every sample evaluated exactly once; the
-ranks may then differ by one batch).
+Sharding ``shard=(rank, world_size)`` (data-parallel training; ``batch_size`` is then the per-rank
+batch B): in train mode step i of rank r takes positions ``[i*G + r*B, i*G + (r+1)*B)`` of the
+epoch's permutation, ``G = B * world_size``, so the ranks' step-i batches together are exactly the
+step-i batch of one process with batch G (the same samples, the same views), and DDP at global batch
+G matches one process at batch G. Every rank takes ``N // G`` steps (the tail is dropped; sharded
+training needs ``drop_last``). In eval mode the samples, in order, are split into contiguous slices
+whose sizes differ by at most one (every sample evaluated exactly once; the ranks may then differ by
+one batch).
 """
 
 from __future__ import annotations
@@ -90,19 +92,29 @@ class DeviceLoader:
 
         n = len(dataset)
         self.dataset_size = n
-        if self.train:
-            per = n // world
-            self._start, self.num_samples = rank * per, per
+        if self.train and world > 1:
+            if not self.drop_last:
+                raise ConfigError("a sharded training loader drops the last partial global batch (drop_last=True), "
+                                  "so that every rank takes the same number of steps")
+            global_batch = self.batch_size * world
+            self._start, self._num_batches = 0, n // global_batch
+            self.num_samples = self._num_batches * self.batch_size
+            if self._num_batches == 0:
+                raise ConfigError(f"{dataset.name}: {n} samples make no global batch of {global_batch} "
+                                  f"({world} ranks x {self.batch_size})")
         else:
-            base, extra = divmod(n, world)
-            self._start, self.num_samples = rank * base + min(rank, extra), base + (rank < extra)
-        if self.drop_last:
-            self._num_batches = self.num_samples // self.batch_size
-        else:
-            self._num_batches = math.ceil(self.num_samples / self.batch_size)
+            if self.train:
+                self._start, self.num_samples = 0, n
+            else:
+                base, extra = divmod(n, world)
+                self._start, self.num_samples = rank * base + min(rank, extra), base + (rank < extra)
+            if self.drop_last:
+                self._num_batches = self.num_samples // self.batch_size
+            else:
+                self._num_batches = math.ceil(self.num_samples / self.batch_size)
         if self.train and self._num_batches == 0:
             raise ConfigError(
-                f"{dataset.name}: {self.num_samples} samples per rank and epoch make no batch of "
+                f"{dataset.name}: {self.num_samples} samples per epoch make no batch of "
                 f"{self.batch_size}" + (" with drop_last" if self.drop_last else "")
             )
 
@@ -131,8 +143,16 @@ class DeviceLoader:
         g = torch.Generator(device="cpu")
         g.manual_seed(epoch_seed(self.seed, self.epoch))
         perm = torch.randperm(n, generator=g)
-        views = self.augment.sample(n, g).select(slice(lo, hi)) if self.augment is not None else None
-        order = perm[lo:hi].to(self.device)
+        rank, world = self.shard
+        if world > 1:  # this rank's B positions of each global batch of B * world
+            bs = self.batch_size
+            steps = torch.arange(self._num_batches)[:, None] * (bs * world)
+            positions = (steps + rank * bs + torch.arange(bs)[None, :]).reshape(-1)
+        else:
+            positions = slice(lo, hi)
+        # views are drawn for all N positions whatever the sharding: a sample's view is the same at any world size
+        views = self.augment.sample(n, g).select(positions) if self.augment is not None else None
+        order = perm[positions].to(self.device)
         return order, (views.to(self.device) if views is not None else None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from kdlab import distributed
 from kdlab.losses import functional as F
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
@@ -14,6 +15,8 @@ class LPOptions(TermOptions):
     k: int = Field(default=5, ge=1)
     sigma2: float | None = Field(default=None, gt=0, description="None: the detached mean teacher distance over the kNN pairs")
     normalize: bool = Field(default=False, description="L2-normalise both embeddings before any distance")
+    gather: bool = Field(default=False, description="under torchrun: build the kNN graph over the global batch (every "
+                         "rank's embeddings gathered) instead of within each rank's share of it")
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
@@ -23,7 +26,9 @@ class LP(Term):
     """Student embeddings keep the teacher's k-nearest-neighbour structure within the mini-batch.
 
     No side module: student and teacher dimensions may differ. Defaults to the penultimate embedding.
-    Under DDP each rank uses its own batch (the kNN graph is per-rank).
+    Under DDP each rank uses its own share of the global batch (the kNN graph is per-rank, over
+    batch_size / world samples) unless `gather: true`, which gathers the embeddings of all ranks
+    (differentiably) so every rank computes the loss of the whole global batch, as one process would.
     """
 
     name = "lp"
@@ -36,5 +41,8 @@ class LP(Term):
         total = out.logits.new_zeros((), dtype=torch.float32)
         teacher = out.teacher_feats[0]
         for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[0]):
-            total = total + F.lp(out.feats[s_spec], teacher[t_spec], k=self.opts.k, sigma2=self.opts.sigma2, normalize=self.opts.normalize)
+            s, t = out.feats[s_spec], teacher[t_spec]
+            if self.opts.gather:
+                s, t = distributed.gather_batch(s), distributed.gather_batch(t)
+            total = total + F.lp(s, t, k=self.opts.k, sigma2=self.opts.sigma2, normalize=self.opts.normalize)
         return total

@@ -16,6 +16,6 @@ No zoo model computes anything in place, so tensors captured by forward hooks st
 from .registry import REGISTRY, create, names, register
 
 # importing the zoo modules registers their models
-from . import mobilenetv2, resnet, shufflenet, small, tfkd_nets, vgg, wrn  # noqa: E402,F401
+from . import imagenet_resnet, mobilenetv2, resnet, shufflenet, small, tfkd_nets, vgg, wrn  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "create", "names", "register"]

@@ -1,0 +1,39 @@
+"""`kdlab reproduce TABLE.yaml`: run a table of recipes x seeds and compare with the published numbers."""
+
+from __future__ import annotations
+
+NAME = "reproduce"
+HELP = "run a reproduction table (recipes x seeds, shared cached teachers) and compare with its published numbers"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("table", metavar="TABLE.yaml", help="a table file, e.g. recipes/tables/bench240.yaml")
+    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1); default: the table's 'seeds'")
+    p.add_argument("--out", help="output folder (default: runs/reproduce/<table name>); rerun to continue")
+    p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (the report still lists every cell)")
+    p.add_argument("--data-root", help="data.root for every cell (default: the recipes' own, else $KDLAB_CIFAR100)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key in every cell, after the table's own overrides (repeatable)")
+    p.add_argument("--cache-dir", help="where teachers are trained and cached (default: OUT/teachers); "
+                   "tables sharing a teacher protocol can share one")
+    p.add_argument("--quiet", action="store_true", help="only the per-run progress lines, no per-epoch lines")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from kdlab.errors import KdlabError
+    from kdlab.reproduce import run_table
+
+    if args.seeds is not None and args.seeds < 1:
+        raise KdlabError("--seeds must be at least 1")
+    out = Path(args.out) if args.out else Path("runs") / "reproduce" / Path(args.table).stem
+    try:
+        run_table(args.table, out, seeds=args.seeds, only=args.only, sets=args.overrides, data_root=args.data_root,
+                  quiet=args.quiet, cache_dir=args.cache_dir, say=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:  # finished runs are kept; the interrupted one resumes from its last checkpoint
+        import sys
+
+        sys.stderr.write(f"kdlab: interrupted; continue with the same command (finished runs in {out} are kept)\n")
+        return 130
+    return 0

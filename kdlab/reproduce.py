@@ -1,0 +1,242 @@
+"""Reproduction tables: many recipes (cells) x seeds, run into one output folder, compared with published numbers.
+
+A table file (YAML, schema `Table`) lists cells: a recipe, per-cell overrides, the published
+top-1 and which metric the source reports (last or best epoch), the published teacher accuracies,
+a tolerance and the source. Cells without a published number name other cells to compare with
+(`compare_to`). Layout of the output folder:
+
+    OUT/teachers/<model>-<hash>/     teachers, cached by content hash and shared by every cell
+                                     (--cache-dir: one cache shared by several tables)
+    OUT/cells/<cell>/seed<k>/        one run directory per cell and seed
+    OUT/results.json, results.md, deltas.png
+
+Every invocation continues where the last stopped: a run with result.json is skipped, a run with
+only config.yaml is resumed from its checkpoint, and a run whose stored recipe no longer matches
+the table is refused before anything trains (a finished result is never overwritten).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdlab.config import Recipe, apply_overrides, format_validation_error, read_yaml, validate
+from kdlab.errors import ConfigError, KdlabError
+
+RECIPES_ROOT = Path(__file__).resolve().parent / "recipes"
+CELL_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
+# keys that say where things are, not what is trained: a moved data set or output folder still resumes
+LOCATION_KEYS = (("data", "root"), ("cache_dir",), ("note",))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Cell(Strict):
+    name: str = Field(description="unique; letters, digits, _ . + - and / (folders)")
+    recipe: str = Field(description="recipe path, relative to the table file or to kdlab/recipes")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value, applied after the table's")
+    published: float | None = Field(default=None, ge=0, le=100, description="published top-1 %")
+    metric: Literal["last", "best"] | None = Field(default=None, description="which epoch the source reports; default: the table's")
+    teacher_published: list[float | None] = Field(default_factory=list, description="published top-1 of each teacher, in order")
+    tolerance: float | None = Field(default=None, gt=0, description="|ours - published| allowed, in points; default: the table's")
+    source: str | None = None
+    compare_to: list[str] = Field(default_factory=list, description="cells of this table to print deltas against")
+    note: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path(cls, v: str) -> str:
+        if not CELL_NAME.match(v) or any(p in (".", "..") for p in v.split("/")):
+            raise ValueError(f"cell name {v!r}: use letters, digits, _ . + - and / only")
+        return v
+
+
+class Table(Strict):
+    title: str
+    description: str = ""
+    source: str = Field(default="", description="where the published numbers come from")
+    published_numbers: bool = Field(default=True, description="false: the cells are compared with each other only")
+    metric: Literal["last", "best"] = "last"
+    tolerance: float = Field(default=1.0, gt=0)
+    seeds: int = Field(default=1, ge=1, description="default number of seeds (0..N-1); --seeds overrides")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value, applied to every cell")
+    cells: list[Cell] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [c.name for c in self.cells]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate cell name(s): {', '.join(dup)}")
+        for c in self.cells:
+            for ref in c.compare_to:
+                if ref not in names:
+                    raise ValueError(f"cell {c.name}: compare_to names {ref!r}, which is not a cell of this table")
+                if ref == c.name:
+                    raise ValueError(f"cell {c.name}: compare_to names the cell itself")
+            if not self.published_numbers and c.published is not None:
+                raise ValueError(f"cell {c.name}: the table says published_numbers: false but the cell has 'published'")
+        return self
+
+    def cell(self, name: str) -> Cell:
+        return next(c for c in self.cells if c.name == name)
+
+    def metric_of(self, cell: Cell) -> str:
+        return cell.metric or self.metric
+
+    def tolerance_of(self, cell: Cell) -> float:
+        return cell.tolerance or self.tolerance
+
+
+def load_table(path: str | Path) -> Table:
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        return Table.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {format_validation_error(e)}") from None
+
+
+def resolve_recipe_path(table_path: Path, recipe: str) -> Path:
+    for base in (table_path.parent, RECIPES_ROOT):
+        candidate = (base / recipe).resolve()
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{table_path}: recipe {recipe!r} not found next to the table nor under {RECIPES_ROOT}")
+
+
+def as_set_items(overrides: dict[str, Any]) -> list[str]:
+    """`{a.b: v}` -> `a.b=<v as JSON>`, the --set syntax (JSON is read back exactly by YAML)."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: every (cell, seed) becomes a validated recipe and a run directory
+
+
+class Job:
+    def __init__(self, cell: Cell, seed: int, recipe: Recipe, run_dir: Path):
+        self.cell, self.seed, self.recipe, self.run_dir = cell, seed, recipe, run_dir
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell.name} seed {self.seed}"
+
+
+def run_dir_of(out: Path, cell: Cell, seed: int) -> Path:
+    return out / "cells" / cell.name / f"seed{seed}"
+
+
+def build_recipe(table: Table, table_path: Path, cell: Cell, seed: int, out: Path, sets: list[str], data_root: str | None,
+                 cache_dir: Path | None = None) -> Recipe:
+    from kdlab.methods import check_recipe
+
+    path = resolve_recipe_path(table_path, cell.recipe)
+    where = f"{table_path}: cell {cell.name}"
+    try:
+        raw = apply_overrides(read_yaml(path), as_set_items(table.overrides) + as_set_items(cell.overrides) + list(sets))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    raw["seed"] = seed
+    raw["cache_dir"] = str(Path(cache_dir or out / "teachers").resolve())
+    if data_root is not None:
+        raw.setdefault("data", {})["root"] = data_root
+    recipe = validate(raw, source=f"{where} ({path.name})")
+    try:
+        check_recipe(recipe)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return recipe
+
+
+def _without_locations(dumped: dict) -> dict:
+    out = json.loads(json.dumps(dumped))
+    for path in LOCATION_KEYS:
+        node = out
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return out
+
+
+def check_unchanged(job: Job) -> None:
+    """A run started earlier must have been started with the recipe the table gives now."""
+    config = job.run_dir / "config.yaml"
+    if not config.exists():
+        return
+    stored = validate(read_yaml(config), source=str(config))
+    if _without_locations(stored.model_dump(mode="json")) != _without_locations(job.recipe.model_dump(mode="json")):
+        raise ConfigError(f"{job.label}: {job.run_dir} was started with a different recipe than the table now gives; "
+                          "move that folder away or use another --out (nothing was changed)")
+
+
+def plan(table: Table, table_path: Path, out: Path, seeds: int, only: list[str] | None, sets: list[str],
+         data_root: str | None, cache_dir: Path | None = None) -> list[Job]:
+    names = [c.name for c in table.cells]
+    for name in only or []:
+        if name not in names:
+            raise ConfigError(f"--only {name}: no such cell; cells: {', '.join(names)}")
+    cells = [c for c in table.cells if not only or c.name in only]
+    jobs = []
+    for seed in range(seeds):  # seed-major: a complete first-seed table comes before any second seed
+        for cell in cells:
+            recipe = build_recipe(table, table_path, cell, seed, out, sets, data_root, cache_dir)
+            jobs.append(Job(cell, seed, recipe, run_dir_of(out, cell, seed)))
+    for job in jobs:
+        check_unchanged(job)
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None, only: list[str] | None = None,
+              sets: list[str] = (), data_root: str | None = None, quiet: bool = False,
+              say: Callable[[str], None] = print, cache_dir: str | Path | None = None) -> dict:
+    """Run (or continue) every cell x seed of the table into `out`, then write the comparison."""
+    from kdlab import runner
+    from kdlab.reproduce_report import write_report
+
+    table_path, out = Path(table_path), Path(out)
+    table = load_table(table_path)
+    n_seeds = seeds or table.seeds
+    jobs = plan(table, table_path, out, n_seeds, only, list(sets), data_root, Path(cache_dir) if cache_dir else None)
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"{table.title}: {len(jobs)} run(s) ({len({j.cell.name for j in jobs})} cell(s) x {n_seeds} seed(s)) in {out}")
+    failures: dict[str, str] = {}
+    t_table = time.time()
+    for i, job in enumerate(jobs, 1):
+        tag = f"[{i}/{len(jobs)}] {job.label}"
+        done = runner.read_result(job.run_dir)
+        if done is not None:
+            say(f"{tag}: finished earlier (top-1 last {done['top1_last']:.2f}), skipped")
+            continue
+        resume = (job.run_dir / "config.yaml").exists()
+        say(f"{tag}: {'resuming' if resume else 'starting'} ({job.recipe.method}, {job.recipe.student.name})")
+        t0 = time.time()
+        try:
+            result = runner.run(None if resume else job.recipe, job.run_dir, resume=resume, quiet=quiet)
+        except KdlabError as e:  # one failed cell does not stop the table; it is reported at the end
+            failures[job.label] = str(e)
+            say(f"{tag}: FAILED: {e}")
+            continue
+        say(f"{tag}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({_minutes(time.time() - t0)})")
+        write_report(table, table_path, out, n_seeds, failures)
+    summary = write_report(table, table_path, out, n_seeds, failures)
+    say(f"{table.title}: {len(jobs) - len(failures)}/{len(jobs)} run(s) finished ({_minutes(time.time() - t_table)} this invocation); "
+        f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'deltas.png'}" if summary.get("chart") else ""))
+    if failures:
+        raise KdlabError(f"{len(failures)} run(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+    return summary

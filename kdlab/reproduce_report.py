@@ -1,0 +1,178 @@
+"""The comparison of a reproduction table: per cell, ours (mean +- std over seeds, last and best epoch)
+against the published number or against other cells of the same run; written as results.json,
+results.md and a bar chart of the deltas (deltas.png)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from kdlab.checkpoint import atomic_write_text
+from kdlab.reproduce import Table, run_dir_of
+from kdlab.runner import read_result
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def teacher_accuracy(info: dict, metric: str) -> float | None:
+    """A defective teacher is judged at the epoch it was used; a full teacher by the table's metric."""
+    if "top1_at_epoch" in info:
+        return info["top1_at_epoch"]
+    return info.get(f"top1_{metric}", info.get("top1_last"))
+
+
+def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
+    metric = table.metric_of(cell)
+    by_seed = {s: read_result(run_dir_of(out, cell, s)) for s in range(seeds)}
+    results = [r for r in by_seed.values() if r is not None]
+    last_mean, last_std = mean_std([r["top1_last"] for r in results])
+    best_mean, best_std = mean_std([r["top1_best"] for r in results])
+    ours = last_mean if metric == "last" else best_mean
+    row = {
+        "cell": cell.name, "recipe": cell.recipe, "metric": metric, "n": len(results), "seeds": [s for s, r in by_seed.items() if r is not None],
+        "last_mean": last_mean, "last_std": last_std, "best_mean": best_mean, "best_std": best_std,
+        "published": cell.published, "tolerance": table.tolerance_of(cell), "source": cell.source or table.source or None,
+        "delta": None, "within_tolerance": None, "compare_to": {}, "teachers": [],
+        "wall_seconds": round(sum(r.get("wall_seconds", 0.0) for r in results), 1),
+        "device": sorted({r.get("device", "?") for r in results}),
+    }
+    if cell.published is not None and ours is not None:
+        row["delta"] = ours - cell.published
+        row["within_tolerance"] = abs(row["delta"]) <= row["tolerance"]
+    if any("bane_top1" in r for r in results):
+        row["bane_mean"], row["bane_std"] = mean_std([r["bane_top1"] for r in results if "bane_top1" in r])
+    n_teachers = max([len(r.get("teachers", [])) for r in results] + [len(cell.teacher_published)])
+    for t in range(n_teachers):
+        infos = [r["teachers"][t] for r in results if len(r.get("teachers", [])) > t]
+        accs = [a for a in (teacher_accuracy(i, metric) for i in infos) if a is not None]
+        acc, acc_std = mean_std(accs)
+        pub = cell.teacher_published[t] if t < len(cell.teacher_published) else None
+        row["teachers"].append({
+            "name": infos[0]["name"] if infos else None, "epoch": infos[0].get("epoch") if infos else None,
+            "mean": acc, "std": acc_std, "n": len(accs), "published": pub,
+            "delta": acc - pub if acc is not None and pub is not None else None,
+            "runs": sorted({i.get("source", "") for i in infos}),
+        })
+    return row
+
+
+def add_comparisons(table: Table, rows: dict[str, dict]) -> None:
+    for cell in table.cells:
+        row = rows[cell.name]
+        ours = row[f"{row['metric']}_mean"]
+        for ref in cell.compare_to:
+            theirs = rows[ref][f"{row['metric']}_mean"]
+            row["compare_to"][ref] = ours - theirs if ours is not None and theirs is not None else None
+
+
+def summarize(table: Table, table_path: Path, out: Path, seeds: int, failures: dict[str, str]) -> dict:
+    rows = {c.name: cell_summary(table, c, out, seeds) for c in table.cells}
+    add_comparisons(table, rows)
+    devices = sorted({d for r in rows.values() for d in r["device"]})
+    return {
+        "title": table.title, "table": str(table_path), "source": table.source, "published_numbers": table.published_numbers,
+        "description": table.description, "seeds_requested": seeds, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": platform.node(), "devices": devices, "failures": failures,
+        "wall_seconds_students": round(sum(r["wall_seconds"] for r in rows.values()), 1),
+        "cells": list(rows.values()),
+    }
+
+
+def _fmt(mean: float | None, std: float | None, n: int) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def _signed(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.2f}"
+
+
+def _teacher_text(t: dict) -> str:
+    at_epoch = f"@epoch{t['epoch']}" if t["epoch"] is not None else ""
+    published = "—" if t["published"] is None else f"{t['published']:.2f}"
+    return f"{t['name'] or '?'}{at_epoch} {_fmt(t['mean'], t['std'], t['n'])} / {published}"
+
+
+def render_markdown(summary: dict) -> str:
+    lines = [f"# {summary['title']}", ""]
+    if summary["description"]:
+        lines += [summary["description"].strip(), ""]
+    if summary["published_numbers"]:
+        lines += [f"Published numbers: {summary['source'] or 'see each cell'}. Δ = ours (the cell's metric) − published.", ""]
+    else:
+        lines += ["No published numbers exist for this table: each cell is compared with other cells of this same run "
+                  "(Δ vs the named cells, on the cell's metric).", ""]
+    lines += [f"Seeds requested: {summary['seeds_requested']}; devices: {', '.join(summary['devices']) or '—'}; "
+              f"written {summary['written']}.", ""]
+    head = "| cell | metric | n | last | best | published | Δ | within tol. | compared with | teacher ours / published |"
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in summary["cells"]:
+        within = "—" if r["within_tolerance"] is None else ("yes" if r["within_tolerance"] else f"no (±{r['tolerance']:g})")
+        compared = ", ".join(f"{k} {_signed(v)}" for k, v in r["compare_to"].items()) or "—"
+        teachers = "; ".join(_teacher_text(t) for t in r["teachers"]) or "—"
+        published = "—" if r["published"] is None else f"{r['published']:.2f}"
+        bane = f" (BANE {r['bane_mean']:.2f})" if r.get("bane_mean") is not None else ""
+        lines.append(f"| {r['cell']} | {r['metric']} | {r['n']} | {_fmt(r['last_mean'], r['last_std'], r['n'])}{bane} | "
+                     f"{_fmt(r['best_mean'], r['best_std'], r['n'])} | {published} | {_signed(r['delta'])} | {within} | "
+                     f"{compared} | {teachers} |")
+    if summary["failures"]:
+        lines += ["", "Failed runs (rerun the same command to retry them):", ""]
+        lines += [f"- {k}: {v}" for k, v in summary["failures"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def chart_values(summary: dict) -> tuple[list[str], list[float], str]:
+    """Deltas vs published where the table has published numbers, else vs each cell's first compare_to cell."""
+    labels, values = [], []
+    for r in summary["cells"]:
+        if summary["published_numbers"]:
+            if r["delta"] is not None:
+                labels.append(r["cell"])
+                values.append(r["delta"])
+        elif r["compare_to"]:
+            ref, delta = next(iter(r["compare_to"].items()))
+            if delta is not None:
+                labels.append(f"{r['cell']} − {ref}")
+                values.append(delta)
+    what = "ours − published (top-1 points)" if summary["published_numbers"] else "Δ vs the first compare_to cell (top-1 points)"
+    return labels, values, what
+
+
+def write_chart(summary: dict, path: Path) -> bool:
+    labels, values, what = chart_values(summary)
+    if not values:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(values) + 1.2), dpi=100)
+    ax.barh(range(len(values)), values, color=["tab:green" if v >= 0 else "tab:red" for v in values])
+    ax.set_yticks(range(len(values)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(what)
+    ax.set_title(summary["title"], fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def write_report(table: Table, table_path: Path, out: Path, seeds: int, failures: dict[str, str]) -> dict:
+    summary = summarize(table, table_path, out, seeds, failures)
+    summary["chart"] = write_chart(summary, out / "deltas.png")
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "results.md", render_markdown(summary))
+    return summary

@@ -1,0 +1,99 @@
+"""`kdlab bench` runs on the CPU (a smoke test: two steps of a tiny pair; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdlab import bench
+from kdlab.cli import main
+from kdlab.data import DeviceLoader, default_augment
+
+
+def test_bench_smoke_writes_every_field(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--device", "cpu", "--pairs", "smallcnn_wide:smallcnn", "--methods", "kd", "--steps", "2",
+                 "--warmup", "1", "--batch-size", "16", "--workers", "0", "--quiet", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    for key in ("date", "command", "device", "device_type", "torch", "kdlab", "cpu_count", "load_average_before",
+                "load_average_after", "batch_size", "steps", "warmup", "data", "modes", "results", "summary"):
+        assert key in report, key
+    assert report["device_type"] == "cpu" and report["batch_size"] == 16 and report["steps"] == 2
+    assert "synthetic" in report["data"]
+    rows = report["results"]
+    tasks = ["teacher", "student", "kd"]
+    assert [(r["task"], r["mode"]) for r in rows] == [(t, m) for t in tasks for m in bench.MODES]
+    for r in rows:
+        assert r["pair"] == "smallcnn_wide:smallcnn"
+        assert r["images_per_s"] > 0
+        assert r["peak_memory_mib"] is not None and r["peak_memory_mib"] > 0
+        assert r["memory_kind"].startswith("rss")
+        reference = next(x for x in rows if x["task"] == r["task"] and x["mode"] == "reference")
+        assert r["ratio_to_reference"] == pytest.approx(r["images_per_s"] / reference["images_per_s"], rel=1e-2)
+    fast_kd = next(r for r in rows if r["task"] == "kd" and r["mode"] == "kdlab-fast")
+    assert "BN folded" in fast_kd["options"] and "channels_last" in fast_kd["options"]
+    assert "kdlab_overhead_vs_minimal_pct" in report["summary"]["smallcnn_wide:smallcnn/kd"]
+    assert "kdlab bench" in capsys.readouterr().out  # the table was printed
+
+
+def test_bench_rejects_bad_input_with_one_line(capsys):
+    assert main(["bench", "--device", "cpu", "--pairs", "resnet56-resnet20"]) == 2
+    assert main(["bench", "--device", "cpu", "--pairs", "resnet56:resnet2O"]) == 2
+    assert main(["bench", "--device", "cpu", "--methods", "kd,crd"]) == 2
+    assert main(["bench", "--device", "cpu", "--steps", "0", "--pairs", "smallcnn_wide:smallcnn", "--methods", "kd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("kdlab: error: ") for line in err)
+    assert "TEACHER:STUDENT" in err[0] and "resnet2O" in err[1] and "crd" in err[2]
+
+
+def test_timed_window_counts_only_the_steps_between_its_marks():
+    window = bench.Window(warmup=2, steps=3, device=torch.device("cpu"))
+    seen = list(window.wrap(range(100)))
+    assert seen == [0, 1, 2, 3, 4]  # warm-up + timed steps, then the loop is told to stop
+    assert window.seconds >= 0
+    data = bench.synthetic_dataset(64)
+    loader = DeviceLoader(data, 16, train=True, augment=default_augment("cifar100"))
+    timed = bench.TimedLoader(loader, bench.Window(1, 2, torch.device("cpu")))
+    assert len(timed) == 4 and timed.batch_size == 16
+    assert len(list(timed.iter_batches(with_meta=True))) == 3
+
+
+def test_reference_augmentation_is_a_crop_and_flip_of_the_image():
+    data = bench.synthetic_dataset(4)
+    ds = bench.PerImageAugmented(data)
+    torch.manual_seed(0)
+    x, y = ds[1]
+    assert y == data.labels[1]
+    pixels = (x * torch.tensor(data.std).view(-1, 1, 1) + torch.tensor(data.mean).view(-1, 1, 1)) * 255
+    pixels = pixels.round().to(torch.int64)
+    padded = torch.nn.functional.pad(data.images[1].to(torch.int64), (4, 4, 4, 4))
+    windows = [padded[:, r : r + 32, c : c + 32] for r in range(9) for c in range(9)]
+    assert any(torch.equal(pixels, w) or torch.equal(pixels, w.flip(2)) for w in windows)
+
+
+@pytest.mark.parametrize("method", sorted(bench.METHODS))
+def test_hand_written_losses_equal_the_distillers(method):
+    # the reference and minimal loops must compute what kdlab computes, or the comparison means nothing
+    from kdlab import models
+    from kdlab.distiller import Distiller
+
+    spec = bench.METHODS[method]
+    torch.manual_seed(0)
+    teachers = [models.create("smallcnn_wide", 10).eval() for _ in range(spec.teachers)]
+    student = models.create("smallcnn", 10)
+    distiller = Distiller(student, teachers, spec.loss)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    distiller.build(x, y)
+    distiller.train()
+    expected, _, _ = distiller(x, y)
+    translators = list(distiller.terms["feed"].translators) if method == "pfeed2" else []
+    s_hooks = bench.Hooks(student, bench._stage_names(student, method))
+    t_hooks = [bench.Hooks(t, bench._stage_names(t, method)) for t in teachers]
+    with torch.no_grad():
+        t_logits = [t(x) for t in teachers]
+    t_feats = [h.take() for h in t_hooks]
+    value = bench.hand_loss(method, student(x), y, s_hooks.take(), t_logits, t_feats, translators)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
