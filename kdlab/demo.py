@@ -41,6 +41,14 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def run_demo(out: Path, only: list[str] | None = None, quiet: bool = False, overrides: list[str] = ()) -> list[dict]:
+    import os
+
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        # 8x8 digits nets gain nothing from intra-op threads, and on a busy 2-core machine two
+        # threads per process ran an epoch 5x slower than one (2026-11-24, 2-core CPU)
+        torch.set_num_threads(1)
     recipes = digits_recipes()
     if only:
         unknown = sorted(set(only) - set(recipes))
