@@ -264,12 +264,16 @@ def _translators(models_: Models, method: str, device: torch.device) -> list[nn.
 
 
 def hand_loop(method: str, models_: Models, batches: Iterable, device: torch.device, channels_last: bool,
-              autocast: Callable, sync_every_step: bool) -> None:
+              autocast: Callable, sync_every_step: bool, fold_teachers: bool = False) -> None:
+    from kdlab.fast.fold import fold_batchnorm
+
     student, teachers = models_.student.to(device).train(), [t.to(device).eval() for t in models_.teachers]
     translators = _translators(models_, method, device)
     if channels_last:
         for m in [student, *teachers, *translators]:
             m.to(memory_format=torch.channels_last)
+    for t in teachers if fold_teachers else []:
+        fold_batchnorm(t, torch.zeros(2, 3, 32, 32, device=device))
     s_hooks = Hooks(student, _stage_names(student, method))
     t_hooks = [Hooks(t, _stage_names(t, method)) for t in teachers]
     params = [p for m in [student, *translators] for p in m.parameters()]
@@ -337,13 +341,13 @@ def _fast_cfg(s: Setting, method: Method) -> TrainConfig:
                         fast=FastConfig(graph_step=True, cuda_graph=True, fold_teacher=True))
 
 
-def _options(cfg: TrainConfig, device: torch.device) -> str:
+def _options(cfg: TrainConfig, device: torch.device, teachers: bool = True) -> str:
     from kdlab.train import use_channels_last
 
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     parts = ["bf16" if amp else "fp32", "channels_last" if use_channels_last(cfg, device) else "NCHW"]
-    if cfg.fast.fold_teacher:
-        parts.append("BN folded")
+    if cfg.fast.fold_teacher and teachers:
+        parts.append("teacher BN folded")
     if cfg.fast.graph_step:
         parts.append("CUDA graph" if device.type == "cuda" and cfg.fast.cuda_graph else "graph step (eager)")
     if cfg.compile:
@@ -378,6 +382,8 @@ def measure_teacher(mode: str, models_: Models, s: Setting) -> Measure:
             if cl:
                 teacher.to(memory_format=torch.channels_last)
                 x = x.contiguous(memory_format=torch.channels_last)
+            if cfg.fast.fold_teacher:
+                fold_batchnorm(teacher, x[:2])
             if mode == "kdlab":  # through the Distiller's teacher path
                 distiller = Distiller(nn.Linear(1, 1), [teacher], METHODS["kd"].loss)
                 y = torch.zeros(len(x), dtype=torch.int64, device=s.device)
@@ -446,12 +452,12 @@ def measure_training(mode: str, task: str, method: Method, models_: Models, s: S
             cfg = _default_cfg(s)
             loader = DeviceLoader(s.data, s.batch_size, train=True, augment=default_augment("cifar100"), device=s.device)
             hand_loop(task, fresh, window.wrap(loader), s.device, use_channels_last(cfg, s.device),
-                      autocast_factory(cfg, s.device), sync_every_step=False)
-            options = _options(cfg, s.device) + ", hand-written loop"
+                      autocast_factory(cfg, s.device), sync_every_step=False, fold_teachers=cfg.fast.fold_teacher)
+            options = _options(cfg, s.device, bool(method.teachers)) + ", hand-written loop"
         else:
             cfg = _default_cfg(s) if mode == "kdlab" else _fast_cfg(s, method)
             setup, extra = _fit(fresh, method, cfg, window, s)
-            options = _options(cfg, s.device)
+            options = _options(cfg, s.device, bool(method.teachers))
     return Measure(window.seconds, s.steps * s.batch_size, mem.mib, mem.kind, options, setup, extra)
 
 
@@ -607,8 +613,8 @@ def print_table(report: dict) -> None:
             table.add_section()
         first = key != last
         last = key
-        if r["task"] not in ("teacher",):
-            options.setdefault(r["mode"], r["options"])
+        if r["task"] != "teacher":  # the last training task of a mode describes it best (its teachers included)
+            options[r["mode"]] = r["options"]
         ratio = f"{r['ratio_to_reference']:.2f}" if r["ratio_to_reference"] is not None else "-"
         mem = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "-"
         table.add_row(r["pair"] if first else "", r["task"] if first else "", r["mode"], f"{r['images_per_s']:.1f}", ratio, mem)

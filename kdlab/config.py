@@ -91,13 +91,14 @@ class ScheduleConfig(Strict):
 
 
 class FastConfig(Strict):
-    """Speed options (kdlab.fast), all off by default; each keeps the recipe's maths."""
+    """Speed options (kdlab.fast); each keeps the recipe's maths. Only fold_teacher is on by default."""
 
     graph_step: bool = Field(default=False, description="each step as one device-side function (foreach SGD with the lr in a "
                              "device tensor, no host sync), captured as a CUDA graph on CUDA; needs nonfinite=stop")
     cuda_graph: bool = Field(default=True, description="with graph_step on CUDA: capture the step as a CUDA graph")
-    fold_teacher: bool = Field(default=False, description="fold the teachers' BatchNorm into their convolutions (same "
-                               "outputs within float rounding, one pass less over every map)")
+    fold_teacher: bool = Field(default=True, description="fold the teachers' BatchNorm into their convolutions: the "
+                               "same outputs within float rounding (the teachers are inference-only), one pass less "
+                               "over every map; false for bit-level comparisons with unfolded teachers")
     cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="teacher cache: auto = bfloat16 on "
                                                                 "CUDA, float32 (exact) on CPU")
     cache_storage: Literal["auto", "device", "disk"] = Field(default="auto", description="teacher cache: auto = device memory "
@@ -116,7 +117,8 @@ class TrainConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 autocast on CUDA, off on CPU")
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = Field(default="auto", description="NHWC memory format; auto: on for CUDA "
+                                                         "and CPU")
     compile: bool = False
     eval_every: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
@@ -133,6 +135,12 @@ class TrainConfig(Strict):
             raise ValueError("fast.graph_step: the step updates the weights on the device before the loss is seen; "
                              "use nonfinite=stop (or graph_step=false)")
         return self
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        # YAML 1.1 reads a bare on/off as a boolean: `--set train.channels_last=on` must still mean "on"
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("keep_epochs")
     @classmethod

@@ -216,7 +216,7 @@ def quick_kd(*extra: str):
 
 @pytest.fixture(scope="module")
 def plain_kd_run(tmp_path_factory):
-    """A short KD run on digits and its teacher cache directory, shared by the comparisons below."""
+    """A short default KD run on digits and its teacher cache directory, shared by the comparisons below."""
     root = tmp_path_factory.mktemp("kd")
     runner.run(quick_kd(f"cache_dir={root / 'cache'}"), root / "plain", quiet=True)
     return root / "cache", root / "plain"
@@ -279,10 +279,11 @@ def test_graph_step_with_the_teacher_cache_matches_the_plain_trainer(digits_smal
         torch.testing.assert_close(fast[k], plain[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_folded_teacher_run_trains_close_to_the_plain_run(plain_kd_run, tmp_path):
-    cache, plain_dir = plain_kd_run
-    runner.run(quick_kd(f"cache_dir={cache}", "train.fast.fold_teacher=true"), tmp_path / "folded", quiet=True)
-    assert "BatchNorm layers folded" in (tmp_path / "folded" / "log.txt").read_text()
-    plain, folded = student_weights(plain_dir), student_weights(tmp_path / "folded")
-    for k in plain:
-        torch.testing.assert_close(folded[k], plain[k], rtol=0, atol=1e-4, msg=k)
+def test_default_folded_teacher_trains_close_to_an_unfolded_one(plain_kd_run, tmp_path):
+    cache, plain_dir = plain_kd_run  # the default: the teacher's BN folded
+    assert "BatchNorm layers folded" in (plain_dir / "log.txt").read_text()
+    runner.run(quick_kd(f"cache_dir={cache}", "train.fast.fold_teacher=false"), tmp_path / "unfolded", quiet=True)
+    assert "BatchNorm layers folded" not in (tmp_path / "unfolded" / "log.txt").read_text()
+    folded, unfolded = student_weights(plain_dir), student_weights(tmp_path / "unfolded")
+    for k in folded:
+        torch.testing.assert_close(unfolded[k], folded[k], rtol=0, atol=1e-4, msg=k)

@@ -7,11 +7,11 @@ An eval-mode BN after a convolution is a per-output-channel affine map, so
 The BN module is replaced by ``nn.Identity`` under the same name, so module names, ``feature_info``
 aliases and taps by name keep working and see the same values (within float rounding).
 
-Pairs are found on one probe forward, through the autograd graph it records: a BN is folded only
-when its input is the output of a ``Conv2d`` that nothing else reads. A conv output that is also
-concatenated (DenseNet's stem) or added to a shortcut stays unfolded, as does any pair where a
-module runs more than once per forward or carries hooks (a tap on the conv's own output would
-otherwise see BN-scaled values).
+Pairs are found on one probe forward, through the autograd graph it records from the outputs and
+from every tapped (hooked) module's output: a BN is folded only when its input is the output of a
+``Conv2d`` that nothing else reads. A conv output that is also concatenated (DenseNet's stem) or
+added to a shortcut stays unfolded, as does any pair where a module runs more than once per forward
+or carries hooks itself (a tap on the conv's own output would otherwise see BN-scaled values).
 """
 
 from __future__ import annotations
@@ -84,16 +84,19 @@ def foldable_pairs(model: nn.Module, example: torch.Tensor | None = None) -> lis
         calls[module] += 1
         bn_in[module] = inputs[0].grad_fn
 
+    tapped: list[torch.Tensor] = []
     handles = []
     for m in model.modules():
-        if type(m) is nn.Conv2d and not _has_hooks(m):
+        if _has_hooks(m):  # a tap: what it reads counts as an output, even off the path to the logits
+            handles.append(m.register_forward_hook(lambda _m, _i, out: tapped.extend(_tensors(out))))
+        elif type(m) is nn.Conv2d:
             handles.append(m.register_forward_hook(on_conv))
-        elif type(m) is nn.BatchNorm2d and m.track_running_stats and m.running_mean is not None and not _has_hooks(m):
+        elif type(m) is nn.BatchNorm2d and m.track_running_stats and m.running_mean is not None:
             handles.append(m.register_forward_hook(on_bn))
     x = (_default_example(model) if example is None else example).detach().clone().requires_grad_(True)
     try:
         with torch.enable_grad():
-            roots = _tensors(model(x))
+            roots = _tensors(model(x)) + tapped
     finally:
         for h in handles:
             h.remove()

@@ -31,36 +31,36 @@ def prepare_teachers(
     autocast: Callable,
     log: Callable[[str], None],
 ) -> TeacherCache | None:
-    """Apply ``train.teacher_cache`` and ``train.fast.fold_teacher``; returns the cache to hand to ``fit``.
+    """Apply ``train.fast.fold_teacher`` and ``train.teacher_cache``; returns the cache to hand to ``fit``.
 
-    The teachers are put in the memory format ``fit`` will use before their logits are cached, so
-    the cache sees exactly what the online teachers would. With a cache the teachers no longer run,
-    so they are not folded.
+    The teachers are put in the memory format ``fit`` will use and folded first, so the cache holds
+    exactly what the online teachers of the same run would output.
     """
     from kdlab.train import use_channels_last
 
     if not distiller.teachers or not distiller.uses_teachers:
         return None
     device = train_loader.device
-    if use_channels_last(cfg, device):
+    channels_last = use_channels_last(cfg, device)
+    if channels_last:
         distiller.to(memory_format=torch.channels_last)
-    if cfg.teacher_cache:
-        readers = feature_terms(distiller)
-        if readers:
-            raise ConfigError(f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features, and the cache holds "
-                              "logits only; set train.teacher_cache=false for this method")
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-            cfg.fast.cache_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        storage = cfg.fast.cache_storage
-        if storage == "auto":
-            storage = "device" if device.type == "cuda" else "disk"
-        # on CPU the table is built in training-sized batches, which makes it bit-exact; on CUDA in larger ones
-        batch = train_loader.batch_size if device.type == "cpu" else max(train_loader.batch_size, 1024)
-        return TeacherCache.build(distiller.teachers, dataset, train_loader.augment, device, batch, dtype, storage,
-                                  cache_dir, use_channels_last(cfg, device), autocast, log)
     if cfg.fast.fold_teacher:
         example = torch.zeros((2, *dataset.images.shape[1:]), device=device)
         for i, teacher in enumerate(distiller.teachers):
             folded = fold_batchnorm(teacher, example)
             log(f"teacher {i}: {len(folded)} BatchNorm layers folded into their convolutions")
-    return None
+    if not cfg.teacher_cache:
+        return None
+    readers = feature_terms(distiller)
+    if readers:
+        raise ConfigError(f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features, and the cache holds "
+                          "logits only; set train.teacher_cache=false for this method")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        cfg.fast.cache_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    storage = cfg.fast.cache_storage
+    if storage == "auto":
+        storage = "device" if device.type == "cuda" else "disk"
+    # on CPU the table is built in training-sized batches, which makes it bit-exact; on CUDA in larger ones
+    batch = train_loader.batch_size if device.type == "cpu" else max(train_loader.batch_size, 1024)
+    return TeacherCache.build(distiller.teachers, dataset, train_loader.augment, device, batch, dtype, storage,
+                              cache_dir, channels_last, autocast, log)
