@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("kdlab: interrupted; continue with 'kdlab train --resume DIR'\n")
         return 130
+    except OSError as e:  # a disk that fills up mid-run, a folder removed under it: the checkpoints keep every finished epoch
+        where = f"could not access {e.filename}: " if e.filename else ""
+        sys.stderr.write(f"kdlab: error: {where}{e.strerror or e}\n")
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -520,6 +520,46 @@ def test_disk_full_during_a_checkpoint_write(runs, tmp_path, capsys, monkeypatch
     assert_same_weights(weights(runs / "reference" / "student.safetensors"), weights(out / "student.safetensors"))
 
 
+def test_disk_full_while_appending_the_metrics_line(runs, tmp_path, capsys, monkeypatch):
+    import kdlab.train as train_module
+
+    out = tmp_path / "run"
+    real_open = open
+    appends = []
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return self.f.__exit__(*a)
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "metrics.jsonl"))
+
+    def fake_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "a" in mode and Path(path).name == "metrics.jsonl":
+            appends.append(path)
+            if len(appends) == 2:
+                return FullDisk(f)
+        return f
+
+    monkeypatch.setattr(train_module, "open", fake_open, raising=False)  # shadows the builtin in kdlab.train only
+    refused(capsys, ["train", VANILLA, "--out", str(out), *QUICK], "metrics.jsonl", "No space left on device")
+    assert len(appends) == 2 and not (out / "result.json").exists()
+    assert checkpoint.load(out / "checkpoints" / "last.safetensors")[1]["epoch"] == 1  # epoch 1 is intact
+    monkeypatch.undo()
+    ok(capsys, ["train", "--resume", str(out), "--quiet"])  # space freed: the cut line is rewritten, nothing is lost
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert_same_weights(weights(runs / "reference" / "student.safetensors"), weights(out / "student.safetensors"))
+
+
 def test_ctrl_c_during_a_checkpoint_write_leaves_no_temp_file(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     _fail_checkpoint_write(monkeypatch, 2, KeyboardInterrupt())
