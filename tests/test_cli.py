@@ -9,6 +9,7 @@ import pytest
 
 from kdlab import models
 from kdlab.cli import main
+from kdlab.config import load_recipe
 from kdlab.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,10 @@ def test_methods_lists_every_method_of_the_papers(capsys):
         (["student.name=resnet9000"], "student.name"),
         (["data.name=mnist"], "data.name"),
         (["loss.terms.kd.T=-1"], "loss.terms"),
+        (["loss.terms.kd.T=.inf"], "loss.terms.kd.T"),
+        (["loss.terms.kd.weight=.nan"], "loss.terms.kd.weight"),
+        (["loss.terms.kd.weight=true"], "loss.terms.kd.weight"),
+        (["train.channels_last=sideways"], "train.channels_last"),
         (["loss.terms.kd.temperature=2"], "temperature"),
         (["loss.terms.magic={}"], "magic"),
         (["seed=x"], "seed"),
@@ -100,3 +105,9 @@ def test_resume_of_a_non_run_directory(tmp_path, capsys):
 def test_console_script_module_entry_runs():
     proc = subprocess.run([sys.executable, "-m", "kdlab", "train", "--set", "x=1"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("raw, expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on"), ("no", "off")])
+def test_channels_last_takes_yaml_on_off(raw, expected):
+    # YAML reads a bare on/off/true/no as a boolean
+    assert load_recipe(Path(KD), [f"train.channels_last={raw}"]).train.channels_last == expected

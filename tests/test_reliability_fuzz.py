@@ -125,8 +125,8 @@ OUT_OF_RANGE = {
     "generations": _num(st.integers(-10, -1)),
     "teachers.0.epoch": _num(st.one_of(st.integers(-10, -1), st.integers(3, 99))),
     "teachers.0.train.lr": _num(st.floats(-1, 0)),
-    "loss.terms.kd.T": st.one_of(_num(st.floats(-1e3, 0)), st.just(".nan")),
-    "loss.terms.kd.weight": _num(st.floats(-1e3, -1e-9)),
+    "loss.terms.kd.T": st.one_of(_num(st.floats(-1e3, 0)), _nonfinite()),
+    "loss.terms.kd.weight": st.one_of(_num(st.floats(-1e3, -1e-9)), _nonfinite(), st.sampled_from(["true", "no", "on"])),
     "seed": _num(st.integers(-10**6, -1)),
 }
 
@@ -135,7 +135,7 @@ OUT_OF_RANGE = {
 def out_of_range(draw):
     key = draw(st.sampled_from(sorted(OUT_OF_RANGE)))
     raw = draw(OUT_OF_RANGE[key])
-    needle = {"loss.terms.kd.T": "temperature", "seed": "seed"}.get(key, key)
+    needle = {"seed": "seed"}.get(key, key)
     return [f"{key}={raw}"], [needle], "out of range"
 
 

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from kdlab import taps
+from kdlab.config import Strict
 from kdlab.errors import LayerError
 
 TERMS: dict[str, type["Term"]] = {}
@@ -20,8 +21,7 @@ def register(cls: type["Term"]) -> type["Term"]:
     return cls
 
 
-class TermOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TermOptions(Strict):  # unknown keys, NaN/inf and YAML booleans given as numbers are refused
     weight: float = Field(default=1.0, ge=0, description="multiplies the term's value as its docstring defines it")
 
 
