@@ -602,8 +602,10 @@ def print_table(report: dict) -> None:
     table = Table(title=f"kdlab bench on {report['device']}: batch {report['batch_size']}, {report['steps']} timed steps "
                         f"(+{report['warmup']} warm-up) x {report['repeats']}; load average {load[0]:.2f} before, "
                         f"{report['load_average_after'][0]:.2f} after")
-    for col, justify in (("pair", "left"), ("task", "left"), ("mode", "left"), ("images/s", "right"),
-                         ("x reference", "right"), ("peak MiB", "right")):
+    spread = report["repeats"] > 1  # on a shared or virtual machine the repeats can differ by 20% or more
+    columns = [("pair", "left"), ("task", "left"), ("mode", "left"), ("images/s", "right")]
+    columns += [("min-max", "right")] if spread else []
+    for col, justify in columns + [("x reference", "right"), ("peak MiB", "right")]:
         table.add_column(col, justify=justify)
     last = None
     options: dict[str, str] = {}
@@ -617,8 +619,13 @@ def print_table(report: dict) -> None:
             options[r["mode"]] = r["options"]
         ratio = f"{r['ratio_to_reference']:.2f}" if r["ratio_to_reference"] is not None else "-"
         mem = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "-"
-        table.add_row(r["pair"] if first else "", r["task"] if first else "", r["mode"], f"{r['images_per_s']:.1f}", ratio, mem)
+        runs = r["images_per_s_runs"]
+        cells = [r["pair"] if first else "", r["task"] if first else "", r["mode"], f"{r['images_per_s']:.1f}"]
+        cells += [f"{min(runs):.0f}-{max(runs):.0f}"] if spread else []
+        table.add_row(*cells, ratio, mem)
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: rich would assume 80 columns and cut the pair names
+        console = Console(width=120)
     console.print(table)
     for mode, text in options.items():
         console.print(f"  {mode}: {text}")

@@ -10,36 +10,15 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdlab.errors import ConfigError
+from kdlab.strict import Strict
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
-
-
-class Strict(BaseModel):
-    # no NaN/inf anywhere: an infinite lr or warm-up would otherwise validate and fail (or do
-    # nothing) only once training runs
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_as_number(cls, value: Any, info) -> Any:
-        # YAML reads yes/no/on/off/true as booleans, which pydantic would quietly turn into 1 / 0
-        if isinstance(value, bool) and _is_numeric(cls.model_fields[info.field_name].annotation):
-            raise ValueError(f"expected a number, got {str(value).lower()}")
-        return value
-
-
-def _is_numeric(annotation: Any) -> bool:
-    if get_origin(annotation) in (Union, UnionType):  # int | None
-        args = get_args(annotation)
-        return bool not in args and any(_is_numeric(a) for a in args)
-    return annotation in (int, float)
 
 
 def _check_model_name(name: str) -> str:

@@ -39,6 +39,21 @@ def test_bench_smoke_writes_every_field(tmp_path, capsys):
     assert "kdlab bench" in capsys.readouterr().out  # the table was printed
 
 
+def test_table_shows_the_spread_of_repeats(capsys):
+    def row(mode, runs, ratio):
+        return {"pair": "a:b", "task": "kd", "mode": mode, "images_per_s": sorted(runs)[len(runs) // 2],
+                "images_per_s_runs": runs, "ratio_to_reference": ratio, "peak_memory_mib": 10.0, "options": mode}
+
+    report = {"device": "cpu", "device_type": "cpu", "batch_size": 8, "steps": 3, "warmup": 1, "repeats": 3,
+              "load_average_before": [0.0], "load_average_after": [0.0], "data": "synthetic",
+              "results": [row("reference", [90.0, 100.0, 120.0], 1.0), row("kdlab", [130.0, 150.0, 171.0], 1.5)]}
+    bench.print_table(report)
+    out = capsys.readouterr().out
+    assert "min-max" in out and "90-120" in out and "130-171" in out
+    bench.print_table({**report, "repeats": 1})
+    assert "min-max" not in capsys.readouterr().out
+
+
 def test_bench_rejects_bad_input_with_one_line(capsys):
     assert main(["bench", "--device", "cpu", "--pairs", "resnet56-resnet20"]) == 2
     assert main(["bench", "--device", "cpu", "--pairs", "resnet56:resnet2O"]) == 2

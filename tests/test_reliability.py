@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pydantic import ConfigDict
 
 from kdlab import checkpoint
 from kdlab.cli import main
@@ -326,6 +327,7 @@ class _Poison(Term):
     needs_teacher = False
 
     class Options(TermOptions):
+        model_config = ConfigDict(allow_inf_nan=True)  # real terms refuse NaN/inf options; this one exists to inject them
         at_call: int = 0
         value: float = math.nan
 

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from kdlab import taps
-from kdlab.config import Strict
+from kdlab.strict import Strict
 from kdlab.errors import LayerError
 
 TERMS: dict[str, type["Term"]] = {}
