@@ -45,8 +45,8 @@ def autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], con
 
 
 def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
-    # auto: on for CUDA and CPU alike; on the CPU oneDNN's convolutions are about 12% faster in NHWC
-    # for the CIFAR ResNets (resnet56 forward, resnet20 step; docs/BENCHMARKS.md) and no slower on digits
+    # auto: on for the CPU too, where oneDNN's NHWC convolutions are the faster ones
+    # (benchmarks/profile_step.py, docs/BENCHMARKS.md)
     return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cuda", "cpu"))
 
 
