@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from pathlib import Path
+from typing import Callable
 
 from kdlab.errors import KdlabError
 
@@ -22,6 +24,10 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 LOCK_NAME = ".lock"
+
+
+class BusyError(KdlabError):
+    """The directory is locked by a live process on this host."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -39,9 +45,15 @@ def pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    def __init__(self, run_dir: str | Path):
+    """`wait=True`: a directory busy in another process on this host is waited for (a shared teacher
+    that another run is training), with one message through `say`, instead of refused."""
+
+    POLL_SECONDS = 2.0
+
+    def __init__(self, run_dir: str | Path, wait: bool = False, say: Callable[[str], None] | None = None):
         self.path = Path(run_dir) / LOCK_NAME
         self.held = False
+        self.wait, self.say = wait, say
         self._fd: int | None = None
 
     def _owner(self) -> tuple[str, int] | None:
@@ -59,7 +71,7 @@ class RunLock:
         if host != socket.gethostname():
             raise KdlabError(f"{self.path.parent} is locked by {host} pid {pid}; remove {self.path} if that run is gone")
         if not flock_free and pid != os.getpid():
-            raise KdlabError(f"{self.path.parent} is in use by another kdlab process (pid {pid}); wait for it or use another --out")
+            raise BusyError(f"{self.path.parent} is in use by another kdlab process (pid {pid}); wait for it or use another --out")
 
     def acquire(self) -> None:
         try:
@@ -68,13 +80,24 @@ class RunLock:
             raise KdlabError(f"cannot create the run directory {self.path.parent}: {e.strerror or e}") from None
         if not self.path.parent.is_dir():
             raise KdlabError(f"{self.path.parent} is not a directory")
-        try:
-            if fcntl is None:
-                self._acquire_by_pid()
-            else:
-                self._acquire_by_flock()
-        except OSError as e:
-            raise KdlabError(f"cannot lock {self.path.parent}: {e.strerror or e}") from None
+        told = False
+        while True:
+            try:
+                if fcntl is None:
+                    self._acquire_by_pid()
+                else:
+                    self._acquire_by_flock()
+                return
+            except BusyError as e:
+                if not self.wait:
+                    raise
+                if not told and self.say is not None:
+                    self.say(f"{self.path.parent} is in use by another kdlab process (a shared teacher being trained); "
+                             "waiting for it to finish")
+                    told = True
+                time.sleep(self.POLL_SECONDS)
+            except OSError as e:
+                raise KdlabError(f"cannot lock {self.path.parent}: {e.strerror or e}") from None
 
     def _acquire_by_flock(self) -> None:
         for _ in range(5):
@@ -86,7 +109,7 @@ class RunLock:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                     raise
                 self._refuse_if_owned_elsewhere(flock_free=False)
-                raise KdlabError(f"{self.path.parent} is in use by another kdlab process; wait for it or use another --out") from None
+                raise BusyError(f"{self.path.parent} is in use by another kdlab process; wait for it or use another --out") from None
             # the previous holder may have unlinked the file between our open and our flock
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

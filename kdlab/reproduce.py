@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -48,6 +49,7 @@ class Cell(Strict):
     tolerance: float | None = Field(default=None, gt=0, description="|ours - published| allowed, in points; default: the table's")
     source: str | None = None
     compare_to: list[str] = Field(default_factory=list, description="cells of this table to print deltas against")
+    seeds: int | None = Field(default=None, ge=1, description="number of seeds of this cell; default: the table's")
     note: str = ""
 
     @field_validator("name")
@@ -93,6 +95,10 @@ class Table(Strict):
 
     def tolerance_of(self, cell: Cell) -> float:
         return cell.tolerance or self.tolerance
+
+    def seeds_of(self, cell: Cell, requested: int | None = None) -> int:
+        """--seeds (`requested`) wins over the cell's own count, which wins over the table's."""
+        return requested or cell.seeds or self.seeds
 
 
 def load_table(path: str | Path) -> Table:
@@ -177,7 +183,7 @@ def check_unchanged(job: Job) -> None:
                           "move that folder away or use another --out (nothing was changed)")
 
 
-def plan(table: Table, table_path: Path, out: Path, seeds: int, only: list[str] | None, sets: list[str],
+def plan(table: Table, table_path: Path, out: Path, seeds: int | None, only: list[str] | None, sets: list[str],
          data_root: str | None, cache_dir: Path | None = None) -> list[Job]:
     names = [c.name for c in table.cells]
     for name in only or []:
@@ -185,10 +191,11 @@ def plan(table: Table, table_path: Path, out: Path, seeds: int, only: list[str] 
             raise ConfigError(f"--only {name}: no such cell; cells: {', '.join(names)}")
     cells = [c for c in table.cells if not only or c.name in only]
     jobs = []
-    for seed in range(seeds):  # seed-major: a complete first-seed table comes before any second seed
+    for seed in range(max(table.seeds_of(c, seeds) for c in cells)):  # seed-major: a complete first-seed table first
         for cell in cells:
-            recipe = build_recipe(table, table_path, cell, seed, out, sets, data_root, cache_dir)
-            jobs.append(Job(cell, seed, recipe, run_dir_of(out, cell, seed)))
+            if seed < table.seeds_of(cell, seeds):
+                recipe = build_recipe(table, table_path, cell, seed, out, sets, data_root, cache_dir)
+                jobs.append(Job(cell, seed, recipe, run_dir_of(out, cell, seed)))
     for job in jobs:
         check_unchanged(job)
     return jobs
@@ -202,40 +209,81 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+@dataclass
+class Invocation:
+    """What `kdlab reproduce` was asked: recorded in results.json so that a report says how it was made."""
+
+    table: str
+    out: str
+    seeds: int | None = None
+    only: list[str] | None = None
+    sets: list[str] = field(default_factory=list)
+    data_root: str | None = None
+    cache_dir: str | None = None
+    jobs: int = 1
+    quiet: bool = False
+
+    def plan(self, table: Table) -> list[Job]:
+        return plan(table, Path(self.table), Path(self.out), self.seeds, self.only, list(self.sets), self.data_root,
+                    Path(self.cache_dir) if self.cache_dir else None)
+
+    def recorded(self) -> dict:
+        """The options that change what was trained or reported (not where things are or how many workers)."""
+        return {"seeds": self.seeds, "only": self.only, "set": list(self.sets)}
+
+
+def run_job(job: Job, quiet: bool) -> dict:
+    """Train one (cell, seed), resuming it when an earlier invocation started it."""
+    from kdlab import runner
+
+    resume = (job.run_dir / "config.yaml").exists()
+    return runner.run(None if resume else job.recipe, job.run_dir, resume=resume, quiet=quiet)
+
+
 def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None, only: list[str] | None = None,
               sets: list[str] = (), data_root: str | None = None, quiet: bool = False,
-              say: Callable[[str], None] = print, cache_dir: str | Path | None = None) -> dict:
-    """Run (or continue) every cell x seed of the table into `out`, then write the comparison."""
+              say: Callable[[str], None] = print, cache_dir: str | Path | None = None, jobs: int = 1) -> dict:
+    """Run (or continue) every cell x seed of the table into `out`, then write the comparison.
+
+    `jobs` > 1: independent runs in that many worker processes (kdlab.reproduce_jobs)."""
     from kdlab import runner
     from kdlab.reproduce_report import write_report
 
+    inv = Invocation(str(table_path), str(out), seeds, list(only) if only else None, list(sets), data_root,
+                     str(cache_dir) if cache_dir else None, jobs, quiet)
     table_path, out = Path(table_path), Path(out)
     table = load_table(table_path)
-    n_seeds = seeds or table.seeds
-    jobs = plan(table, table_path, out, n_seeds, only, list(sets), data_root, Path(cache_dir) if cache_dir else None)
+    planned = inv.plan(table)
     out.mkdir(parents=True, exist_ok=True)
-    say(f"{table.title}: {len(jobs)} run(s) ({len({j.cell.name for j in jobs})} cell(s) x {n_seeds} seed(s)) in {out}")
-    failures: dict[str, str] = {}
+    n_cells = len({j.cell.name for j in planned})
+    say(f"{table.title}: {len(planned)} run(s) ({n_cells} cell(s), {len(planned) - n_cells} extra seed run(s)) in {out}"
+        + (f", {jobs} worker processes" if jobs > 1 else ""))
     t_table = time.time()
-    for i, job in enumerate(jobs, 1):
-        tag = f"[{i}/{len(jobs)}] {job.label}"
-        done = runner.read_result(job.run_dir)
-        if done is not None:
-            say(f"{tag}: finished earlier (top-1 last {done['top1_last']:.2f}), skipped")
-            continue
-        resume = (job.run_dir / "config.yaml").exists()
-        say(f"{tag}: {'resuming' if resume else 'starting'} ({job.recipe.method}, {job.recipe.student.name})")
-        t0 = time.time()
-        try:
-            result = runner.run(None if resume else job.recipe, job.run_dir, resume=resume, quiet=quiet)
-        except KdlabError as e:  # one failed cell does not stop the table; it is reported at the end
-            failures[job.label] = str(e)
-            say(f"{tag}: FAILED: {e}")
-            continue
-        say(f"{tag}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({_minutes(time.time() - t0)})")
-        write_report(table, table_path, out, n_seeds, failures)
-    summary = write_report(table, table_path, out, n_seeds, failures)
-    say(f"{table.title}: {len(jobs) - len(failures)}/{len(jobs)} run(s) finished ({_minutes(time.time() - t_table)} this invocation); "
+    if jobs > 1:
+        from kdlab.reproduce_jobs import run_parallel
+
+        failures = run_parallel(inv, table, planned, say)
+    else:
+        failures = {}
+        for i, job in enumerate(planned, 1):
+            tag = f"[{i}/{len(planned)}] {job.label}"
+            done = runner.read_result(job.run_dir)
+            if done is not None:
+                say(f"{tag}: finished earlier (top-1 last {done['top1_last']:.2f}), skipped")
+                continue
+            say(f"{tag}: {'resuming' if (job.run_dir / 'config.yaml').exists() else 'starting'} "
+                f"({job.recipe.method}, {job.recipe.student.name})")
+            t0 = time.time()
+            try:
+                result = run_job(job, quiet)
+            except KdlabError as e:  # one failed cell does not stop the table; it is reported at the end
+                failures[job.label] = str(e)
+                say(f"{tag}: FAILED: {e}")
+                continue
+            say(f"{tag}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({_minutes(time.time() - t0)})")
+            write_report(table, inv, failures)
+    summary = write_report(table, inv, failures)
+    say(f"{table.title}: {len(planned) - len(failures)}/{len(planned)} run(s) finished ({_minutes(time.time() - t_table)} this invocation); "
         f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'deltas.png'}" if summary.get("chart") else ""))
     if failures:
         raise KdlabError(f"{len(failures)} run(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))

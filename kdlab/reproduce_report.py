@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from kdlab.checkpoint import atomic_write_text
-from kdlab.reproduce import Table, run_dir_of
+from kdlab.reproduce import Invocation, Table, run_dir_of
 from kdlab.runner import read_result
 
 
@@ -26,6 +26,16 @@ def teacher_accuracy(info: dict, metric: str) -> float | None:
     if "top1_at_epoch" in info:
         return info["top1_at_epoch"]
     return info.get(f"top1_{metric}", info.get("top1_last"))
+
+
+def relative_to(path: str, base: Path) -> str:
+    """A path inside the output folder is stored relative to it, so the folder can be moved or committed."""
+    if not path:
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return path
 
 
 def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
@@ -58,7 +68,7 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
             "name": infos[0]["name"] if infos else None, "epoch": infos[0].get("epoch") if infos else None,
             "mean": acc, "std": acc_std, "n": len(accs), "published": pub,
             "delta": acc - pub if acc is not None and pub is not None else None,
-            "runs": sorted({i.get("source", "") for i in infos}),
+            "runs": sorted({relative_to(i.get("source", ""), out) for i in infos}),
         })
     return row
 
@@ -72,13 +82,15 @@ def add_comparisons(table: Table, rows: dict[str, dict]) -> None:
             row["compare_to"][ref] = ours - theirs if ours is not None and theirs is not None else None
 
 
-def summarize(table: Table, table_path: Path, out: Path, seeds: int, failures: dict[str, str]) -> dict:
-    rows = {c.name: cell_summary(table, c, out, seeds) for c in table.cells}
+def summarize(table: Table, inv: Invocation, failures: dict[str, str]) -> dict:
+    out = Path(inv.out)
+    rows = {c.name: cell_summary(table, c, out, table.seeds_of(c, inv.seeds)) for c in table.cells}
     add_comparisons(table, rows)
     devices = sorted({d for r in rows.values() for d in r["device"]})
     return {
-        "title": table.title, "table": str(table_path), "source": table.source, "published_numbers": table.published_numbers,
-        "description": table.description, "seeds_requested": seeds, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "title": table.title, "table": str(inv.table), "source": table.source, "published_numbers": table.published_numbers,
+        "description": table.description, "seeds_requested": inv.seeds or table.seeds, "command_line": inv.recorded(),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         "host": platform.node(), "devices": devices, "failures": failures,
         "wall_seconds_students": round(sum(r["wall_seconds"] for r in rows.values()), 1),
         "cells": list(rows.values()),
@@ -112,6 +124,13 @@ def render_markdown(summary: dict) -> str:
                   "(Δ vs the named cells, on the cell's metric).", ""]
     lines += [f"Seeds requested: {summary['seeds_requested']}; devices: {', '.join(summary['devices']) or '—'}; "
               f"written {summary['written']}.", ""]
+    given = summary.get("command_line") or {}
+    if given.get("set") or given.get("seeds") or given.get("only"):
+        shown = [f"--set {x}" for x in given.get("set") or []]
+        shown += [f"--seeds {given['seeds']}"] if given.get("seeds") else []
+        shown += [f"--only {' '.join(given['only'])}"] if given.get("only") else []
+        lines += ["Given on the command line (applied to every cell, after the table's own settings): "
+                  + ", ".join(f"`{x}`" for x in shown), ""]
     head = "| cell | metric | n | last | best | published | Δ | within tol. | compared with | teacher ours / published |"
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for r in summary["cells"]:
@@ -170,8 +189,9 @@ def write_chart(summary: dict, path: Path) -> bool:
     return True
 
 
-def write_report(table: Table, table_path: Path, out: Path, seeds: int, failures: dict[str, str]) -> dict:
-    summary = summarize(table, table_path, out, seeds, failures)
+def write_report(table: Table, inv: Invocation, failures: dict[str, str]) -> dict:
+    out = Path(inv.out)
+    summary = summarize(table, inv, failures)
     summary["chart"] = write_chart(summary, out / "deltas.png")
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "results.md", render_markdown(summary))

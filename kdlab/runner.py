@@ -243,29 +243,62 @@ def load_model_weights(model: nn.Module, path: Path, what: str) -> None:
     checkpoint.load_state_into(model, checkpoint.load_weights(path), f"{what} {path}")
 
 
+def teacher_seed(recipe: Recipe, index: int, teacher: TeacherConfig) -> int:
+    return teacher.seed if teacher.seed is not None else recipe.seed + 1 + index
+
+
+def teacher_run_dir(recipe: Recipe, index: int, teacher: TeacherConfig, out: Path) -> Path:
+    """Where a teacher that is trained here (not given by weights) is trained and cached."""
+    seed = teacher_seed(recipe, index, teacher)
+    cfg = teacher_train_config(recipe, teacher)
+    return cache_root(recipe, out) / f"{teacher.name}-{teacher_key(recipe, teacher, cfg, seed)}"
+
+
+def trained_teachers(recipe: Recipe) -> list[tuple[int, TeacherConfig]]:
+    """The (index, config) of every teacher this recipe trains before its student: given weights are not
+    trained, and a sequential recipe's generation 0 is trained like a teacher."""
+    if recipe.generations:
+        return [(0, generation_zero(recipe))]
+    return [(i, t) for i, t in enumerate(recipe.teachers) if not t.weights]
+
+
+def generation_zero(recipe: Recipe) -> TeacherConfig:
+    # a vanilla student with the run's protocol and seed: cached like a teacher, so every sequential
+    # recipe of the same student and protocol shares it
+    return TeacherConfig(name=recipe.student.name, kwargs=recipe.student.kwargs, seed=recipe.seed)
+
+
+def train_teacher(recipe: Recipe, index: int, teacher: TeacherConfig, data: Data, out: Path, log: Log) -> tuple[Path, dict]:
+    """Train (or resume, or reuse) one teacher in its cache folder; another process training the same
+    teacher is waited for, not failed."""
+    seed = teacher_seed(recipe, index, teacher)
+    cfg = teacher_train_config(recipe, teacher)
+    run_dir = teacher_run_dir(recipe, index, teacher, out)
+    with distributed.on_main(lambda: RunLock(run_dir, wait=True, say=log)):
+        if distributed.is_main() and read_result(run_dir) is None:
+            checkpoint.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+                {"teacher_of": str(out), "model": teacher.name, "seed": seed, "train": cfg.model_dump(mode="json")}, sort_keys=False))
+        result = train_run(run_dir, recipe.model_copy(update={"method": "vanilla"}), teacher.name, teacher.kwargs, [],
+                           LossConfig(ce=1.0), cfg, seed, data, log.child(run_dir / "log.txt", f"[teacher {index}] "))
+    return run_dir, result
+
+
 def prepare_teacher(recipe: Recipe, index: int, teacher: TeacherConfig, data: Data, out: Path, log: Log) -> tuple[nn.Module, dict]:
-    seed = teacher.seed if teacher.seed is not None else recipe.seed + 1 + index
-    model = build_model(teacher.name, teacher.kwargs, data, seed)
+    model = build_model(teacher.name, teacher.kwargs, data, teacher_seed(recipe, index, teacher))
     info = {"name": teacher.name, "params": param_count(model)}
     if teacher.weights:
         load_model_weights(model, Path(teacher.weights), f"teacher {index}")
         info["source"] = teacher.weights
     else:
-        cfg = teacher_train_config(recipe, teacher)
-        run_dir = cache_root(recipe, out) / f"{teacher.name}-{teacher_key(recipe, teacher, cfg, seed)}"
-        with distributed.on_main(lambda: RunLock(run_dir)):
-            if distributed.is_main():
-                checkpoint.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
-                    {"teacher_of": str(out), "model": teacher.name, "seed": seed, "train": cfg.model_dump(mode="json")}, sort_keys=False))
-            result = train_run(run_dir, recipe.model_copy(update={"method": "vanilla"}), teacher.name, teacher.kwargs, [],
-                               LossConfig(ce=1.0), cfg, seed, data, log.child(run_dir / "log.txt", f"[teacher {index}] "))
+        run_dir, result = train_teacher(recipe, index, teacher, data, out, log)
         info.update(source=str(run_dir), top1_last=result["top1_last"], top1_best=result["top1_best"])
         if teacher.epoch is not None:
             path = run_dir / "checkpoints" / f"epoch_{teacher.epoch}.safetensors"
             load_model_weights(model, path, f"teacher {index} (epoch {teacher.epoch})")
             info["epoch"] = teacher.epoch
+            cfg = teacher_train_config(recipe, teacher)
             device = resolve_device(cfg.device)
-            _, test_loader = data.loaders(recipe, cfg.batch_size, device, seed)
+            _, test_loader = data.loaders(recipe, cfg.batch_size, device, teacher_seed(recipe, index, teacher))
             info["top1_at_epoch"] = evaluate(model.to(device), test_loader)["top1"]
         else:
             load_model_weights(model, run_dir / "student.safetensors", f"teacher {index}")
@@ -324,10 +357,7 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
 def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
     """Generation 0 trained on labels; generation g learns from generation g-1; the last one is `out` itself."""
     gens = recipe.generations
-    # generation 0 is a vanilla student with the run's protocol and seed: cached like a teacher, so
-    # every sequential recipe of the same student and protocol shares it
-    gen0 = TeacherConfig(name=recipe.student.name, kwargs=recipe.student.kwargs, seed=recipe.seed)
-    _, info = prepare_teacher(recipe, 0, gen0, data, out, log)
+    _, info = prepare_teacher(recipe, 0, generation_zero(recipe), data, out, log)
     gen_dirs = [Path(info["source"])] + [out / "generations" / f"gen{g}" for g in range(1, gens)] + [out]
     results = [read_result(gen_dirs[0])]
     for g in range(1, gens + 1):

@@ -16,6 +16,9 @@ def add_arguments(p) -> None:
                    help="override a recipe key in every cell, after the table's own overrides (repeatable)")
     p.add_argument("--cache-dir", help="where teachers are trained and cached (default: OUT/teachers); "
                    "tables sharing a teacher protocol can share one")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run independent runs in N worker processes (teachers first, each trained once; "
+                   "on CPU one thread each, with several GPUs one GPU each)")
     p.add_argument("--quiet", action="store_true", help="only the per-run progress lines, no per-epoch lines")
 
 
@@ -27,10 +30,12 @@ def run(args) -> int:
 
     if args.seeds is not None and args.seeds < 1:
         raise KdlabError("--seeds must be at least 1")
+    if args.jobs < 1:
+        raise KdlabError("--jobs must be at least 1")
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / Path(args.table).stem
     try:
         run_table(args.table, out, seeds=args.seeds, only=args.only, sets=args.overrides, data_root=args.data_root,
-                  quiet=args.quiet, cache_dir=args.cache_dir, say=lambda line: print(line, flush=True))
+                  quiet=args.quiet, cache_dir=args.cache_dir, jobs=args.jobs, say=lambda line: print(line, flush=True))
     except KeyboardInterrupt:  # finished runs are kept; the interrupted one resumes from its last checkpoint
         import sys
 

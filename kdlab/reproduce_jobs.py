@@ -1,0 +1,251 @@
+"""`kdlab reproduce --jobs N`: a table's independent runs in N worker processes.
+
+Each task (a teacher to train, or one cell x seed) runs in its own process started as
+`python -m kdlab.reproduce_jobs TASK-JSON`; the worker re-plans the table from the same invocation
+and runs exactly that task, so it trains what a one-process run would train, in the same folders.
+Teachers come first and each one is trained by one worker only (tasks are keyed by the teacher's
+cache folder); a cell starts once every teacher it needs is finished. A worker that dies, however it
+dies, fails only its own task: the folder it left is resumed by the next invocation.
+
+On CPU each worker gets one torch thread (`OMP_NUM_THREADS=1`, unless the caller set it), which is
+faster than sharing threads between processes; with several GPUs each worker gets its own GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kdlab.reproduce import Invocation, Job, Table, load_table
+
+HEARTBEAT_SECONDS = 300.0
+POLL_SECONDS = 1.0
+
+
+@dataclass
+class Task:
+    """A teacher (`teacher_index` set) or a student run of one cell and seed."""
+
+    cell: str
+    seed: int
+    teacher_index: int | None = None
+    folder: Path = field(default=Path())
+    needs: set[Path] = field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        if self.teacher_index is None:
+            return f"{self.cell} seed {self.seed}"
+        return f"teacher {self.folder.name}"
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace("/", "_").replace(" ", "_")
+
+
+def tasks_of(jobs: list[Job]) -> list[Task]:
+    """Teachers first (each cache folder once, in the order the cells need them), then the cells."""
+    from kdlab import runner
+
+    teachers: dict[Path, Task] = {}
+    cells = []
+    for job in jobs:
+        needs = set()
+        for index, spec in runner.trained_teachers(job.recipe):
+            folder = runner.teacher_run_dir(job.recipe, index, spec, job.run_dir).resolve()
+            needs.add(folder)
+            teachers.setdefault(folder, Task(job.cell.name, job.seed, index, folder))
+        cells.append(Task(job.cell.name, job.seed, None, job.run_dir, needs))
+    return list(teachers.values()) + cells
+
+
+def is_finished(task: Task) -> bool:
+    from kdlab.runner import read_result
+
+    return read_result(task.folder) is not None
+
+
+def worker_env(slot: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
+    return env
+
+
+def progress_line(tasks: list[Task], done: set[int], failed: dict[int, str], running: dict[int, tuple]) -> str:
+    left = len(tasks) - len(done) - len(failed) - len(running)
+    names = ", ".join(tasks[i].label for i in running) or "none"
+    return (f"[{time.strftime('%H:%M:%S')}] {len(done)} done, {len(failed)} failed, {len(running)} running ({names}), "
+            f"{left} waiting")
+
+
+def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[str], None]) -> dict[str, str]:
+    """Run every unfinished task with at most `inv.jobs` workers; returns {run label: error} of failed runs."""
+    tasks = tasks_of(jobs)
+    done = {i for i, t in enumerate(tasks) if is_finished(t)}
+    failed: dict[int, str] = {}
+    running: dict[int, tuple[subprocess.Popen, int, float]] = {}
+    logs = Path(inv.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    finished_folders = {tasks[i].folder for i in done}
+    say(f"{len(tasks)} task(s): {sum(t.teacher_index is not None for t in tasks)} teacher(s) and "
+        f"{sum(t.teacher_index is None for t in tasks)} run(s); {len(done)} finished earlier; worker logs in {logs}")
+
+    def ready(i: int) -> bool:
+        return i not in done and i not in failed and i not in running and tasks[i].needs <= finished_folders
+
+    def blocked(i: int) -> str | None:
+        bad = [tasks[j].label for j in failed if tasks[j].folder in tasks[i].needs]
+        return f"its teacher failed ({', '.join(bad)})" if bad else None
+
+    def start(i: int) -> None:
+        slot = min(set(range(inv.jobs)) - {s for _, s, _ in running.values()})
+        spec = json.dumps({"invocation": asdict(inv), "cell": tasks[i].cell, "seed": tasks[i].seed,
+                           "teacher_index": tasks[i].teacher_index})
+        log = open(logs / f"{tasks[i].slug}.log", "a")
+        proc = subprocess.Popen([sys.executable, "-m", "kdlab.reproduce_jobs", spec], stdout=log, stderr=subprocess.STDOUT,
+                                env=worker_env(slot))
+        log.close()
+        running[i] = (proc, slot, time.time())
+        say(f"started {tasks[i].label} (worker {slot}, pid {proc.pid})")
+
+    last_beat = time.time()
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops the workers as Ctrl-C does
+    try:
+        while True:
+            for i in range(len(tasks)):
+                reason = blocked(i) if i not in done and i not in failed and i not in running else None
+                if reason:
+                    failed[i] = reason
+                    say(f"{tasks[i].label}: not run: {reason}")
+            for i in range(len(tasks)):
+                if len(running) < inv.jobs and ready(i):
+                    start(i)
+            if not running:
+                break
+            time.sleep(POLL_SECONDS)
+            for i, (proc, _slot, t0) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[i]
+                minutes = (time.time() - t0) / 60
+                if rc == 0 and is_finished(tasks[i]):
+                    done.add(i)
+                    finished_folders.add(tasks[i].folder)
+                    say(f"finished {tasks[i].label} in {minutes:.1f} min{result_text(tasks[i])}; " + progress_line(tasks, done, failed, running))
+                    if tasks[i].teacher_index is None:
+                        from kdlab.reproduce_report import write_report
+
+                        write_report(table, inv, {})
+                else:
+                    failed[i] = last_error(logs / f"{tasks[i].slug}.log", rc)
+                    say(f"FAILED {tasks[i].label} after {minutes:.1f} min: {failed[i]}")
+            if time.time() - last_beat >= HEARTBEAT_SECONDS:
+                say(progress_line(tasks, done, failed, running))
+                last_beat = time.time()
+    except KeyboardInterrupt:
+        stop_workers(running, say)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return {tasks[i].label: msg for i, msg in failed.items()}
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def result_text(task: Task) -> str:
+    from kdlab.runner import read_result
+
+    result = read_result(task.folder) or {}
+    return f" (top-1 last {result['top1_last']:.2f})" if "top1_last" in result else ""
+
+
+def last_error(log: Path, rc: int) -> str:
+    """The worker's one-line `kdlab: error:` if it printed one, else its exit status and log file."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    errors = [ln.removeprefix("kdlab: error: ") for ln in lines if ln.startswith("kdlab: error: ")]
+    if errors:
+        return errors[-1]
+    how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+    return f"worker {how}; see {log}"
+
+
+def stop_workers(running: dict[int, tuple], say: Callable[[str], None]) -> None:
+    """Ctrl-C reaches the workers through the terminal; a worker still alive after that is sent SIGINT by its pid,
+    so it checkpoints and stops like an interrupted `kdlab train`."""
+    grace = time.time() + 5  # a terminal's Ctrl-C reached them already: give them time to checkpoint
+    while time.time() < grace and any(proc.poll() is None for proc, _, _ in running.values()):
+        time.sleep(0.2)
+    deadline = time.time() + 60
+    for proc, _, _ in running.values():
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    for proc, _, _ in running.values():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    say("workers stopped; rerun the same command to continue (finished runs are kept, interrupted ones resume)")
+
+
+def work(spec: dict) -> None:
+    """One task, in a worker process."""
+    from kdlab import runner
+    from kdlab.reproduce import run_job
+
+    inv = Invocation(**spec["invocation"])
+    table = load_table(inv.table)
+    inv.only = [spec["cell"]]
+    job = next(j for j in inv.plan(table) if j.seed == spec["seed"])
+    if spec["teacher_index"] is None:
+        run_job(job, inv.quiet)
+        return
+    index = spec["teacher_index"]
+    teacher = dict(runner.trained_teachers(job.recipe))[index]
+    data = runner.load_data(job.recipe)
+    runner.train_teacher(job.recipe, index, teacher, data, job.run_dir, runner.Log(None, inv.quiet))
+
+
+def main(argv: list[str]) -> int:
+    from kdlab.errors import KdlabError
+
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m kdlab.reproduce_jobs TASK-JSON (started by kdlab reproduce --jobs)\n")
+        return 2
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        work(json.loads(argv[0]))
+    except KdlabError as e:
+        sys.stderr.write(f"kdlab: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("kdlab: interrupted; the run resumes from its last checkpoint\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
