@@ -120,8 +120,8 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
         say(f"started {tasks[i].label} (worker {slot}, pid {proc.pid})")
 
     last_beat = time.time()
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops the workers as Ctrl-C does
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    interruptible()
     try:
         while True:
             for i in range(len(tasks)):
@@ -159,12 +159,20 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
         stop_workers(running, say)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return {tasks[i].label: msg for i, msg in failed.items()}
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def interruptible() -> None:
+    """SIGTERM (a scheduler, `kill`) and SIGINT act as Ctrl-C, even in a process started in the background,
+    where the shell leaves SIGINT ignored."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
 
 
 def result_text(task: Task) -> str:
@@ -188,8 +196,8 @@ def last_error(log: Path, rc: int) -> str:
 
 
 def stop_workers(running: dict[int, tuple], say: Callable[[str], None]) -> None:
-    """Ctrl-C reaches the workers through the terminal; a worker still alive after that is sent SIGINT by its pid,
-    so it checkpoints and stops like an interrupted `kdlab train`."""
+    """Ctrl-C reaches the workers through the terminal; a worker still alive after that is sent SIGTERM by its pid,
+    which it handles as Ctrl-C: it checkpoints and stops like an interrupted `kdlab train`."""
     grace = time.time() + 5  # a terminal's Ctrl-C reached them already: give them time to checkpoint
     while time.time() < grace and any(proc.poll() is None for proc, _, _ in running.values()):
         time.sleep(0.2)
@@ -197,7 +205,7 @@ def stop_workers(running: dict[int, tuple], say: Callable[[str], None]) -> None:
     for proc, _, _ in running.values():
         if proc.poll() is None:
             try:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
     for proc, _, _ in running.values():
@@ -234,6 +242,7 @@ def main(argv: list[str]) -> int:
         return 2
     import torch
 
+    interruptible()
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
