@@ -117,7 +117,8 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
                                 env=worker_env(slot))
         log.close()
         running[i] = (proc, slot, time.time())
-        say(f"started {tasks[i].label} (worker {slot}, pid {proc.pid})")
+        verb = "resuming" if (tasks[i].folder / "checkpoints").exists() else "started"
+        say(f"{verb} {tasks[i].label} (worker {slot}, pid {proc.pid})")
 
     last_beat = time.time()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
