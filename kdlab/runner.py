@@ -216,15 +216,17 @@ def device_name(device: torch.device) -> str:
 
 
 def teacher_key(recipe: Recipe, teacher: TeacherConfig, train_cfg: TrainConfig, seed: int) -> str:
-    """Content hash of everything that determines a trained teacher's weights."""
+    """Content hash of everything that determines a trained teacher's weights.
+
+    Options at their default value are left out, so a new option whose default keeps today's
+    training does not change the key of every teacher already trained and cached."""
     # speed options that cannot change a teacher's own training (it has no teachers) stay out of the key
-    train = train_cfg.model_dump(mode="json", exclude={"teacher_cache": True, "fast": {"fold_teacher", "cache_dtype", "cache_storage"}})
+    train = train_cfg.model_dump(mode="json", exclude_defaults=True,
+                                 exclude={"teacher_cache": True, "fast": {"fold_teacher", "cache_dtype", "cache_storage"}})
     if not train_cfg.fast.graph_step:
-        train.pop("fast")
-    payload = {
-        "model": teacher.name, "kwargs": teacher.kwargs, "data": recipe.data.model_dump(mode="json", exclude={"root"}),  # where the files sit is not what they are
-        "train": train, "seed": seed,
-    }
+        train.pop("fast", None)
+    data = recipe.data.model_dump(mode="json", exclude_defaults=True, exclude={"root"})  # where the files sit is not what they are
+    payload = {"model": teacher.name, "kwargs": teacher.kwargs, "data": data, "train": train, "seed": seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
