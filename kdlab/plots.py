@@ -130,3 +130,28 @@ def plot_recon(bars: list[tuple[str, list[float]]], out: Path, ylabel: str = "re
     path = _save(fig, out)
     plt.close(fig)
     return path
+
+
+def plot_recon_curves(lines: list[tuple[str, list[list[tuple[int, float]]]]], out: Path, ylabel: str = "reconstruction error",
+                      title: str | None = None) -> Path:
+    """One line per label (the mean over its runs at each shared epoch), each run's points as dots."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (label, runs) in enumerate(lines):
+        colour = f"C{i % 10}"
+        style = ("-", "--", ":")[(i // 10) % 3]  # beyond ten recipes the line style tells apart what the colour cannot
+        epochs = sorted(set.intersection(*[{e for e, _ in run} for run in runs]))
+        means = [sum(dict(run)[e] for run in runs) / len(runs) for e in epochs]
+        ax.plot(epochs, means, style, color=colour, marker="o", markersize=3, label=label)
+        for run in runs:
+            ax.scatter([e for e, _ in run], [v for _, v in run], color=colour, s=6, alpha=0.5)
+    ax.set_xlabel("epochs trained (across generations)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9, wrap=True)
+    fig.tight_layout()
+    path = _save(fig, out)
+    plt.close(fig)
+    return path

@@ -51,3 +51,33 @@ def test_recon_error_matches_a_recomputation_and_is_reused(tmp_path, capsys):
 def test_recon_on_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["analyze", "recon", str(tmp_path / "nothing")]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_recon_curve_has_a_point_per_kept_epoch_and_generation(tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "s"
+    sets = ["train.epochs=2", "train.max_steps_per_epoch=2", "train.keep_epochs=[1]", "generations=2", f"cache_dir={tmp_path / 'cache'}"]
+    runner.run(load_recipe(ROOT / "recipes/digits/sfeed.yaml", sets), run, quiet=True)
+    assert main(["analyze", "recon", str(run), "--epochs", "1", "--curve"]) == 0
+    result = json.loads((run / "recon.json").read_text())
+    where = [(p["generation"], p["epoch"]) for p in result["curve"]]
+    assert where == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+    errors = [p["recon_error"] for p in result["curve"]]
+    assert errors[-1] == result["recon_error"] and len(set(errors)) == len(errors)
+
+    # a point is the plain analysis of the weights it names: generation 1 after its first epoch
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("config.yaml", "result.json"):
+        shutil.copy(run / name, alone / name)
+    shutil.copy(run / "generations" / "gen1" / "checkpoints" / "epoch_1.safetensors", alone / "student.safetensors")
+    assert main(["analyze", "recon", str(alone), "--epochs", "1"]) == 0
+    assert json.loads((alone / "recon.json").read_text())["recon_error"] == errors[2]
+
+    png = tmp_path / "curve.png"
+    assert main(["plot", str(run), "--recon", "--recon-curve", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["plot", str(alone), "--recon", "--recon-curve", "--out", str(png)]) == 2
+    assert "analyze recon --curve" in capsys.readouterr().err

@@ -12,6 +12,9 @@ def add_arguments(p) -> None:
     p.add_argument("--mean", action="store_true", help="one line per recipe: the mean over its seeds with a ±1 std band")
     p.add_argument("--recon", action="store_true",
                    help="bar chart of each recipe's reconstruction error, read from the runs' recon.json (kdlab analyze recon)")
+    p.add_argument("--recon-curve", action="store_true",
+                   help="with --recon: the reconstruction error along training (and across generations), one line per "
+                   "recipe, from recon.json curves (kdlab analyze recon --curve)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="one label per line (default: the runs' paths, shortened)")
     p.add_argument("--title", help="figure title")
     p.add_argument("--all", dest="include_sub_runs", action="store_true",
@@ -50,9 +53,20 @@ def run(args) -> int:
         loss, layer, rate, epochs = settings.pop()
         groups = results.group_runs(runs)
         labels = _labels(args.labels, [g.label for g in groups])
-        bars = [(label, [r.recon["recon_error"] for r in g.runs]) for label, g in zip(labels, groups)]
         title = args.title or f"test reconstruction error ({loss}, layer {layer}, k={rate}, {epochs} epochs)"
-        path = plots.plot_recon(bars, args.out, ylabel=f"mean {loss} error" if loss else "reconstruction error", title=title)
+        ylabel = f"mean {loss} error" if loss else "reconstruction error"
+        if args.recon_curve:
+            flat = [str(r.path) for r in runs if "curve" not in r.recon]
+            if flat:
+                raise KdlabError(f"no curve in the recon.json of {', '.join(flat[:5])}; measure it with: "
+                                 f"kdlab analyze recon --curve {' '.join(flat[:5])}")
+            lines = [(label, [recon_points(r.recon) for r in g.runs]) for label, g in zip(labels, groups)]
+            path = plots.plot_recon_curves(lines, args.out, ylabel=ylabel, title=title)
+        else:
+            bars = [(label, [r.recon["recon_error"] for r in g.runs]) for label, g in zip(labels, groups)]
+            path = plots.plot_recon(bars, args.out, ylabel=ylabel, title=title)
+    elif args.recon_curve:
+        raise KdlabError("--recon-curve goes with --recon")
     elif args.mean:
         groups = results.group_runs(runs)
         labels = _labels(args.labels, [f"{g.label} (n={len(g.runs)})" for g in groups])
@@ -62,6 +76,12 @@ def run(args) -> int:
         path = plots.plot_runs(paths, args.out, labels=_labels(args.labels, short_names(paths)), title=args.title)
     print(f"wrote {path}")
     return 0
+
+
+def recon_points(recon: dict) -> list[tuple[int, float]]:
+    """(epochs trained in all, error) per point: generation g's epoch e is at g * epochs_per_generation + e."""
+    per = recon.get("epochs_per_generation", 0)
+    return [(p["generation"] * per + p["epoch"], p["recon_error"]) for p in recon["curve"]]
 
 
 def _labels(given, default: list[str]) -> list[str]:
