@@ -362,6 +362,16 @@ def test_lp_ties_go_to_the_lower_index(name, k):
         close(KF.lp(fs.to(dtype), ft.to(dtype), k=k), low, rtol=1e-5 if dtype == torch.float32 else 1e-9)
 
 
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_lp_raw_is_lowered_by_shrinking_the_student_and_normalised_is_not(scale):
+    """Why raw LP can stall a student: the raw loss is quadratic in the student's scale, so shrinking every
+    feature (a dead ReLU, a smaller BN gain) lowers it without changing any neighbourhood; normalised LP
+    sees directions only."""
+    fs, ft = _lp_cases()["random"]
+    close(KF.lp(scale * fs, ft, k=3), scale**2 * ref_lp(fs, ft, 3), rtol=1e-9)
+    close(KF.lp(scale * fs, ft, k=3, normalize=True), ref_lp(fs, ft, 3, normalize=True), rtol=1e-9)
+
+
 def test_lp_no_gradient_through_teacher():
     fs, ft = _lp_cases()["random"]
     fs, ft = fs.clone().requires_grad_(), ft.clone().requires_grad_()

@@ -135,3 +135,17 @@ def test_side_modules_are_not_part_of_the_student():
     assert sum(p.numel() for p in d.student.parameters()) == plain
     assert sum(p.numel() for p in d.terms["feed"].parameters()) > 0
     assert len(d.terms["feed"].translators) == 2
+
+
+@pytest.mark.parametrize("placement, layer", [("embedding", "embedding"), ("hint", "stage2")])
+def test_lp_placement_picks_the_embedding_or_fitnets_hint_layer(placement, layer):
+    from kdlab import models
+    from kdlab.config import LossConfig
+    from kdlab.distiller import Distiller
+
+    student, teacher = models.create("resnet8", num_classes=10), models.create("resnet20", num_classes=10)
+    fitnet = Distiller(student, [teacher], LossConfig(terms={"fitnet": {}})).terms["fitnet"]
+    lp = Distiller(student, [teacher], LossConfig(terms={"lp": {"placement": placement}})).terms["lp"]
+    assert lp.student_layers == [layer] and lp.teacher_layers == [[layer]]
+    if placement == "hint":
+        assert lp.student_layers == fitnet.student_layers and lp.teacher_layers == fitnet.teacher_layers
