@@ -45,7 +45,7 @@ PARAM_COUNTS = {
     "resnet34_imagenet": 21_335_972,
 }
 # digits nets: (min, max) parameters for 1x8x8 inputs and 10 classes
-SMALL_RANGES = {"smallcnn": (10_000, 30_000), "smallcnn_wide": (100_000, 200_000)}
+SMALL_RANGES = {"smallcnn": (10_000, 30_000), "smallcnn_wide": (100_000, 200_000), "smallcnn_narrow": (4_370, 4_370)}
 BIG = {"resnext29_8x64d", "resnet50", "densenet121", "googlenet"}  # batch 1 to stay fast
 
 ALL = models.names()

@@ -396,19 +396,3 @@ def test_example_timm_runs(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["timm_kd.py", "--epochs", "1", "--max-steps", "1"])
     runpy.run_path(str(ROOT / "examples" / "timm_kd.py"), run_name="__main__")
     assert "test top-1" in capsys.readouterr().out
-
-
-# ----------------------------------------------------------------------------------------------
-# kdlab demo
-
-
-def test_demo_writes_its_table_and_plot(tmp_path, capsys):
-    from kdlab.demo import run_demo
-
-    rows = run_demo(tmp_path / "demo", only=["vanilla", "kd"], quiet=True, overrides=TINY)
-    assert [r["recipe"] for r in rows] == ["kd", "vanilla"]
-    table = (tmp_path / "demo" / "table.md").read_text()
-    assert "| kd | kd |" in table and "| vanilla | vanilla |" in table
-    png = (tmp_path / "demo" / "curves.png").read_bytes()
-    assert png.startswith(PNG_MAGIC) and len(png) < 200_000
-    assert yaml.safe_load((tmp_path / "demo" / "kd" / "config.yaml").read_text())["train"]["epochs"] == 2
