@@ -231,6 +231,22 @@ def test_sync_bn_on_cuda_is_the_global_batchnorm_the_cpu_tests_check():
     assert bns and all(type(m) is distributed.GlobalBatchNorm for m in bns)
 
 
+def test_global_batchnorm_copies_nothing_from_the_host(monkeypatch):
+    # two "ranks" whose sums are this rank's own: the statistics path runs, and equals plain BatchNorm
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "sum_over_ranks", lambda t: t)
+
+    def host_copy(*a, **k):
+        raise AssertionError("new_tensor: a host-to-device copy on CUDA, once per layer and step")
+
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(3)
+    bn = distributed.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cuda"))[0]
+    x = torch.randn(4, 3, 5, 5)
+    monkeypatch.setattr(torch.Tensor, "new_tensor", host_copy)
+    torch.testing.assert_close(bn(x), plain(x), atol=1e-5, rtol=0)
+
+
 def test_checkpoint_keeps_the_cuda_rng_and_the_parameters_layout(tmp_path, monkeypatch):
     cuda_state = torch.arange(16, dtype=torch.uint8)
     restored = []
