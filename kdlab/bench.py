@@ -174,12 +174,17 @@ class TimedLoader:
 
 
 class PeakMemory:
-    """Peak memory over a block: CUDA allocator peak, or the process's peak RSS (VmHWM, reset via clear_refs)."""
+    """Peak memory over a block: CUDA allocator peak, or the process's peak RSS (VmHWM, reset via clear_refs).
+
+    On CUDA ``reserved_mib`` is the caching allocator's peak reservation as well: a CUDA graph's private
+    memory pool is reserved, not allocated, so it shows there only.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss_peak"
         self.mib: float | None = None
+        self.reserved_mib: float | None = None
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -194,6 +199,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.reserved_mib = torch.cuda.max_memory_reserved(self.device) / 2**20
             return False
         try:
             for line in Path("/proc/self/status").read_text().splitlines():
@@ -324,6 +330,7 @@ class Measure:
     options: str
     setup_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    reserved_mib: float | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -409,7 +416,7 @@ def measure_teacher(mode: str, models_: Models, s: Setting) -> Measure:
         for _ in window.wrap(range(s.warmup + s.steps)):
             with grad_mode():
                 run()
-    return Measure(window.seconds, s.steps * s.batch_size, mem.mib, mem.kind, options)
+    return Measure(window.seconds, s.steps * s.batch_size, mem.mib, mem.kind, options, reserved_mib=mem.reserved_mib)
 
 
 @contextlib.contextmanager
@@ -458,7 +465,7 @@ def measure_training(mode: str, task: str, method: Method, models_: Models, s: S
             cfg = _default_cfg(s) if mode == "kdlab" else _fast_cfg(s, method)
             setup, extra = _fit(fresh, method, cfg, window, s)
             options = _options(cfg, s.device, bool(method.teachers))
-    return Measure(window.seconds, s.steps * s.batch_size, mem.mib, mem.kind, options, setup, extra)
+    return Measure(window.seconds, s.steps * s.batch_size, mem.mib, mem.kind, options, setup, extra, mem.reserved_mib)
 
 
 def _fit(fresh: Models, method: Method, cfg: TrainConfig, window: Window, s: Setting) -> tuple[float, dict]:
@@ -555,12 +562,14 @@ def run_bench(pairs: list[tuple[str, str]], methods: list[str], modes: list[str]
                     runs = samples[mode]
                     ips = statistics.median(r.images_per_s for r in runs)
                     peaks = [r.peak_mib for r in runs if r.peak_mib is not None]
+                    reserved = [r.reserved_mib for r in runs if r.reserved_mib is not None]
                     rows.append({
                         "pair": f"{teacher_name}:{student_name}", "teacher": teacher_name, "student": student_name,
                         "task": task, "mode": mode, "images_per_s": round(ips, 2),
                         "images_per_s_runs": [round(r.images_per_s, 2) for r in runs],
                         "ratio_to_reference": round(ips / reference, 3) if reference else None,
                         "peak_memory_mib": round(max(peaks), 1) if peaks else None, "memory_kind": runs[0].memory_kind,
+                        "peak_reserved_mib": round(max(reserved), 1) if reserved else None,
                         "options": runs[0].options, "setup_seconds": round(max(r.setup_seconds for r in runs), 2),
                         **runs[0].extra,
                     })
@@ -605,7 +614,9 @@ def print_table(report: dict) -> None:
     spread = report["repeats"] > 1  # on a shared or virtual machine the repeats can differ by 20% or more
     columns = [("pair", "left"), ("task", "left"), ("mode", "left"), ("images/s", "right")]
     columns += [("min-max", "right")] if spread else []
-    for col, justify in columns + [("x reference", "right"), ("peak MiB", "right")]:
+    reserved = any(r.get("peak_reserved_mib") is not None for r in report["results"])
+    columns += [("x reference", "right"), ("peak MiB", "right")] + ([("reserved MiB", "right")] if reserved else [])
+    for col, justify in columns:
         table.add_column(col, justify=justify)
     last = None
     options: dict[str, str] = {}
@@ -622,13 +633,17 @@ def print_table(report: dict) -> None:
         runs = r["images_per_s_runs"]
         cells = [r["pair"] if first else "", r["task"] if first else "", r["mode"], f"{r['images_per_s']:.1f}"]
         cells += [f"{min(runs):.0f}-{max(runs):.0f}"] if spread else []
-        table.add_row(*cells, ratio, mem)
+        cells += [ratio, mem]
+        if reserved:
+            cells.append(f"{r['peak_reserved_mib']:.0f}" if r.get("peak_reserved_mib") is not None else "-")
+        table.add_row(*cells)
     console = Console()
     if not console.is_terminal:  # a log or a pipe: rich would assume 80 columns and cut the pair names
         console = Console(width=120)
     console.print(table)
     for mode, text in options.items():
         console.print(f"  {mode}: {text}")
-    memory = "CUDA max_memory_allocated" if report["device_type"] == "cuda" else \
+    memory = "CUDA max_memory_allocated, and max_memory_reserved (a CUDA graph's pool included)" \
+        if report["device_type"] == "cuda" else \
         "peak RSS of this process (DataLoader workers not counted)"
     console.print(f"  data: {report['data']}; memory: {memory}")

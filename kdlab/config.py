@@ -74,14 +74,16 @@ class FastConfig(Strict):
 
     graph_step: bool = Field(default=False, description="each step as one device-side function (foreach SGD with the lr in a "
                              "device tensor, no host sync), captured as a CUDA graph on CUDA; needs nonfinite=stop")
-    cuda_graph: bool = Field(default=True, description="with graph_step on CUDA: capture the step as a CUDA graph")
+    cuda_graph: bool = Field(default=True, description="with graph_step on CUDA: capture the step as a CUDA graph (refused "
+                             "under torchrun: set false there); a batch of another shape runs eagerly")
     fold_teacher: bool = Field(default=True, description="fold the teachers' BatchNorm into their convolutions: the "
                                "same outputs within float rounding (the teachers are inference-only), one pass less "
                                "over every map; false for bit-level comparisons with unfolded teachers")
     cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="teacher cache: auto = bfloat16 on "
                                                                 "CUDA, float32 (exact) on CPU")
     cache_storage: Literal["auto", "device", "disk"] = Field(default="auto", description="teacher cache: auto = device memory "
-                                                              "on CUDA, a memory-mapped file on CPU")
+                                                              "on CUDA, a memory-mapped file on CPU; disk cannot be "
+                                                              "captured in a CUDA graph (a host gather per step)")
 
 
 class TrainConfig(Strict):
@@ -95,7 +97,8 @@ class TrainConfig(Strict):
     decay_norm_and_bias: bool = Field(default=True, description="apply weight decay to BN and bias too (the published recipes do)")
     schedule: ScheduleConfig = ScheduleConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 autocast on CUDA, off on CPU")
+    amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 autocast on CUDA, off on CPU; off "
+                                                "is fp32, with TF32 turned off on CUDA")
     channels_last: Literal["auto", "on", "off"] = Field(default="auto", description="NHWC memory format; auto: on for CUDA "
                                                          "and CPU")
     compile: bool = False
@@ -130,7 +133,7 @@ class TrainConfig(Strict):
             raise ValueError(f"{outside} outside 0..{epochs} (the run's epochs)")
         return v
     sync_bn: bool = Field(default=False, description="under torchrun: the student's BatchNorm uses the statistics of "
-                          "the global batch (SyncBatchNorm), not those of each rank's share")
+                          "the global batch (kdlab's GlobalBatchNorm on every device), not those of each rank's share")
 
 
 class ModelConfig(Strict):

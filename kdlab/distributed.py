@@ -339,11 +339,13 @@ def average_gradients(params) -> None:
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch normalisation over the global batch (all ranks) on any device, gloo included.
+    """Batch normalisation over the global batch (all ranks) on any device, gloo and NCCL alike.
 
-    torch's SyncBatchNorm only runs on accelerators; this one gets the same statistics (two passes:
+    torch's SyncBatchNorm only runs on accelerators, and its forward waits for the device once per
+    layer (it drops empty ranks with a boolean mask); this one gets the same statistics (two passes:
     the mean, then the mean squared deviation) through :func:`sum_over_ranks`, whose backward sums
-    each statistic's gradient over the ranks. Without a
+    each statistic's gradient over the ranks, with no host sync: the code the CPU tests run is the
+    code that runs on CUDA. Without a
     process group of more than one rank it is exactly ``BatchNorm``. Same parameters and buffers as
     ``BatchNorm``, so its state dict loads into the plain model.
     """
@@ -358,7 +360,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        count = xf.new_tensor([float(x.numel() // x.shape[1])])
+        count = xf.new_full((1,), float(x.numel() // x.shape[1]))  # a fill on the device, not a host-to-device copy
         first = sum_over_ranks(torch.cat([xf.sum(dims), count]))  # (C + 1,)
         n = first[-1]
         mean = first[:-1] / n
@@ -395,11 +397,10 @@ def _to_global_bn(module: nn.Module) -> nn.Module:
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Every BatchNorm of ``model`` normalises with global-batch statistics (``train.sync_bn``).
 
-    Parameters and buffers are kept (same objects, same state-dict keys). CUDA uses torch's
-    SyncBatchNorm, other devices :class:`GlobalBatchNorm`.
+    Parameters and buffers are kept (same objects, same state-dict keys). Every device uses
+    :class:`GlobalBatchNorm`, so the path the CPU tests check is the one CUDA runs (``device`` is
+    kept for callers).
     """
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return _to_global_bn(model)
 
 

@@ -28,7 +28,7 @@ from kdlab.errors import CheckpointError, ConfigError, KdlabError
 from kdlab.lock import RunLock
 from kdlab.methods import check_recipe
 from kdlab.stages import StageContext
-from kdlab.train import autocast_factory, evaluate, fit, resolve_device
+from kdlab.train import autocast_factory, check_device_options, evaluate, fit, resolve_device
 
 RESULT = "result.json"
 EVAL_BATCH = 256
@@ -339,6 +339,7 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
     with distributed.session(_configured_device(given, out), out), distributed.on_main(lambda: RunLock(out)):
         recipe = distributed.main_first(lambda: start(given, out, resume))
         check_recipe(recipe)
+        check_run_options(recipe, distributed.world_size(), torch.cuda.is_available())
         log = Log(out / "log.txt", quiet)
         if read_result(out) is not None:
             log(f"{out}: already finished")
@@ -354,6 +355,17 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
             infos.append(info)
         return train_run(out, recipe, recipe.student.name, recipe.student.kwargs, teachers, recipe.loss, recipe.train,
                          recipe.seed, data, log, extra={"teachers": infos})
+
+
+def check_run_options(recipe: Recipe, world: int, cuda: bool) -> None:
+    """The device-dependent refusals of every train section the recipe will run (its teachers' first),
+    so that a combination that cannot work fails before hours of teacher training."""
+    # a sequential recipe's generation 0 trains with recipe.train itself
+    sections = [] if recipe.generations else [(f"teachers.{i}.train", teacher_train_config(recipe, t))
+                                              for i, t in trained_teachers(recipe)]
+    for where, cfg in [*sections, ("train", recipe.train)]:
+        device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
+        check_device_options(cfg, device_type, world, where)
 
 
 def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
@@ -396,7 +408,7 @@ def ensemble_top1(recipe: Recipe, data: Data, run_dirs: list[Path]) -> float:
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     for x, y in test_loader:
         probs = torch.stack([net(x).float().softmax(1) for net in nets]).mean(0)
-        counts += torch.stack([(probs.argmax(1) == y).sum(), torch.tensor(y.numel(), device=device)]).double()
+        counts += torch.stack([(probs.argmax(1) == y).sum(), y.new_full((), y.numel())]).double()  # no host-to-device copy
     if test_loader.shard[1] > 1:
         distributed.all_reduce_sum(counts)
     correct, total = counts.tolist()

@@ -21,7 +21,7 @@ from torch import nn
 from kdlab import checkpoint, distributed
 from kdlab.config import TrainConfig
 from kdlab.distiller import Distiller
-from kdlab.errors import CheckpointError, KdlabError
+from kdlab.errors import CheckpointError, ConfigError, KdlabError
 from kdlab.progress import Progress
 
 
@@ -37,11 +37,57 @@ def resolve_device(name: str) -> torch.device:
     return distributed.local_device(torch.device(name))
 
 
-def autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    if not use_bf16:
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+
+def autocast_factory(cfg: TrainConfig, device: torch.device, cache_enabled: bool = True
+                     ) -> Callable[[], contextlib.AbstractContextManager]:
+    """``cache_enabled=False`` for a step captured as a CUDA graph (PyTorch's CUDA-graphs notes: autocast
+    inside a capture must not keep its cast cache); the results are the same either way."""
+    if not uses_bf16(cfg, device):
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+
+
+@contextlib.contextmanager
+def cuda_numerics(cfg: TrainConfig, device: torch.device):
+    """cuDNN settings for a training run on CUDA, restored afterwards; nothing on other devices.
+
+    ``amp: off`` means fp32: cuDNN would otherwise run fp32 convolutions in TF32 (10-bit mantissa),
+    and "fp32" would hold on the CPU only. Training batches have one shape (``drop_last``), so
+    cuDNN's autotuner (``benchmark``) picks each convolution's kernel once; the kernels it picks may
+    differ from run to run, which CUDA's atomics already make non-bit-reproducible.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.benchmark = True
+    if not uses_bf16(cfg, device):
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def check_device_options(cfg: TrainConfig, device_type: str, world: int, where: str = "train") -> None:
+    """Refuse, before anything trains, the speed options that cannot work on this device and world size.
+
+    ``where`` is the key of the train section in the recipe (``train``, ``teachers.0.train``).
+    """
+    capture = cfg.fast.graph_step and cfg.fast.cuda_graph and device_type == "cuda"
+    if capture and world > 1:
+        # capturing a DDP step needs NCCL's async error handling off before the process group
+        # exists, DDP built on a side stream and 11 eager warm-up steps (PyTorch's CUDA-graphs notes)
+        raise ConfigError(f"{where}.fast.cuda_graph: capturing the step as a CUDA graph under torchrun ({world} ranks) "
+                          f"is not supported; set {where}.fast.cuda_graph=false (the graph step then runs eagerly)")
+    if capture and cfg.teacher_cache and cfg.fast.cache_storage == "disk":
+        raise ConfigError(f"{where}.fast.cache_storage: a disk table is gathered on the host, a device-to-host wait "
+                          f"that a CUDA graph cannot capture; use cache_storage=device (or auto), or "
+                          f"{where}.fast.cuda_graph=false")
 
 
 def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
@@ -98,8 +144,9 @@ def evaluate(model: nn.Module, loader, autocast=contextlib.nullcontext, channels
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         hit = topk.eq(y[:, None])
+        # new_full fills on the device; torch.tensor(n, device=cuda) would copy from the host and wait
         sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), nn.functional.cross_entropy(logits, y, reduction="sum"),
-                             torch.tensor(y.numel(), device=device)]).double()
+                             y.new_full((), y.numel())]).double()
     model.train(was_training)
     if getattr(loader, "shard", (0, 1))[1] > 1:  # each rank saw its own slice of the test set
         distributed.all_reduce_sum(sums)
@@ -120,7 +167,8 @@ CKPT_LAST = "last.safetensors"
 CKPT_PREV = "prev.safetensors"
 
 
-def save_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimizer, state: TrainState) -> None:
+def save_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimizer, state: TrainState,
+                    device: torch.device = torch.device("cpu")) -> None:
     tensors = {f"model.{k}": v for k, v in distiller.state_dict().items()}
     opt_state = opt.state_dict()
     for idx, st in opt_state["state"].items():
@@ -128,6 +176,8 @@ def save_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimi
             if isinstance(v, torch.Tensor):
                 tensors[f"optim.{idx}.{name}"] = v
     tensors["rng.torch"] = torch.get_rng_state()
+    if device.type == "cuda":  # dropout on CUDA draws from the device's generator: resume repeats it only with this
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
     meta = {"epoch": state.epoch, "best_top1": state.best_top1, "best_epoch": state.best_epoch, "param_groups": groups}
     ckdir = run_dir / "checkpoints"
@@ -137,7 +187,8 @@ def save_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimi
     checkpoint.save(last, tensors, meta)
 
 
-def load_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimizer, log: Callable[[str], None]) -> TrainState | None:
+def load_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimizer, log: Callable[[str], None],
+                    device: torch.device = torch.device("cpu")) -> TrainState | None:
     """The newest readable checkpoint: last, else the previous one; None when there is none."""
     ckdir = run_dir / "checkpoints"
     errors = []
@@ -161,11 +212,25 @@ def load_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimi
         for g, saved in zip(opt_state["param_groups"], meta["param_groups"]):
             g.update(saved)
         opt.load_state_dict(opt_state)
+        _match_parameter_layout(opt)
         torch.set_rng_state(tensors["rng.torch"])
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         return TrainState(epoch=meta["epoch"], best_top1=meta["best_top1"], best_epoch=meta["best_epoch"])
     if errors:
         raise CheckpointError(f"no readable checkpoint in {ckdir}: {errors[-1]}")
     return None
+
+
+def _match_parameter_layout(opt: torch.optim.Optimizer) -> None:
+    """Give every state tensor its parameter's strides: a checkpoint stores NCHW-contiguous tensors, and a
+    momentum buffer laid out unlike its channels_last parameter sends the foreach update to its slow
+    per-tensor path."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    opt.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def read_history(run_dir: Path, upto_epoch: int) -> list[dict]:
@@ -193,19 +258,22 @@ def fit(
     resume: bool = False,
     on_epoch_end: Callable[[int], None] | None = None,
     teacher_cache=None,
+    graphs=None,
 ) -> TrainState:
     """Train the distiller's student (and side modules) for cfg.epochs, checkpointing every epoch.
 
     ``teacher_cache`` (kdlab.fast.teacher_cache.TeacherCache): the teachers' logits are looked up by
-    each batch's (index, view) instead of running the teachers.
+    each batch's (index, view) instead of running the teachers. ``graphs``: the capture primitives of
+    the graph step (:class:`kdlab.fast.graph_step.RerunGraphs` runs the capture logic on the CPU).
     """
     device = train_loader.device
+    check_device_options(cfg, device.type, distributed.world_size())
     autocast = autocast_factory(cfg, device)
     channels_last = use_channels_last(cfg, device)
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
     opt = make_optimizer(distiller, cfg, device)
-    state = load_checkpoint(run_dir, distiller, opt, log) if resume else None
+    state = load_checkpoint(run_dir, distiller, opt, log, device) if resume else None
     if state is None:
         state = TrainState()
         if 0 in cfg.keep_epochs and distributed.is_main():
@@ -224,13 +292,16 @@ def fit(
     if cfg.fast.graph_step:
         from kdlab.fast.graph_step import GraphStep
 
-        fast_step = GraphStep(lambda x, y, tl: step_fn(x, y, teacher_logits=tl), opt, device, autocast, cfg.grad_clip,
-                              teacher_cache, capture=cfg.fast.cuda_graph and device.type == "cuda")
+        fast_step = GraphStep(lambda x, y, tl: step_fn(x, y, teacher_logits=tl), opt, device,
+                              autocast_factory(cfg, device, cache_enabled=False), cfg.grad_clip, teacher_cache,
+                              capture=cfg.fast.cuda_graph and (device.type == "cuda" or graphs is not None), graphs=graphs)
     names = distiller.term_names()
     steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     if steps_per_epoch == 0:
         raise KdlabError(f"train.batch_size={cfg.batch_size} is larger than the training set ({train_loader.num_samples} samples)")
     progress = Progress(total_epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.batch_size, log=log)
+    numerics = contextlib.ExitStack()
+    numerics.enter_context(cuda_numerics(cfg, device))
     try:
         for epoch in range(state.epoch, cfg.epochs):
             t0 = time.perf_counter()
@@ -307,7 +378,7 @@ def fit(
                     if k != "epoch" and isinstance(v, (int, float)):
                         writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
                 writer.flush()
-                save_checkpoint(run_dir, distiller, opt, state)
+                save_checkpoint(run_dir, distiller, opt, state, device)
                 if epoch + 1 in cfg.keep_epochs:
                     keep_weights(run_dir, distiller.student, epoch + 1)
             distributed.barrier()  # the other ranks wait until the epoch is on disk
@@ -315,6 +386,7 @@ def fit(
             if on_epoch_end:
                 on_epoch_end(epoch + 1)
     finally:
+        numerics.close()
         progress.close()
         writer.close()
     return state

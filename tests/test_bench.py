@@ -30,7 +30,7 @@ def test_bench_smoke_writes_every_field(tmp_path, capsys):
         assert r["pair"] == "smallcnn_wide:smallcnn"
         assert r["images_per_s"] > 0
         assert r["peak_memory_mib"] is not None and r["peak_memory_mib"] > 0
-        assert r["memory_kind"].startswith("rss")
+        assert r["memory_kind"].startswith("rss") and r["peak_reserved_mib"] is None
         reference = next(x for x in rows if x["task"] == r["task"] and x["mode"] == "reference")
         assert r["ratio_to_reference"] == pytest.approx(r["images_per_s"] / reference["images_per_s"], rel=1e-2)
     fast_kd = next(r for r in rows if r["task"] == "kd" and r["mode"] == "kdlab-fast")
@@ -51,7 +51,13 @@ def test_table_shows_the_spread_of_repeats(capsys):
     out = capsys.readouterr().out
     assert "min-max" in out and "90-120" in out and "130-171" in out
     bench.print_table({**report, "repeats": 1})
-    assert "min-max" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "min-max" not in out and "reserved MiB" not in out  # CPU rows have no reserved figure
+    # CUDA rows: max_memory_reserved beside the allocated peak (a CUDA graph's pool is reserved, not allocated)
+    cuda = {**report, "device_type": "cuda", "results": [{**r, "peak_reserved_mib": 64.0} for r in report["results"]]}
+    bench.print_table(cuda)
+    out = capsys.readouterr().out
+    assert "reserved MiB" in out and "max_memory_reserved" in out
 
 
 def test_bench_rejects_bad_input_with_one_line(capsys):

@@ -17,7 +17,19 @@ rounded twice where SGD's ``p + (-lr) * d`` may be fused, a difference of at mos
 last place per step.
 
 On CUDA the first ``warmup`` calls run eagerly on a side stream (they are real training steps),
-then the step is captured once and replayed with the inputs copied into static buffers.
+then the step is captured once and replayed with the inputs copied into static buffers. The CUDA
+primitives (side stream, capture) come from a ``graphs`` object: :class:`CudaGraphs` on a GPU,
+:class:`RerunGraphs` on the CPU, whose "replay" re-runs the captured function and copies its results
+into the static outputs, so the capture/replay bookkeeping is tested without a GPU. What the
+bookkeeping guarantees, on both:
+
+* a call whose inputs differ in shape or dtype from the captured ones (a short last batch from a
+  user's DataLoader) runs eagerly: copying it into the static buffers would fail, or, for a batch
+  of one, broadcast one image over the whole static batch;
+* every call returns tensors of its own, as the eager step does: the static outputs are rewritten
+  by the next replay, so they are cloned (a few device-side copies, no sync);
+* autocast is entered with ``cache_enabled=False`` (the form PyTorch's CUDA-graphs notes require
+  for autocast inside a capture; the cache only helps reused fp32 weights, which a step does not).
 """
 
 from __future__ import annotations
@@ -30,9 +42,97 @@ from torch import nn
 
 from kdlab.errors import ConfigError
 
-__all__ = ["GraphStep"]
+__all__ = ["GraphStep", "CudaGraphs", "RerunGraphs"]
 
 Forward = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class CudaGraphs:  # pragma: no cover - needs a GPU
+    """The CUDA side of the capture: a warm-up side stream and ``torch.cuda.graph``, as in PyTorch's CUDA-graphs notes."""
+
+    def __init__(self):
+        self._side = None
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        # the notes' warm-up recipe: eager iterations on a side stream before capturing
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            yield
+        torch.cuda.current_stream().wait_stream(self._side)
+
+    def capture(self, fn: Callable, state=()):
+        """``(graph, fn's outputs)``; the outputs are the static tensors every ``graph.replay()`` rewrites."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        return graph, out
+
+
+class RerunGraphs:
+    """A CPU stand-in for :class:`CudaGraphs` with the same contract, for tests and ``gpu_check --dry-run``.
+
+    A CUDA capture records kernels without running them, so ``capture`` runs ``fn`` once for its
+    outputs and then puts back what that run changed in place (the ``modules``' parameters and
+    buffers, the ``state`` the caller names, such as momentum buffers, and the CPU RNG), leaving the
+    training state as a capture would. ``replay`` runs ``fn`` again and copies its results into the
+    tensors ``capture`` returned, as a replay rewrites the static outputs in place.
+    """
+
+    def __init__(self, modules=()):
+        self.modules = list(modules)
+        self.captures = 0
+        self.replays = 0
+
+    def side_stream(self):
+        return contextlib.nullcontext()
+
+    def capture(self, fn: Callable, state=()):
+        tensors = [t for m in self.modules for t in m.state_dict(keep_vars=True).values()] + list(state)
+        saved = [t.detach().clone() for t in tensors]
+        rng = torch.get_rng_state()
+        out = fn()
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+        torch.set_rng_state(rng)
+        self.captures += 1
+        return _Replay(self, fn, out), out
+
+
+class _Replay:
+    def __init__(self, owner: RerunGraphs, fn: Callable, out):
+        self.owner, self.fn, self.out = owner, fn, out
+
+    def replay(self) -> None:
+        _copy_into(self.out, self.fn())
+        self.owner.replays += 1
+
+
+def _copy_into(static, new) -> None:
+    if isinstance(static, torch.Tensor):
+        static.copy_(new)
+    elif isinstance(static, dict):
+        for k in static:
+            _copy_into(static[k], new[k])
+    else:
+        for s, n in zip(static, new):
+            _copy_into(s, n)
+
+
+def _clone(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, dict):
+        return {k: _clone(v) for k, v in out.items()}
+    return type(out)(_clone(v) for v in out)
+
+
+def _signature(tensors) -> tuple:
+    # host-side metadata only: reading a shape never waits for the device
+    return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors)
 
 
 class GraphStep:
@@ -52,6 +152,7 @@ class GraphStep:
         teacher_cache=None,
         capture: bool | None = None,
         warmup: int = 3,
+        graphs=None,
     ):
         self.forward = forward
         self.device = torch.device(device)
@@ -59,8 +160,16 @@ class GraphStep:
         self.grad_clip = grad_clip
         self.teacher_cache = teacher_cache
         self.capture = self.device.type == "cuda" if capture is None else capture
-        if self.capture and self.device.type != "cuda":
-            raise ConfigError("graph capture needs a CUDA device")
+        if self.capture and graphs is None:
+            if self.device.type != "cuda":
+                raise ConfigError("graph capture needs a CUDA device")
+            graphs = CudaGraphs()
+        self.graphs = graphs
+        if self.capture and teacher_cache is not None and getattr(teacher_cache, "storage", "device") != "device":
+            # a memory-mapped table is gathered on the host: index.to("cpu") waits for the device,
+            # which a capture forbids
+            raise ConfigError("train.fast.cache_storage: a CUDA graph needs the teacher cache in device memory "
+                              "(cache_storage=device), or set train.fast.cuda_graph=false")
         self.warmup = warmup
         self.lr = torch.zeros((), dtype=torch.float32, device=self.device)
         self.groups = []
@@ -77,8 +186,10 @@ class GraphStep:
         self.params = [p for params, _ in self.groups for p in params]
         self._calls = 0
         self._graph = None
+        self._shape = None  # the signature of the inputs the graph is (or will be) captured for
         self._static_in: tuple = ()
         self._static_out = None
+        self.eager_calls = 0  # calls that ran eagerly because their inputs did not fit the graph
 
     # ------------------------------------------------------------------ the step itself
 
@@ -100,6 +211,9 @@ class GraphStep:
             torch._foreach_sub_(live, torch._foreach_mul(grads, self.lr))
 
     def _step(self, x, y, index, view):
+        # inside the captured function: the capture then allocates the gradients from the graph's pool,
+        # and every replay (and a CPU re-run) writes them afresh instead of accumulating
+        self._zero_grad()
         teacher_logits = self.teacher_cache.lookup(index, view) if self.teacher_cache is not None else None
         with self.autocast():
             loss, logits, terms = self.forward(x, y, teacher_logits)
@@ -109,6 +223,10 @@ class GraphStep:
         self._sgd()
         return loss.detach(), logits.detach(), {k: v.detach() for k, v in terms.items()}
 
+    def _state(self) -> list[torch.Tensor]:
+        """What the step changes in place besides the modules: the weights and the optimizer's state."""
+        return self.params + [t for p in self.params for t in self.optimizer.state[p].values() if isinstance(t, torch.Tensor)]
+
     def _zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
@@ -116,30 +234,36 @@ class GraphStep:
     def __call__(self, x, y, lr: float, index=None, view=None):
         self.lr.fill_(lr)  # a kernel argument, not a copy from host memory: no sync
         if not self.capture:
-            self._zero_grad()
             return self._step(x, y, index, view)
-        return self._cuda(x, y, index, view)
+        return self._captured(x, y, index, view)
 
-    # ------------------------------------------------------------------ CUDA graph (thin)
+    # ------------------------------------------------------------------ capture and replay
 
-    def _cuda(self, x, y, index, view):  # pragma: no cover - needs a GPU
+    def _captured(self, x, y, index, view):
+        inputs = (x, y, index, view)
+        signature = _signature(inputs)
+        if self._shape is None:
+            self._shape = signature
+        if signature != self._shape:
+            return self._eager(*inputs)
         if self._calls < self.warmup:
             self._calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._zero_grad()
-                out = self._step(x, y, index, view)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
+            with self.graphs.side_stream():
+                return self._step(*inputs)
         if self._graph is None:
-            self._static_in = tuple(t.clone() if t is not None else None for t in (x, y, index, view))
-            self._zero_grad()  # gradients are then allocated from the graph's pool and rewritten by each replay
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._static_out = self._step(*self._static_in)
-        for static, new in zip(self._static_in, (x, y, index, view)):
+            self._static_in = tuple(t.clone() if t is not None else None for t in inputs)
+            self._graph, self._static_out = self.graphs.capture(lambda: self._step(*self._static_in), self._state())
+        for static, new in zip(self._static_in, inputs):
             if static is not None:
                 static.copy_(new, non_blocking=True)
         self._graph.replay()
-        return self._static_out
+        return _clone(self._static_out)
+
+    def _eager(self, x, y, index, view):
+        self.eager_calls += 1
+        kept = [p.grad for p in self.params]  # after a capture: the graph's gradient tensors, kept alive for its replays
+        try:
+            return self._step(x, y, index, view)
+        finally:
+            for p, g in zip(self.params, kept):
+                p.grad = g

@@ -6,6 +6,12 @@ outputs ``(N images, V views, K classes)``. It is computed once per (teacher wei
 settings) and then read instead of running the teacher: a lookup by ``(dataset index, view index)``,
 the pair ``DeviceLoader.iter_batches(with_meta=True)`` yields with every batch.
 
+Size: ``N x V x K`` values per teacher, 1.5 GiB in bf16 for CIFAR-100 (50k x 162 x 100). It is
+estimated before anything is computed and checked against free device memory (``device`` storage)
+or free disk space; a ``disk`` table is computed straight into its memory-mapped file, never held
+whole in device or host memory. Under torchrun rank 0 computes and writes the tables and the other
+ranks read its files.
+
 Exactness: each view is computed in full batches of the training batch size, with the loader's
 own crop/flip and normalisation, the same memory format and autocast, so on the CPU (fp32 storage)
 a lookup equals the online teacher output bit for bit (convolution kernels there do not depend on
@@ -24,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,9 +41,18 @@ from torch import nn
 
 from kdlab.data.arrays import ArrayDataset
 from kdlab.data.augment import AugmentSpec, Views, num_views, view_from_index
+from kdlab import distributed
 from kdlab.errors import ConfigError
 
-__all__ = ["TeacherCache", "LogitTable", "cache_key", "build_table", "check_cacheable"]
+__all__ = ["TeacherCache", "LogitTable", "CacheTooLarge", "cache_key", "build_table", "check_cacheable", "table_bytes"]
+
+GiB = 2**30
+# a device table leaves this share of the free device memory to training itself (weights, activations)
+DEVICE_SHARE = 0.75
+
+
+class CacheTooLarge(ConfigError):
+    """The tables do not fit where they were asked to live (device memory or disk)."""
 
 _NUMPY_STORAGE = {torch.float32: np.float32, torch.bfloat16: np.uint16}  # bf16 travels as its raw 16 bits
 
@@ -86,7 +102,9 @@ def build_table(
 
     The crop/flip and normalisation are the loader's own (``AugmentSpec.apply`` then
     ``/255 - mean / std``); every forward has exactly ``batch_size`` samples (the last chunk is filled
-    up with repeated images whose outputs are dropped).
+    up with repeated images whose outputs are dropped). ``out`` may live elsewhere (host memory, a
+    memory-mapped file): it is written one block of ``batch_size`` images x every view at a time, so a
+    memory-mapped file is written sequentially.
     """
     check_cacheable(augment)
     autocast = autocast or contextlib.nullcontext
@@ -98,21 +116,29 @@ def build_table(
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, c, 1, 1)
     spec = augment if augment is not None else AugmentSpec()
     no_angle = torch.zeros(batch_size, dtype=torch.float32, device=device)
-    for v in range(views):
-        dx, dy, flip = (torch.full((batch_size,), k, dtype=torch.int64, device=device) for k in view_from_index(v, pad))
-        view = Views(dx, dy, flip, no_angle)
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, start + batch_size, device=device) % n
-            count = min(batch_size, n - start)
-            x = spec.apply(images.index_select(0, idx), view)
+    all_views = [Views(*(torch.full((batch_size,), k, dtype=torch.int64, device=device) for k in view_from_index(v, pad)),
+                       no_angle) for v in range(views)]
+    chunks = range(0, n, batch_size)
+    # a table elsewhere (a memory-mapped file while computing on CUDA) gets one copy per block of
+    # images, not one device-to-host wait per forward
+    staging = out.device != device
+    for c_i, start in enumerate(chunks):
+        idx = torch.arange(start, start + batch_size, device=device) % n
+        count = min(batch_size, n - start)
+        block = images.index_select(0, idx)
+        dest = torch.empty((count, views, out.shape[2]), dtype=out.dtype, device=device) if staging else out[start : start + count]
+        for v, view in enumerate(all_views):
+            x = spec.apply(block, view)
             x.div_(255.0).sub_(m).div_(s)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 logits = teacher(x)
-            out[start : start + count, v] = logits[:count].to(device=out.device, dtype=out.dtype)
+            dest[:, v] = logits[:count].to(dtype=out.dtype)
+        if staging:
+            out[start : start + count] = dest.to(out.device)
         if progress is not None:
-            progress(v + 1, views)
+            progress(c_i + 1, len(chunks))
 
 
 @dataclass
@@ -154,22 +180,80 @@ def _open(root: Path, key: str, shape: tuple[int, int, int], dtype: torch.dtype,
     return table
 
 
-def _write(root: Path, key: str, table: torch.Tensor, info: dict) -> Path:
+def _host_view(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().to("cpu").contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _write(root: Path, key: str, table: torch.Tensor, info: dict, rows: int = 1024) -> Path:
+    """The table to ``<key>.logits`` in blocks of ``rows`` images: one block at a time in host memory."""
     root.mkdir(parents=True, exist_ok=True)
-    data, meta_path = _paths(root, key)
+    data, _ = _paths(root, key)
     tmp = data.with_suffix(f".tmp{os.getpid()}")
-    raw = table.detach().to("cpu").contiguous()
-    if raw.dtype == torch.bfloat16:
-        raw = raw.view(torch.int16)
     with open(tmp, "wb") as f:
-        f.write(raw.numpy().tobytes())
+        for start in range(0, table.shape[0], rows):
+            f.write(memoryview(_host_view(table[start : start + rows])).cast("B"))
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(data)
-    meta_tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
-    meta_tmp.write_text(json.dumps({"shape": list(table.shape), "dtype": str(table.dtype), **info}, indent=2) + "\n")
-    meta_tmp.replace(meta_path)  # the sidecar last: it marks the table complete
+    _write_sidecar(root, key, tuple(table.shape), table.dtype, info)
     return data
+
+
+def _write_sidecar(root: Path, key: str, shape: tuple, dtype: torch.dtype, info: dict) -> None:
+    _, meta_path = _paths(root, key)
+    meta_tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
+    meta_tmp.write_text(json.dumps({"shape": list(shape), "dtype": str(dtype), **info}, indent=2) + "\n")
+    meta_tmp.replace(meta_path)  # the sidecar last: it marks the table complete
+
+
+def _new_memmap(root: Path, key: str, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, np.memmap, Path]:
+    """A writable memory-mapped file for a table computed straight to disk, under a temporary name."""
+    root.mkdir(parents=True, exist_ok=True)
+    data, _ = _paths(root, key)
+    tmp = data.with_suffix(f".tmp{os.getpid()}")
+    arr = np.memmap(tmp, dtype=_NUMPY_STORAGE[dtype], mode="w+", shape=shape)
+    table = torch.from_numpy(arr)
+    return (table.view(torch.bfloat16) if dtype == torch.bfloat16 else table), arr, tmp
+
+
+def table_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+
+
+def free_bytes(where: str, device: torch.device, cache_dir: Path | None) -> int | None:
+    """Free device memory (``where='device'``) or free space on the cache's disk (``'disk'``); None if unknown."""
+    if where == "disk":
+        folder = Path(cache_dir)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
+    if device.type == "cuda":  # pragma: no cover - needs a GPU
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # the CPU's "device memory" is the host's available memory
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits(need_memory: int, need_disk: int, device: torch.device, cache_dir: Path | None) -> None:
+    if need_memory:
+        free = free_bytes("device", device, cache_dir)
+        if free is not None and need_memory > DEVICE_SHARE * free:
+            raise CacheTooLarge(
+                f"train.fast.cache_storage: the teacher logit tables need {need_memory / GiB:.2f} GiB of {device.type} "
+                f"memory and {free / GiB:.2f} GiB are free (at most {DEVICE_SHARE:.0%} is used for them); set "
+                "train.fast.cache_storage=disk (with train.fast.cuda_graph=false on CUDA), train.fast.cache_dtype=bfloat16, "
+                "or train.teacher_cache=false")
+    if need_disk:
+        free = free_bytes("disk", device, cache_dir)
+        if free is not None and need_disk > free:
+            raise CacheTooLarge(
+                f"train.teacher_cache: the teacher logit tables need {need_disk / GiB:.2f} GiB on disk in {cache_dir} and "
+                f"{free / GiB:.2f} GiB are free; free some space, point cache_dir elsewhere, or set train.teacher_cache=false")
 
 
 class TeacherCache:
@@ -179,9 +263,10 @@ class TeacherCache:
     CUDA graph); ``disk`` memory-maps them (CPU gather, then a copy to the device).
     """
 
-    def __init__(self, tables: list[LogitTable], device: torch.device):
+    def __init__(self, tables: list[LogitTable], device: torch.device, storage: str = "device"):
         self.tables = tables
         self.device = torch.device(device)
+        self.storage = storage
 
     def lookup(self, index: torch.Tensor, view: torch.Tensor) -> list[torch.Tensor]:
         return [t.lookup(index, view, self.device) for t in self.tables]
@@ -201,7 +286,12 @@ class TeacherCache:
         autocast: Callable | None = None,
         log: Callable[[str], None] = lambda _m: None,
     ) -> "TeacherCache":
-        """Compute (or read back from ``cache_dir``) every teacher's table for ``dataset`` under ``augment``."""
+        """Compute (or read back from ``cache_dir``) every teacher's table for ``dataset`` under ``augment``.
+
+        The size is checked first (:class:`CacheTooLarge` when it does not fit). Under torchrun with a
+        ``cache_dir``, rank 0 computes and writes the tables while the other ranks wait, then they read
+        its files: one build per job, not one per rank.
+        """
         check_cacheable(augment)
         if dtype not in _NUMPY_STORAGE:
             raise ConfigError(f"teacher cache: dtype {dtype} is not supported (float32 or bfloat16)")
@@ -210,35 +300,66 @@ class TeacherCache:
         if storage == "disk" and cache_dir is None:
             raise ConfigError("teacher cache: storage 'disk' needs a cache directory")
         device = torch.device(device)
-        pad = augment.crop_pad if augment is not None else 0
-        settings = {"batch_size": batch_size, "dtype": str(dtype), "channels_last": channels_last,
-                    "autocast": autocast not in (None, contextlib.nullcontext), "device": device.type}
-        images = None
-        tables = []
-        for i, teacher in enumerate(teachers):
-            key = cache_key(teacher, dataset, augment, settings)
-            probe = next(p for p in teacher.parameters())
-            num_classes = _num_outputs(teacher, dataset, probe)
-            shape = (len(dataset), num_views(pad), num_classes)
-            table = _open(Path(cache_dir), key, shape, dtype, storage, device) if cache_dir is not None else None
-            if table is not None:
-                log(f"teacher cache: teacher {i} logits read from {_paths(Path(cache_dir), key)[0]}")
-                tables.append(LogitTable(table, key, _paths(Path(cache_dir), key)[0]))
+        args = (teachers, dataset, augment, device, batch_size, dtype, storage,
+                Path(cache_dir) if cache_dir is not None else None, channels_last, autocast, log)
+        built: list[list[LogitTable]] = []
+        if distributed.world_size() > 1 and cache_dir is not None:
+            # rank 0 computes and writes; an error there is raised on every rank
+            distributed.main_first(lambda: built.append(_tables(*args)))
+        if not built:
+            built.append(_tables(*args))  # one process, or the other ranks reading rank 0's files
+        return cls(built[0], device, storage)
+
+
+def _tables(teachers, dataset, augment, device, batch_size, dtype, storage, cache_dir, channels_last, autocast, log
+            ) -> list[LogitTable]:
+    pad = augment.crop_pad if augment is not None else 0
+    settings = {"batch_size": batch_size, "dtype": str(dtype), "channels_last": channels_last,
+                "autocast": autocast not in (None, contextlib.nullcontext), "device": device.type}
+    plans = []
+    for teacher in teachers:
+        key = cache_key(teacher, dataset, augment, settings)
+        probe = next(p for p in teacher.parameters())
+        shape = (len(dataset), num_views(pad), _num_outputs(teacher, dataset, probe))
+        stored = cache_dir is not None and _open(cache_dir, key, shape, dtype, "disk", device) is not None
+        plans.append((key, shape, stored))
+    size = sum(table_bytes(shape, dtype) for _, shape, _ in plans)
+    log(f"teacher cache: {len(plans)} table(s) of {plans[0][1][0]} images x {plans[0][1][1]} views, "
+        f"{size / GiB:.2f} GiB in {str(dtype).removeprefix('torch.')} ({storage} storage)")
+    _check_fits(size if storage == "device" else 0,
+                sum(table_bytes(shape, dtype) for _, shape, stored in plans if not stored) if cache_dir is not None else 0,
+                device, cache_dir)
+    images = None
+    tables = []
+    for i, (teacher, (key, shape, stored)) in enumerate(zip(teachers, plans)):
+        path = _paths(cache_dir, key)[0] if cache_dir is not None else None
+        if stored:
+            table = _open(cache_dir, key, shape, dtype, storage, device)
+            if table is not None:  # None: another process replaced it in between; computed again below
+                log(f"teacher cache: teacher {i} logits read from {path}")
+                tables.append(LogitTable(table, key, path))
                 continue
-            if images is None:
-                images = dataset.images.to(device)
-            log(f"teacher cache: computing teacher {i}'s logits for {shape[0]} images x {shape[1]} views")
+        if images is None:
+            images = dataset.images.to(device)
+        log(f"teacher cache: computing teacher {i}'s logits for {shape[0]} images x {shape[1]} views")
+        info = {"teacher": type(teacher).__name__, "data": dataset.name, "views": shape[1], **settings}
+        if storage == "disk":  # straight into the file: the table is never whole in device or host memory
+            table, arr, tmp = _new_memmap(cache_dir, key, shape, dtype)
+            build_table(teacher, images, dataset.mean, dataset.std, augment, table, batch_size, channels_last, autocast)
+            arr.flush()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            del table, arr
+            tmp.replace(path)
+            _write_sidecar(cache_dir, key, shape, dtype, info)
+            table = _open(cache_dir, key, shape, dtype, storage, device)
+        else:
             table = torch.empty(shape, dtype=dtype, device=device)
             build_table(teacher, images, dataset.mean, dataset.std, augment, table, batch_size, channels_last, autocast)
-            path = None
             if cache_dir is not None:
-                path = _write(Path(cache_dir), key, table, {"teacher": type(teacher).__name__, "data": dataset.name,
-                                                            "views": shape[1], **settings})
-                if storage == "disk":
-                    del table
-                    table = _open(Path(cache_dir), key, shape, dtype, storage, device)
-            tables.append(LogitTable(table, key, path))
-        return cls(tables, device)
+                _write(cache_dir, key, table, info)
+        tables.append(LogitTable(table, key, path))
+    return tables
 
 
 @torch.no_grad()

@@ -62,5 +62,7 @@ def prepare_teachers(
         storage = "device" if device.type == "cuda" else "disk"
     # on CPU the table is built in training-sized batches, which makes it bit-exact; on CUDA in larger ones
     batch = train_loader.batch_size if device.type == "cpu" else max(train_loader.batch_size, 1024)
+    # a table that does not fit raises CacheTooLarge naming the keys to change; no silent fallback to
+    # disk, which would add a device-to-host wait per step
     return TeacherCache.build(distiller.teachers, dataset, train_loader.augment, device, batch, dtype, storage,
                               cache_dir, channels_last, autocast, log)
