@@ -36,14 +36,16 @@ def teacher_text(row: dict) -> str:
 
 
 def add_deltas(rows: list[dict]) -> dict | None:
-    """Each row's top-1 minus vanilla's mean over its seeds; returns vanilla's {mean, std, n}."""
+    """Each row's top-1 minus vanilla's mean over its seeds, for rows that train vanilla's student (reversed KD
+    trains a larger one: no baseline here); returns vanilla's {mean, std, n}."""
     runs = [r for r in rows if r["recipe"] == VANILLA]
     if not runs:
         return None
     values = [r["top1_last"] for r in runs]
     base = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
     for r in rows:
-        r["delta_vs_vanilla"] = r["top1_last"] - base["mean"]
+        if r["student"] == runs[0]["student"]:
+            r["delta_vs_vanilla"] = r["top1_last"] - base["mean"]
     return base
 
 
@@ -58,7 +60,7 @@ def summary_rows(rows: list[dict], base: dict | None) -> list[dict]:
             r = {**r, "top1_text": f"{base['mean']:.2f} ± {base['std']:.2f} ({base['n']} seeds)", "delta_text": "0 (baseline)"}
         else:
             r = {**r, "top1_text": f"{r['top1_last']:.2f}",
-                 "delta_text": f"{r['delta_vs_vanilla']:+.2f}" if "delta_vs_vanilla" in r else "-"}
+                 "delta_text": f"{r['delta_vs_vanilla']:+.2f}" if "delta_vs_vanilla" in r else f"n/a ({r['student']})"}
         out.append(r)
     return out
 

@@ -105,6 +105,7 @@ def test_local_links_resolve():
 
 def test_demo_assets_are_present_and_small():
     table = (DOCS / "assets" / "demo_table.md").read_text()
-    assert "| recipe |" in table and "vanilla smallcnn" in table and "kd smallcnn" in table
+    assert "| recipe |" in table and "| vanilla | vanilla | smallcnn_narrow" in table and "| kd | kd | smallcnn_narrow" in table
+    assert "Δ vs vanilla" in table and "(3 seeds)" in table
     png = (DOCS / "assets" / "demo_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) < 200_000
