@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -205,10 +205,6 @@ def plan(table: Table, table_path: Path, out: Path, seeds: int | None, only: lis
 # Running
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
 @dataclass
 class Invocation:
     """What `kdlab reproduce` was asked: recorded in results.json so that a report says how it was made."""
@@ -238,53 +234,3 @@ def run_job(job: Job, quiet: bool) -> dict:
 
     resume = (job.run_dir / "config.yaml").exists()
     return runner.run(None if resume else job.recipe, job.run_dir, resume=resume, quiet=quiet)
-
-
-def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None, only: list[str] | None = None,
-              sets: list[str] = (), data_root: str | None = None, quiet: bool = False,
-              say: Callable[[str], None] = print, cache_dir: str | Path | None = None, jobs: int = 1) -> dict:
-    """Run (or continue) every cell x seed of the table into `out`, then write the comparison.
-
-    `jobs` > 1: independent runs in that many worker processes (kdlab.reproduce_jobs)."""
-    from kdlab import runner
-    from kdlab.reproduce_report import write_report
-
-    inv = Invocation(str(table_path), str(out), seeds, list(only) if only else None, list(sets), data_root,
-                     str(cache_dir) if cache_dir else None, jobs, quiet)
-    table_path, out = Path(table_path), Path(out)
-    table = load_table(table_path)
-    planned = inv.plan(table)
-    out.mkdir(parents=True, exist_ok=True)
-    n_cells = len({j.cell.name for j in planned})
-    say(f"{table.title}: {len(planned)} run(s) ({n_cells} cell(s), {len(planned) - n_cells} extra seed run(s)) in {out}"
-        + (f", {jobs} worker processes" if jobs > 1 else ""))
-    t_table = time.time()
-    if jobs > 1:
-        from kdlab.reproduce_jobs import run_parallel
-
-        failures = run_parallel(inv, table, planned, say)
-    else:
-        failures = {}
-        for i, job in enumerate(planned, 1):
-            tag = f"[{i}/{len(planned)}] {job.label}"
-            done = runner.read_result(job.run_dir)
-            if done is not None:
-                say(f"{tag}: finished earlier (top-1 last {done['top1_last']:.2f}), skipped")
-                continue
-            say(f"{tag}: {'resuming' if (job.run_dir / 'config.yaml').exists() else 'starting'} "
-                f"({job.recipe.method}, {job.recipe.student.name})")
-            t0 = time.time()
-            try:
-                result = run_job(job, quiet)
-            except KdlabError as e:  # one failed cell does not stop the table; it is reported at the end
-                failures[job.label] = str(e)
-                say(f"{tag}: FAILED: {e}")
-                continue
-            say(f"{tag}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({_minutes(time.time() - t0)})")
-            write_report(table, inv, failures)
-    summary = write_report(table, inv, failures)
-    say(f"{table.title}: {len(planned) - len(failures)}/{len(planned)} run(s) finished ({_minutes(time.time() - t_table)} this invocation); "
-        f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'deltas.png'}" if summary.get("chart") else ""))
-    if failures:
-        raise KdlabError(f"{len(failures)} run(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
-    return summary

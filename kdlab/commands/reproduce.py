@@ -26,7 +26,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from kdlab.errors import KdlabError
-    from kdlab.reproduce import run_table
+    from kdlab.reproduce_run import run_table
 
     if args.seeds is not None and args.seeds < 1:
         raise KdlabError("--seeds must be at least 1")

@@ -1,7 +1,7 @@
-"""`kdlab reproduce --jobs N`: a table's independent runs in N worker processes.
+"""Running a reproduction table: every run in this process, or (`jobs` > 1) in N worker processes.
 
 Each task (a teacher to train, or one cell x seed) runs in its own process started as
-`python -m kdlab.reproduce_jobs TASK-JSON`; the worker re-plans the table from the same invocation
+`python -m kdlab.reproduce_run TASK-JSON`; the worker re-plans the table from the same invocation
 and runs exactly that task, so it trains what a one-process run would train, in the same folders.
 Teachers come first and each one is trained by one worker only (tasks are keyed by the teacher's
 cache folder); a cell starts once every teacher it needs is finished. A worker that dies, however it
@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kdlab.reproduce import Invocation, Job, Table, load_table
+from kdlab.errors import KdlabError
+from kdlab.reproduce import Invocation, Job, Table, load_table, run_job
+from kdlab.reproduce_report import write_report
 
 HEARTBEAT_SECONDS = 300.0
 POLL_SECONDS = 1.0
@@ -89,6 +91,57 @@ def progress_line(tasks: list[Task], done: set[int], failed: dict[int, str], run
             f"{left} waiting")
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None, only: list[str] | None = None,
+              sets: list[str] = (), data_root: str | None = None, quiet: bool = False,
+              say: Callable[[str], None] = print, cache_dir: str | Path | None = None, jobs: int = 1) -> dict:
+    """Run (or continue) every cell x seed of the table into `out`, then write the comparison.
+
+    `jobs` > 1: independent runs in that many worker processes."""
+    from kdlab import runner
+
+    inv = Invocation(str(table_path), str(out), seeds, list(only) if only else None, list(sets), data_root,
+                     str(cache_dir) if cache_dir else None, jobs, quiet)
+    table_path, out = Path(table_path), Path(out)
+    table = load_table(table_path)
+    planned = inv.plan(table)
+    out.mkdir(parents=True, exist_ok=True)
+    n_cells = len({j.cell.name for j in planned})
+    say(f"{table.title}: {len(planned)} run(s) ({n_cells} cell(s), {len(planned) - n_cells} extra seed run(s)) in {out}"
+        + (f", {jobs} worker processes" if jobs > 1 else ""))
+    t_table = time.time()
+    if jobs > 1:
+        failures = run_parallel(inv, table, planned, say)
+    else:
+        failures = {}
+        for i, job in enumerate(planned, 1):
+            tag = f"[{i}/{len(planned)}] {job.label}"
+            done = runner.read_result(job.run_dir)
+            if done is not None:
+                say(f"{tag}: finished earlier (top-1 last {done['top1_last']:.2f}), skipped")
+                continue
+            say(f"{tag}: {'resuming' if (job.run_dir / 'config.yaml').exists() else 'starting'} "
+                f"({job.recipe.method}, {job.recipe.student.name})")
+            t0 = time.time()
+            try:
+                result = run_job(job, quiet)
+            except KdlabError as e:  # one failed cell does not stop the table; it is reported at the end
+                failures[job.label] = str(e)
+                say(f"{tag}: FAILED: {e}")
+                continue
+            say(f"{tag}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({_minutes(time.time() - t0)})")
+            write_report(table, inv, failures)
+    summary = write_report(table, inv, failures)
+    say(f"{table.title}: {len(planned) - len(failures)}/{len(planned)} run(s) finished ({_minutes(time.time() - t_table)} this invocation); "
+        f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'deltas.png'}" if summary.get("chart") else ""))
+    if failures:
+        raise KdlabError(f"{len(failures)} run(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+    return summary
+
+
 def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[str], None]) -> dict[str, str]:
     """Run every unfinished task with at most `inv.jobs` workers; returns {run label: error} of failed runs."""
     tasks = tasks_of(jobs)
@@ -113,7 +166,7 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
         spec = json.dumps({"invocation": asdict(inv), "cell": tasks[i].cell, "seed": tasks[i].seed,
                            "teacher_index": tasks[i].teacher_index})
         log = open(logs / f"{tasks[i].slug}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "kdlab.reproduce_jobs", spec], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "kdlab.reproduce_run", spec], stdout=log, stderr=subprocess.STDOUT,
                                 env=worker_env(slot))
         log.close()
         running[i] = (proc, slot, time.time())
@@ -147,8 +200,6 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
                     finished_folders.add(tasks[i].folder)
                     say(f"finished {tasks[i].label} in {minutes:.1f} min{result_text(tasks[i])}; " + progress_line(tasks, done, failed, running))
                     if tasks[i].teacher_index is None:
-                        from kdlab.reproduce_report import write_report
-
                         write_report(table, inv, {})
                 else:
                     failed[i] = last_error(logs / f"{tasks[i].slug}.log", rc)
@@ -220,7 +271,6 @@ def stop_workers(running: dict[int, tuple], say: Callable[[str], None]) -> None:
 def work(spec: dict) -> None:
     """One task, in a worker process."""
     from kdlab import runner
-    from kdlab.reproduce import run_job
 
     inv = Invocation(**spec["invocation"])
     table = load_table(inv.table)
@@ -236,10 +286,8 @@ def work(spec: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from kdlab.errors import KdlabError
-
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m kdlab.reproduce_jobs TASK-JSON (started by kdlab reproduce --jobs)\n")
+        sys.stderr.write("usage: python -m kdlab.reproduce_run TASK-JSON (started by kdlab reproduce --jobs)\n")
         return 2
     import torch
 

@@ -15,7 +15,7 @@ import yaml
 
 from kdlab.checkpoint import load_weights
 from kdlab.reproduce import load_table, plan
-from kdlab.reproduce_jobs import tasks_of
+from kdlab.reproduce_run import tasks_of
 from test_reproduce import RECIPE, write_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
