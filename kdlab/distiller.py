@@ -35,6 +35,8 @@ class Distiller(nn.Module):
         self.student_taps = FeatureTaps(student, s_specs, "student")
         self.teacher_taps = [FeatureTaps(t, specs, f"teacher {i}") for i, (t, specs) in enumerate(zip(self._teachers, t_specs))]
         self.uses_teachers = any(term.needs_teacher for term in self.terms.values())
+        self.needs_progress = any(term.needs_progress for term in self.terms.values())
+        self.needs_indices = any(term.needs_indices for term in self.terms.values())
         self.built = False
 
     @property
@@ -57,11 +59,13 @@ class Distiller(nn.Module):
         return (["ce"] if self.ce_weight > 0 else []) + [n for n, t in self.terms.items() if getattr(t, "active_in_main", True)]
 
     def outputs(self, x: torch.Tensor, y: torch.Tensor, student: bool = True,
-                teacher_logits: list[torch.Tensor] | None = None) -> Outputs:
+                teacher_logits: list[torch.Tensor] | None = None, progress: torch.Tensor | float | None = None,
+                indices: torch.Tensor | None = None) -> Outputs:
         """Forward the student (with grad) and the teachers (without) and collect every tap.
 
         ``teacher_logits`` given (a teacher cache, kdlab.fast): the teachers do not run, and their
-        features are empty; only for terms that read teacher logits alone.
+        features are empty; only for terms that read teacher logits alone. ``progress`` (epochs
+        completed) and ``indices`` (the samples' indices in the training set) are passed on to the terms.
         """
         if teacher_logits is not None:
             teacher_logits, teacher_feats = list(teacher_logits), [{} for _ in teacher_logits]
@@ -77,24 +81,29 @@ class Distiller(nn.Module):
             feats = self.student_taps.take()
         else:
             logits, feats = teacher_logits[0] if teacher_logits else x.new_zeros(()), {}
-        return Outputs(logits=logits, targets=y, feats=feats, teacher_logits=teacher_logits, teacher_feats=teacher_feats)
+        return Outputs(logits=logits, targets=y, feats=feats, teacher_logits=teacher_logits, teacher_feats=teacher_feats,
+                       progress=progress, indices=indices)
 
     @torch.no_grad()
     def build(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Size every side module from one probe batch, without touching BN statistics."""
         was_training = self.training
         self.student.eval()
-        probe = self.outputs(x, y)
+        probe = self.outputs(x, y, progress=0.0, indices=torch.arange(len(y), device=y.device))
         for term in self.terms.values():
             term.build(probe)
         self.to(x.device)
         self.train(was_training)
         self.built = True
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: list[torch.Tensor] | None = None
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: list[torch.Tensor] | None = None,
+                progress: torch.Tensor | float | None = None, indices: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(total loss, student logits, {term: weighted value}); the functional maths runs in float32 under autocast."""
-        out = self.outputs(x, y, teacher_logits=teacher_logits)
+        """(total loss, student logits, {term: weighted value}); the functional maths runs in float32 under autocast.
+
+        ``progress``: epochs completed (epoch + step / steps per epoch), for terms that change with training
+        (DKD's warm-up); ``indices``: each sample's index in the training set (CRD's memory bank)."""
+        out = self.outputs(x, y, teacher_logits=teacher_logits, progress=progress, indices=indices)
         values: dict[str, torch.Tensor] = {}
         if self.ce_weight > 0:
             values["ce"] = self.ce_weight * nnf.cross_entropy(out.logits.float(), y)

@@ -16,10 +16,11 @@ OPTIONS = {
     "fitnet": {"stages": "single", "weight": 1.0},
     "lp": {"k": 3},
     "ensemble_kd": {},
+    "dkd": {"warmup_epochs": 0},  # its warm-up needs the trainer's progress: tests/test_dkd.py covers that path
 }
 TWO_TEACHERS = {"ensemble_kd", "feed"}
 # terms whose value is a distance between student and teacher quantities without a trainable map in between
-ZERO_WHEN_EQUAL = {"kd", "ensemble_kd", "at", "nst"}
+ZERO_WHEN_EQUAL = {"kd", "ensemble_kd", "at", "nst", "dkd"}
 
 
 def make(term: str, student_is_teacher_copy: bool = False, seed: int = 0):

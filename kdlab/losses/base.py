@@ -34,6 +34,10 @@ class Outputs:
     feats: dict[str, torch.Tensor] = field(default_factory=dict)  # student taps by spec
     teacher_logits: list[torch.Tensor] = field(default_factory=list)  # per teacher (N, K)
     teacher_feats: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # epochs completed when this step runs (epoch + step / steps_per_epoch): a float, or a 0-dim device
+    # tensor inside the graph step; None outside training (terms with needs_progress must say so)
+    progress: torch.Tensor | float | None = None
+    indices: torch.Tensor | None = None  # (N,) int64: each sample's index in the training set (needs_indices)
 
 
 class Term(nn.Module):
@@ -50,6 +54,8 @@ class Term(nn.Module):
     reads_teacher_features: ClassVar[bool] = False
     default_student_layers: ClassVar[str | None] = None  # 'all' | 'last' | 'middle' | 'embedding'
     default_teacher_layers: ClassVar[str | None] = None
+    needs_progress: ClassVar[bool] = False  # reads Outputs.progress (a warm-up, a schedule inside the loss)
+    needs_indices: ClassVar[bool] = False  # reads Outputs.indices (a memory bank over the training set)
 
     def __init__(self, opts: TermOptions, student: nn.Module, teachers: list[nn.Module]):
         super().__init__()
