@@ -52,3 +52,18 @@ def check_recipe(recipe) -> None:
         raise ConfigError(f"method {method.name!r} trains generations: set generations >= 1")
     if method.teachers == "given" and not recipe.teachers:
         raise ConfigError(f"method {method.name!r} needs at least one entry in 'teachers'")
+    check_fast_path(recipe)
+
+
+def check_fast_path(recipe) -> None:
+    """Terms that read the training progress or the samples' indices run in the eager step only: the graph
+    step replays one captured function whose inputs are the batch and the teachers' logits."""
+    from kdlab.losses import TERMS
+
+    if recipe.train.fast.graph_step:
+        for name in recipe.loss.terms:
+            term = TERMS.get(name)
+            if term is not None and (term.needs_progress or term.needs_indices):
+                what = "the training progress" if term.needs_progress else "each sample's index"
+                raise ConfigError(f"train.fast.graph_step: loss term {name!r} reads {what}, which the graph step does not "
+                                  "pass; set train.fast.graph_step=false for this recipe")

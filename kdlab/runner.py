@@ -87,7 +87,7 @@ def preflight(recipe: Recipe, data: Data) -> None:
     n = min(recipe.train.batch_size, len(probe.labels))  # terms such as lp need a batch the size of training's
     x, y = probe.images[:n].float().div(255), probe.labels[:n]
     distiller.build(x[:8], y[:8])
-    distiller.train()(x, y)  # the terms' own shape checks run in their forward
+    distiller.train()(x, y, progress=0.0, indices=torch.arange(n))  # the terms' own shape checks run in their forward
 
 
 def load_data(recipe: Recipe) -> Data:

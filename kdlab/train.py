@@ -313,8 +313,9 @@ def fit(
             bad_values = torch.zeros(len(names) + 1, device=device)
             seen = 0
             progress.start_epoch(epoch)
-            batches = train_loader.iter_batches(with_meta=True) if teacher_cache is not None else iter(train_loader)
-            for step, (x, y, *meta) in enumerate(batches):  # meta: (index, view) for the teacher cache
+            with_meta = teacher_cache is not None or distiller.needs_indices
+            batches = train_loader.iter_batches(with_meta=True) if with_meta else iter(train_loader)
+            for step, (x, y, *meta) in enumerate(batches):  # meta: (index, view) for the teacher cache and indexed terms
                 if step >= steps_per_epoch:
                     break
                 lr = lr_at(cfg, epoch + step / steps_per_epoch)
@@ -325,9 +326,13 @@ def fit(
                 if fast_step is not None:  # forward, backward and update in one device-side call
                     loss, logits, terms = fast_step(x, y, lr, *meta)
                 else:
-                    cached = {"teacher_logits": teacher_cache.lookup(*meta)} if teacher_cache is not None else {}
+                    extra = {"teacher_logits": teacher_cache.lookup(*meta)} if teacher_cache is not None else {}
+                    if distiller.needs_progress:  # a device scalar filled in place: no host copy, no recompile per value
+                        extra["progress"] = torch.full((), epoch + step / steps_per_epoch, device=device)
+                    if distiller.needs_indices:
+                        extra["indices"] = meta[0]
                     with autocast():
-                        loss, logits, terms = step_fn(x, y, **cached)
+                        loss, logits, terms = step_fn(x, y, **extra)
                 values = torch.stack([loss.detach()] + [terms[n].detach() for n in names])
                 finite = distributed.all_true(torch.isfinite(values).all())  # every rank skips or stops together
                 if cfg.nonfinite == "skip" and not bool(finite):

@@ -78,3 +78,42 @@ def test_term_scales_by_the_warmup_and_needs_the_progress():
         assert d(x, y, progress=torch.tensor(7.0))[2]["dkd"].item() == pytest.approx(full, rel=1e-5)
         with pytest.raises(LayerError, match="progress"):
             d(x, y)
+
+
+def test_fit_gives_terms_the_progress_and_each_samples_index(tmp_path):
+    """What the trainer passes: epochs completed at each step, and indices that name the batch's samples."""
+    from kdlab import models
+    from kdlab.config import LossConfig, TrainConfig
+    from kdlab.data import DeviceLoader, load_dataset
+    from kdlab.distiller import Distiller
+    from kdlab.losses.base import TERMS, Term
+    from kdlab.train import fit
+
+    seen = []
+
+    class Probe(Term):
+        name = "probe_progress"
+        needs_teacher = False
+        needs_progress = True
+        needs_indices = True
+
+        def forward(self, out):
+            seen.append((float(out.progress), out.indices.clone(), out.targets.clone()))
+            return out.logits.sum() * 0.0
+
+    TERMS[Probe.name] = Probe
+    try:
+        train = load_dataset("digits", split="train")
+        student = models.create("smallcnn", num_classes=10, in_chans=1)
+        d = Distiller(student, [], LossConfig(ce=1.0, terms={"probe_progress": {}}))
+        loader = DeviceLoader(train, 16, train=True, seed=0)
+        x, y = next(iter(loader))
+        d.build(x[:4], y[:4])
+        cfg = TrainConfig(epochs=2, batch_size=16, max_steps_per_epoch=3, lr=0.01, eval_every=100)
+        fit(d, loader, None, cfg, tmp_path, lambda msg: None)
+    finally:
+        del TERMS[Probe.name]
+    assert [p for p, _, _ in seen] == pytest.approx([0, 1 / 3, 2 / 3, 1, 4 / 3, 5 / 3])
+    for _, idx, y in seen:
+        assert idx.dtype == torch.int64 and len(set(idx.tolist())) == len(idx)
+        assert torch.equal(train.labels[idx], y)
