@@ -141,9 +141,11 @@ def cc(es: Tensor, et: Tensor, mode: str = "code", gamma: float = 0.4, order: in
 
 def _pdist(e: Tensor, eps: float = 1e-12) -> Tensor:
     """Euclidean distances between rows, as RepDistiller: squared norms minus twice the Gram matrix,
-    clamped at ``eps`` before the square root; the diagonal is set to 0."""
+    clamped at ``eps`` before the square root, the diagonal 0. Unlike RepDistiller, rows that coincide
+    (squared distance <= eps) also get 0, not sqrt(eps), so they stay out of the mean distance."""
     sq = e.pow(2).sum(1)
-    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (e @ e.t())).clamp(min=eps).sqrt()
+    d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (e @ e.t())
+    d = torch.where(d2 > eps, d2.clamp(min=eps).sqrt(), torch.zeros_like(d2))
     return d * (1.0 - torch.eye(e.shape[0], dtype=e.dtype, device=e.device))
 
 
@@ -172,7 +174,7 @@ def rkd(fs: Tensor, ft: Tensor, distance_weight: float = 25.0, angle_weight: flo
     ``l_delta`` is the Huber loss with delta 1 (``smooth_l1``). The means run over all N^2 pairs and
     N^3 triplets, the degenerate ones (value 0 on both sides) included, as in the code; the paper
     writes sums over distinct pairs and triplets. Weights 25 and 50: RepDistiller's. The teacher side
-    is detached.
+    is detached. Coinciding samples are at distance 0 (RepDistiller: 1e-6, counted in the mean).
     """
     _check_batch("rkd", fs, ft)
     distance_weight = _check_nonnegative("rkd", "distance_weight", distance_weight)
