@@ -29,6 +29,8 @@ VARIANTS = [
     ("cc", {"mode": "paper"}),
     ("cc", {"mode": "paper", "embed_dim": None}),
     ("pkt", {"mode": "paper"}),
+    ("rkd", {"gather": True}),  # one process: gathering the global batch is the identity
+    ("dist", {"gather": True}),
 ]
 CASES = [(t, {}) for t in sorted(TERMS)] + VARIANTS
 CASE_IDS = [t + "".join(f"-{k}={v}" for k, v in o.items()) for t, o in CASES]

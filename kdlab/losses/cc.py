@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from kdlab import distributed
 from kdlab.losses import relational as R
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
@@ -24,6 +25,8 @@ class CCOptions(TermOptions):
         "student (RepDistiller's LinearEmbed; the teacher's head is trained too); null: no heads")
     gamma: float = Field(default=0.4, gt=0, description="mode 'paper': RBF kernel exp(-gamma ||x - y||^2)")
     order: int = Field(default=2, ge=0, le=10, description="mode 'paper': order P of the kernel's Taylor series")
+    gather: bool = Field(default=False, description="under torchrun: relate the samples of the global batch (every rank's "
+                         "embeddings (after the heads) gathered, the student's differentiably) instead of each rank's share")
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
@@ -54,5 +57,7 @@ class CC(Term):
             es, et = out.feats[s_spec].flatten(1), teacher[t_spec].flatten(1)
             if self.opts.embed_dim is not None:
                 es, et = self.embed_s[i](es), self.embed_t[i](et)
+            if self.opts.gather:
+                es, et = distributed.gather_batch(es), distributed.gather_batch(et)
             total = total + R.cc(es, et, mode=self.opts.mode, gamma=self.opts.gamma, order=self.opts.order)
         return total

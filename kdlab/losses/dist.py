@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from kdlab import distributed
 from kdlab.errors import ConfigError
 from kdlab.losses import relational as R
 from kdlab.losses.base import Outputs, Term, TermOptions, register
@@ -19,6 +20,8 @@ class DISTOptions(TermOptions):
     logit_standardize: bool = Field(default=False, description="z-score both logits per sample before the temperature "
                                     "(logit standardisation, Sun et al. 2024)")
     teacher: int = Field(default=0, ge=0, description="which teacher (index in 'teachers')")
+    gather: bool = Field(default=False, description="under torchrun: correlate each class over the global batch (every rank's "
+                         "logits gathered, the student's differentiably) instead of each rank's share")
 
 
 @register
@@ -35,4 +38,7 @@ class DIST(Term):
 
     def forward(self, out: Outputs) -> torch.Tensor:
         o = self.opts
-        return R.dist(out.logits, out.teacher_logits[o.teacher], T=o.T, beta=o.beta, gamma=o.gamma, standardize=o.logit_standardize)
+        zs, zt = out.logits, out.teacher_logits[o.teacher]
+        if o.gather:
+            zs, zt = distributed.gather_batch(zs), distributed.gather_batch(zt)
+        return R.dist(zs, zt, T=o.T, beta=o.beta, gamma=o.gamma, standardize=o.logit_standardize)
