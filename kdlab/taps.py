@@ -77,7 +77,10 @@ def stage_names(model: nn.Module) -> list[str]:
 
 
 def default_layers(model: nn.Module, which: str, role: str) -> list[str]:
-    """Sensible defaults per method: 'all' stages, the 'last' stage, 'middle' (FitNet's hint), 'embedding'."""
+    """Sensible defaults per method: 'all' stages, the 'last' stage, 'middle' (FitNet's hint), 'embedding';
+    a ':pre' suffix ('all:pre') names the same stages' pre-activation outputs."""
+    if which.endswith(":pre"):  # the same stages before their final ReLU (AB, OFD)
+        return [spec + ":pre" for spec in default_layers(model, which[: -len(":pre")], role)]
     stages = stage_names(model)
     if which == "embedding":
         if not getattr(unwrap(model), "embedding_module", None):

@@ -36,8 +36,9 @@ def test_digits_recipe_trains_a_few_steps(path, tmp_path_factory):
     result = runner.run(recipe, out / "run", quiet=True)
     assert 0 <= result["top1_last"] <= 100
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    for name in recipe.loss.terms:
-        if name != "fitnet":  # two-stage FitNet logs its hint stage in log.txt, not as a main-stage term
+    for name, opts in recipe.loss.terms.items():
+        # two-stage FitNet, AB and FSP log their first stage in log.txt, not as a main-stage term
+        if not (name in ("fitnet", "ab", "fsp") and (opts or {}).get("stages", "two") == "two"):
             assert f"train_{name}" in rows[-1]
     if recipe.generations:
         assert len(result["generations"]) == recipe.generations + 1

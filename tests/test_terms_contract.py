@@ -11,19 +11,40 @@ from kdlab.config import LossConfig
 from kdlab.distiller import Distiller
 from kdlab.losses import TERMS
 
-# options that keep every term cheap and well defined on an 8x8 digits-sized batch of 16
+# options that keep every term cheap and well defined on an 8x8 digits-sized batch of 16; the
+# two-stage methods (FitNet, AB, FSP) run single-stage here so that their term is in the main loss
 OPTIONS = {
     "fitnet": {"stages": "single", "weight": 1.0},
+    "ab": {"stages": "single"},
+    "fsp": {"stages": "single"},
     "lp": {"k": 3},
     "ensemble_kd": {},
     "dkd": {"warmup_epochs": 0},  # its warm-up needs the trainer's progress: tests/test_dkd.py covers that path
 }
 TWO_TEACHERS = {"ensemble_kd", "feed"}
+SAME_WIDTH_TEACHER = {"fsp"}  # FSP matrices need the teacher's channel counts: a smallcnn teacher
+# option variants that the contract covers as well (logit standardisation, the paper/code modes)
+VARIANTS = [
+    ("kd", {"logit_standardize": True, "T": 2.0}),
+    ("dist", {"logit_standardize": True, "T": 4.0}),
+    ("cc", {"mode": "paper"}),
+    ("cc", {"mode": "paper", "embed_dim": None}),
+    ("pkt", {"mode": "paper"}),
+    ("rkd", {"gather": True}),  # one process: gathering the global batch is the identity
+    ("dist", {"gather": True}),
+]
+CASES = [(t, {}) for t in sorted(TERMS)] + VARIANTS
+CASE_IDS = [t + "".join(f"-{k}={v}" for k, v in o.items()) for t, o in CASES]
 # terms whose value is a distance between student and teacher quantities without a trainable map in between
-ZERO_WHEN_EQUAL = {"kd", "ensemble_kd", "at", "nst", "dkd"}
+ZERO_WHEN_EQUAL = [(t, {}) for t in ("kd", "ensemble_kd", "at", "nst", "sp", "rkd", "pkt", "fsp", "dkd")] + [
+    ("kd", {"logit_standardize": True}), ("pkt", {"mode": "paper"}), ("cc", {"embed_dim": None}),
+    ("cc", {"embed_dim": None, "mode": "paper"}),
+]
+# CC's code mode multiplies consecutive samples' differences: it depends on the batch order
+ORDER_DEPENDENT = {("cc", ())}
 
 
-def make(term: str, student_is_teacher_copy: bool = False, seed: int = 0):
+def make(term: str, student_is_teacher_copy: bool = False, seed: int = 0, options: dict | None = None):
     torch.manual_seed(seed)
     n_teachers = 2 if term in TWO_TEACHERS else (1 if TERMS[term].needs_teacher else 0)
     if student_is_teacher_copy:
@@ -31,8 +52,9 @@ def make(term: str, student_is_teacher_copy: bool = False, seed: int = 0):
         teachers = [copy.deepcopy(student) for _ in range(n_teachers)]
     else:
         student = models.create("smallcnn", num_classes=10, in_chans=1)
-        teachers = [models.create("smallcnn_wide", num_classes=10, in_chans=1) for _ in range(n_teachers)]
-    loss = LossConfig(ce=0.0, terms={term: {"weight": 1.0, **OPTIONS.get(term, {})}})
+        teacher_model = "smallcnn" if term in SAME_WIDTH_TEACHER else "smallcnn_wide"
+        teachers = [models.create(teacher_model, num_classes=10, in_chans=1) for _ in range(n_teachers)]
+    loss = LossConfig(ce=0.0, terms={term: {"weight": 1.0, **OPTIONS.get(term, {}), **(options or {})}})
     d = Distiller(student, teachers, loss)
     x = torch.randn(16, 1, 8, 8)
     y = torch.randint(0, 10, (16,))
@@ -40,9 +62,9 @@ def make(term: str, student_is_teacher_copy: bool = False, seed: int = 0):
     return d, x, y
 
 
-@pytest.mark.parametrize("term", sorted(TERMS))
-def test_finite_and_gradients_reach_student_and_side_modules_only(term):
-    d, x, y = make(term)
+@pytest.mark.parametrize("term, options", CASES, ids=CASE_IDS)
+def test_finite_and_gradients_reach_student_and_side_modules_only(term, options):
+    d, x, y = make(term, options=options)
     d.train()
     loss, logits, values = d(x, y)
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -62,9 +84,9 @@ def test_finite_and_gradients_reach_student_and_side_modules_only(term):
     assert all(not k.startswith("_teachers") for k in d.state_dict())
 
 
-@pytest.mark.parametrize("term", sorted(ZERO_WHEN_EQUAL))
-def test_zero_when_student_equals_teacher(term):
-    d, x, y = make(term, student_is_teacher_copy=True)
+@pytest.mark.parametrize("term, options", ZERO_WHEN_EQUAL, ids=[t + "".join(f"-{k}={v}" for k, v in o.items()) for t, o in ZERO_WHEN_EQUAL])
+def test_zero_when_student_equals_teacher(term, options):
+    d, x, y = make(term, student_is_teacher_copy=True, options=options)
     d.eval()  # same BN statistics on both sides
     with torch.no_grad():
         _, _, values = d(x, y)
@@ -83,20 +105,42 @@ def test_lsr_floor_is_the_entropy_of_its_target():
     assert value.item() == pytest.approx(entropy.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("term", sorted(TERMS))
-def test_batch_order_invariance(term):
-    d, x, y = make(term)
+@pytest.mark.parametrize("term, options", CASES, ids=CASE_IDS)
+def test_batch_order_invariance(term, options):
+    d, x, y = make(term, options=options)
     d.eval()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _, _, a = d(x, y)
         _, _, b = d(x[perm], y[perm])
-    assert a[term].item() == pytest.approx(b[term].item(), rel=1e-4, abs=1e-6)
+    if (term, tuple(sorted(options.items()))) in ORDER_DEPENDENT:
+        assert a[term].item() != pytest.approx(b[term].item(), rel=1e-4, abs=1e-6)
+    else:
+        assert a[term].item() == pytest.approx(b[term].item(), rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize("term", sorted(TERMS))
-def test_runs_under_bf16_autocast(term):
-    d, x, y = make(term)
+def test_dist_floor_when_student_equals_teacher():
+    """DIST is 1 - (Pearson correlation) per row and column; with student == teacher what remains is
+    the eps 1e-8 in the cosine's denominator: 1 - |a|^2 / (|a|^2 + 1e-8) per centred row or column a."""
+    d, x, y = make("dist", student_is_teacher_copy=True, options={"T": 4.0, "beta": 2.0, "gamma": 2.0})
+    d.eval()
+    with torch.no_grad():
+        _, logits, values = d(x, y)
+        p = torch.softmax(logits.double() / 4.0, dim=1)
+
+        def residue(m):
+            sq = (m - m.mean(1, keepdim=True)).pow(2).sum(1)
+            return (1 - sq / (sq + 1e-8)).mean()
+
+        floor = 16.0 * (2.0 * residue(p) + 2.0 * residue(p.t()))
+    # an untrained net's tempered predictions are nearly uniform, so |a|^2 is close to the eps and the
+    # floor is far from 0 here (0.14): DIST cannot see a difference below that spread
+    assert values["dist"].item() == pytest.approx(floor.item(), rel=1e-3, abs=1e-9)
+
+
+@pytest.mark.parametrize("term, options", CASES, ids=CASE_IDS)
+def test_runs_under_bf16_autocast(term, options):
+    d, x, y = make(term, options=options)
     d.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _, values = d(x, y)

@@ -189,8 +189,23 @@ def _kl_bm(log_p: Tensor, log_q: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+ZSCORE_EPS = 1e-7
+"""Logit standardisation's eps, added to the standard deviation as in its official code."""
+
+
+def _zscore(z: Tensor) -> Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024): each row minus its mean, over ``eps + std``.
+
+    ``std`` is the unbiased (K - 1) standard deviation of ``torch.std``, as in the official code; the
+    paper's population sigma is smaller by sqrt((K - 1) / K), which only rescales the temperature.
+    """
+    if z.shape[-1] < 2:
+        raise LayerError(f"logit standardisation needs at least 2 classes, got logits of shape {_shape(z)}")
+    return (z - z.mean(dim=-1, keepdim=True)) / (ZSCORE_EPS + z.std(dim=-1, keepdim=True))
+
+
 @_float_math
-def kd(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> Tensor:
+def kd(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, standardize: bool = False) -> Tensor:
     r"""Hinton KD loss (spec §5.1): the temperature-scaled, batch-mean KL divergence.
 
     .. math::
@@ -202,16 +217,23 @@ def kd(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> Tensor
     AT code). Note the Tf-KD repo's ``nn.KLDivLoss()`` default divides by ``N*K`` instead (``KL_mean``
     = this / K); that factor belongs in the weight, not here. Both sides use ``log_softmax``.
 
+    With ``standardize=True`` both logits are first z-scored per sample (logit standardisation, Sun
+    et al., CVPR 2024: ``(z - mean_k z) / (1e-7 + std_k z)``), so that ``T`` acts on logits of unit
+    spread and the student need not match the teacher's logit range.
+
     Args:
         student_logits: (N, K).
         teacher_logits: (N, K), same shape.
         T: temperature > 0.
+        standardize: z-score both logits per sample before the temperature.
     """
     T = _check_positive("kd", "temperature T", T)
     _check_same_shape("kd", student_logits, teacher_logits, "logit", "student and teacher must share the classes")
     if student_logits.dim() != 2:
         raise LayerError(f"kd: expected logits of shape (N, K), got student {_shape(student_logits)}")
     zs, zt = _as_float(student_logits, teacher_logits)
+    if standardize:
+        zs, zt = _zscore(zs), _zscore(zt)
     log_ps = F.log_softmax(zs / T, dim=1)
     log_pt = F.log_softmax(zt / T, dim=1)
     return (T * T) * _kl_bm(log_pt, log_ps)

@@ -20,6 +20,11 @@ class KDOptions(TermOptions):
         description="batchmean: KL summed over classes, mean over samples; mean: also divided by the class count "
         "K, as nn.KLDivLoss's legacy default in the Tf-KD official code",
     )
+    logit_standardize: bool = Field(
+        default=False,
+        description="z-score both logits per sample before the temperature (logit standardisation, Sun et al. 2024; "
+        "its recipes pair it with T 2 and weight 9)",
+    )
 
 
 @register
@@ -27,7 +32,8 @@ class KD(Term):
     """`T^2 * mean_n KL(softmax(t_n/T) || softmax(s_n/T))`, divided by K when reduction='mean'.
 
     RepDistiller's recipe: CE weight 0.1, KD weight 0.9, T=4. Example:
-    `loss: {ce: 0.1, terms: {kd: {weight: 0.9, T: 4}}}`.
+    `loss: {ce: 0.1, terms: {kd: {weight: 0.9, T: 4}}}`. With `logit_standardize: true` both logits
+    are z-scored per sample first (Sun et al., CVPR 2024): `{kd: {weight: 9, T: 2, logit_standardize: true}}`.
     """
 
     name = "kd"
@@ -44,7 +50,7 @@ class KD(Term):
         return out.teacher_logits[self.opts.teacher]
 
     def forward(self, out: Outputs) -> torch.Tensor:
-        value = F.kd(out.logits, self.teacher_logits(out), T=self.opts.T)
+        value = F.kd(out.logits, self.teacher_logits(out), T=self.opts.T, standardize=self.opts.logit_standardize)
         if self.opts.reduction == "mean":
             value = value / out.logits.shape[1]
         return value
