@@ -179,6 +179,12 @@ class Distill:
             x, y = next(iter(test_loader if test_loader is not None else train_loader))
             self.distiller.build(x[:8], y[:8])
             _check_classes(self.student, x[:2], num_classes)
+        if self.distiller.needs_indices and not self.distiller.attached:
+            labels = getattr(train_loader, "labels", None)
+            if labels is None:
+                raise ConfigError("fit: a loss term that reads each sample's index (crd) needs kdlab's array data "
+                                  "(images and labels), not a DataLoader, so that the index names one sample")
+            self.distiller.attach_training_set(labels)
         log = print if verbose else (lambda _msg: None)
         with _run_folder(run_dir) as folder:
             ctx = StageContext(student=self.student, teachers=self.teachers, train_loader=train_loader, device=dev, run_dir=folder,

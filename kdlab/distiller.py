@@ -38,6 +38,7 @@ class Distiller(nn.Module):
         self.needs_progress = any(term.needs_progress for term in self.terms.values())
         self.needs_indices = any(term.needs_indices for term in self.terms.values())
         self.built = False
+        self.attached = False
 
     @property
     def teachers(self) -> list[nn.Module]:
@@ -95,6 +96,13 @@ class Distiller(nn.Module):
         self.to(x.device)
         self.train(was_training)
         self.built = True
+
+    def attach_training_set(self, labels: torch.Tensor) -> None:
+        """Give the terms that keep per-sample state (CRD's memory bank) the training set's labels, in index
+        order; after `build`, before training or loading a checkpoint (the state is part of it)."""
+        for term in self.terms.values():
+            term.attach_training_set(labels)
+        self.attached = True
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: list[torch.Tensor] | None = None,
                 progress: torch.Tensor | float | None = None, indices: torch.Tensor | None = None

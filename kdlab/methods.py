@@ -51,6 +51,8 @@ METHODS: dict[str, Method] = {
         Method("tfkd_self", "teacher-free self-distillation: train the student, then teach a fresh copy", ("kd",), "generations", "Yuan et al. 2020"),
         Method("tfkd_reg", "teacher-free regularisation with the manually designed distribution", ("tfkd_reg",), "none", "Yuan et al. 2020"),
         Method("lsr", "label smoothing", ("lsr",), "none", "Szegedy et al. 2016"),
+        Method("crd", "contrastive representation distillation: NCE against a memory bank of the other network's embeddings",
+               ("crd",), paper="Tian et al. 2020"),
         Method("dkd", "decoupled KD: target and non-target parts weighted apart, with a warm-up", ("dkd",), paper="Zhao et al. 2022"),
     ]
 }

@@ -87,6 +87,7 @@ def preflight(recipe: Recipe, data: Data) -> None:
     n = min(recipe.train.batch_size, len(probe.labels))  # terms such as lp need a batch the size of training's
     x, y = probe.images[:n].float().div(255), probe.labels[:n]
     distiller.build(x[:8], y[:8])
+    distiller.attach_training_set(data.train.labels)
     distiller.train()(x, y, progress=0.0, indices=torch.arange(n))  # the terms' own shape checks run in their forward
 
 
@@ -156,6 +157,7 @@ def train_run(
     distiller = Distiller(student, teachers, loss).to(device)
     probe_x, probe_y = next(iter(test_loader))
     distiller.build(probe_x[: min(8, len(probe_x))], probe_y[: min(8, len(probe_y))])
+    distiller.attach_training_set(data.train.labels.to(device))
     if train_cfg.sync_bn:  # the side modules built just now (FitNet's regressor has a BatchNorm)
         distributed.convert_sync_batchnorm(distiller.terms, device)
     autocast = autocast_factory(train_cfg, device)

@@ -19,7 +19,10 @@ OPTIONS = {
     "fsp": {"stages": "single"},
     "lp": {"k": 3},
     "ensemble_kd": {},
-    "dkd": {"warmup_epochs": 0},  # its warm-up needs the trainer's progress: tests/test_dkd.py covers that path
+    "dkd": {"warmup_epochs": 0},
+    # every other-class sample of the 60-sample training set below is a negative: no sampling noise, so the
+    # value is a function of the batch (order invariance holds)
+    "crd": {"nce_k": 54, "feat_dim": 16},  # its warm-up needs the trainer's progress: tests/test_dkd.py covers that path
 }
 TWO_TEACHERS = {"ensemble_kd", "feed"}
 SAME_WIDTH_TEACHER = {"fsp"}  # FSP matrices need the teacher's channel counts: a smallcnn teacher
@@ -59,7 +62,23 @@ def make(term: str, student_is_teacher_copy: bool = False, seed: int = 0, option
     x = torch.randn(16, 1, 8, 8)
     y = torch.randint(0, 10, (16,))
     d.build(x, y)
+    if TERMS[term].needs_indices:
+        with_indices(d, x)
     return d, x, y
+
+
+def with_indices(d: Distiller, x: torch.Tensor) -> None:
+    """Terms that read sample indices (CRD) get a 60-sample training set, and each row of `x` keeps its index
+    wherever a test moves it (batch-order test)."""
+    d.attach_training_set(torch.arange(60) % 10)
+    keys = {tuple(row.flatten()[:4].tolist()): i for i, row in enumerate(x)}
+    forward = d.forward
+
+    def indexed(xs, ys, **kw):
+        kw.setdefault("indices", torch.tensor([keys[tuple(row.flatten()[:4].tolist())] for row in xs]))
+        return forward(xs, ys, **kw)
+
+    d.forward = indexed
 
 
 @pytest.mark.parametrize("term, options", CASES, ids=CASE_IDS)

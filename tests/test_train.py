@@ -125,7 +125,7 @@ def test_sequential_methods_share_generation_zero(tmp_path):
     cache = tmp_path / "cache"
     ban = runner.run(quick("ban.yaml", f"cache_dir={cache}", epochs=1, steps=2), tmp_path / "ban", quiet=True)
     sfeed = runner.run(quick("sfeed.yaml", f"cache_dir={cache}", epochs=1, steps=2), tmp_path / "sfeed", quiet=True)
-    gen0 = list(cache.glob("smallcnn-*/result.json"))
+    gen0 = list(cache.glob("smallcnn_narrow-*/result.json"))
     assert len(gen0) == 1  # one vanilla generation 0, trained once
     assert ban["generations"][0] == sfeed["generations"][0]
     assert [g["generation"] for g in ban["generations"]] == [0, 1, 2]
@@ -138,7 +138,7 @@ def test_generation_can_start_from_the_previous_one(tmp_path):
     runner.run(r, tmp_path / "prev", quiet=True)
     fresh = quick("sfeed.yaml", f"cache_dir={cache}", "generations=1", epochs=1, steps=1)
     runner.run(fresh, tmp_path / "fresh", quiet=True)
-    gen0 = checkpoint.load(next(cache.glob("smallcnn-*/student.safetensors")))[0]
+    gen0 = checkpoint.load(next(cache.glob("smallcnn_narrow-*/student.safetensors")))[0]
     prev, new = student_weights(tmp_path / "prev"), student_weights(tmp_path / "fresh")
     # one SGD step from generation 0 stays close to it; a fresh init does not
     key = "stage3.conv.weight"

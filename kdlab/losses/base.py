@@ -86,6 +86,9 @@ class Term(nn.Module):
     def build(self, probe: Outputs) -> None:
         """Create side modules from the shapes of one probe batch (no-op by default)."""
 
+    def attach_training_set(self, labels: torch.Tensor) -> None:
+        """Size per-sample state (a memory bank over the training set) from the labels in index order; no-op by default."""
+
     def pre_stage(self, ctx) -> None:
         """A stage that runs before the main training (FitNet hints, FT paraphraser); no-op by default."""
 
