@@ -1,4 +1,4 @@
-"""Pure-maths core of the distillation losses (spec: /work/shared/spec/methods.md, §1.A, 2.4-2.5, 3, 4, 5).
+"""Pure-maths core of the distillation losses (KD, Tf-KD, LSR, AT, NST, LP, FT/FEED, FitNet), each citing its paper.
 
 Every function here is a plain function of tensors (no ``nn.Module``, no config object) that returns a
 scalar tensor. Common rules:
@@ -206,7 +206,7 @@ def _zscore(z: Tensor) -> Tensor:
 
 @_float_math
 def kd(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, standardize: bool = False) -> Tensor:
-    r"""Hinton KD loss (spec §5.1): the temperature-scaled, batch-mean KL divergence.
+    r"""Hinton KD loss (Hinton, Vinyals, Dean 2015): the temperature-scaled, batch-mean KL divergence.
 
     .. math::
         L = T^2 \cdot \frac{1}{N}\sum_n \sum_k p^t_{nk}\,(\log p^t_{nk} - \log p^s_{nk}),
@@ -240,7 +240,7 @@ def kd(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, standardi
 
 
 def tfkd_reg_target(targets: Tensor, num_classes: int, a: float = 0.99, *, dtype: torch.dtype | None = None) -> Tensor:
-    r"""Tf-KD_reg's manually designed distribution (spec §2.4), shape (N, K).
+    r"""Tf-KD_reg's manually designed distribution (Yuan et al., CVPR 2020, Eq. 9), shape (N, K).
 
     .. math:: p^d_{nk} = a \text{ if } k = y_n \text{ else } (1-a)/(K-1)
 
@@ -268,7 +268,7 @@ def tfkd_reg_target(targets: Tensor, num_classes: int, a: float = 0.99, *, dtype
 
 @_float_math
 def tfkd_reg(student_logits: Tensor, targets: Tensor, a: float = 0.99, T: float = 20.0, mode: str = "code") -> Tensor:
-    r"""Tf-KD_reg's regularisation term (spec §2.4-2.5), without the CE term and the weights.
+    r"""Tf-KD_reg's regularisation term (Yuan et al., CVPR 2020; official code's form), without the CE term and the weights.
 
     ``p_d = tfkd_reg_target(targets, K, a)`` is the manual **probability** distribution. In both modes
     the virtual teacher is ``softmax(p_d / T)``: the softmax of the *probabilities* divided by ``T``
@@ -310,7 +310,7 @@ def tfkd_reg(student_logits: Tensor, targets: Tensor, a: float = 0.99, T: float 
 
 @_float_math
 def lsr(student_logits: Tensor, targets: Tensor, eps: float = 0.1, spread: str = "all") -> Tensor:
-    r"""Label-smoothing cross-entropy (spec §5.5 and §2.4), batch mean.
+    r"""Label-smoothing cross-entropy (Szegedy et al., CVPR 2016; Yuan et al., CVPR 2020), batch mean.
 
     .. math:: L = -\frac{1}{N}\sum_n \sum_k q_{nk} \log \mathrm{softmax}(z_n)_k
 
@@ -344,7 +344,7 @@ def lsr(student_logits: Tensor, targets: Tensor, eps: float = 0.1, spread: str =
 
 @_float_math
 def at(fs: Tensor, ft: Tensor, p: float = 2) -> Tensor:
-    r"""Attention-transfer loss for one pair of maps (spec §5.3, official AT code form).
+    r"""Attention-transfer loss for one pair of maps (Zagoruyko & Komodakis, ICLR 2017; official AT code form).
 
     .. math::
         q = \mathrm{normalize}\big(\mathrm{flatten}_{HW}(\tfrac{1}{C}\sum_c |f_c|^p)\big), \qquad
@@ -386,7 +386,7 @@ def nst(
     sigma2: float | None = None,
     teacher_term: bool = True,
 ) -> Tensor:
-    r"""Neuron-selectivity-transfer loss: the MMD^2 between channel-map sets (spec §4).
+    r"""Neuron-selectivity-transfer loss: the MMD^2 between channel-map sets (Huang & Wang, arXiv 1707.01219).
 
     Per sample, each channel's flattened H*W vector is L2-normalised over its positions (eps 1e-12;
     an all-zero channel stays the zero vector): ``s_j`` (j < C_s) and ``t_i`` (i < C_t). Then
@@ -484,7 +484,7 @@ def nst(
 
 @_float_math
 def lp(fs: Tensor, ft: Tensor, k: int = 5, sigma2: float | None = None, normalize: bool = False) -> Tensor:
-    r"""Locality-preserving loss of LP / feature embedding (spec §3).
+    r"""Locality-preserving loss of LP / feature embedding (Chen et al., IEEE TNNLS 2021, arXiv 1812.06597).
 
     Rows are flattened to ``s_i`` (N, D_s) and ``t_i`` (N, D_t) (dimensions may differ). With
     ``D_t(i,j) = ||t_i - t_j||^2``:
@@ -493,13 +493,14 @@ def lp(fs: Tensor, ft: Tensor, k: int = 5, sigma2: float | None = None, normaliz
       each row with the diagonal set to +inf). Neighbourhoods are not symmetrised.
     * ``alpha_ij = exp(-D_t(i,j) / sigma2)`` for ``j in N_k(i)``, else 0. ``sigma2=None`` uses the
       detached mean of ``D_t`` over the N*k kNN pairs (1 if that mean is 0), which avoids the
-      underflow of a fixed sigma^2 = 2 on unnormalised features (pitfall 2).
+      underflow of a fixed sigma^2 = 2 (the third-party implementation's) on unnormalised features.
 
     .. math:: L = \frac{1}{N k}\sum_i \sum_{j\in N_k(i)} \alpha_{ij}\,\|s_i - s_j\|^2
 
     Reduction: divided by N*k (the third-party implementation's ``gamma/(k m)`` without gamma).
     The whole teacher side (graph, alpha, sigma2) carries no gradient; the student distances are
-    computed without ``.item()`` (pitfall 1), so the gradient reaches the student.
+    computed without ``.item()`` (the third-party implementation's ``.item()`` detaches them), so the
+    gradient reaches the student.
 
     Args:
         fs: student features (N, ...), flattened to (N, D_s).
@@ -508,7 +509,7 @@ def lp(fs: Tensor, ft: Tensor, k: int = 5, sigma2: float | None = None, normaliz
             merge the last incomplete batch).
         sigma2: kernel width (> 0) or ``None`` for the rule above.
         normalize: L2-normalise each student and teacher row (eps 1e-12) before any distance
-            (pitfall 2's option).
+            (scale-free: the raw loss falls when the student shrinks its features; docs/methods/lp.md).
     """
     _require_tensor("lp", "student features", fs)
     _require_tensor("lp", "teacher features", ft)
@@ -551,7 +552,7 @@ def lp(fs: Tensor, ft: Tensor, k: int = 5, sigma2: float | None = None, normaliz
 
 @_float_math
 def factor(a: Tensor, b: Tensor) -> Tensor:
-    r"""Factor-transfer / FEED distance (spec §1.A, §1.B; official FT code).
+    r"""Factor-transfer / FEED distance (Kim, Park, Kwak, NeurIPS 2018; Park & Kwak 2019; official FT code).
 
     .. math::
         \phi(v) = \mathrm{normalize}(\mathrm{flatten}(v)), \qquad
@@ -576,7 +577,7 @@ def factor(a: Tensor, b: Tensor) -> Tensor:
 
 @_float_math
 def hint(fs: Tensor, ft: Tensor) -> Tensor:
-    r"""FitNet hint loss (spec §5.2, RepDistiller single-stage form).
+    r"""FitNet hint loss (Romero et al., ICLR 2015; RepDistiller single-stage form).
 
     .. math:: L = \frac{1}{|F|}\sum (f_s - f_t)^2
 
@@ -594,7 +595,7 @@ def hint(fs: Tensor, ft: Tensor) -> Tensor:
 
 @_float_math
 def recon_error(x: Tensor, x_hat: Tensor, kind: str = "l1") -> Tensor:
-    r"""Reconstruction error of the FT paraphraser / FEED autoencoder (spec §1.A, §1.B).
+    r"""Reconstruction error of the FT paraphraser / FEED autoencoder (Kim et al. 2018; Park & Kwak 2019).
 
     * ``kind="l1"``: ``mean |x - x_hat|`` (the official FT code, ``nn.L1Loss``);
     * ``kind="l2"``: ``mean (x - x_hat)^2`` (the paper's squared L2 / RepDistiller's MSE).
