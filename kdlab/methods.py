@@ -53,6 +53,8 @@ METHODS: dict[str, Method] = {
         Method("lsr", "label smoothing", ("lsr",), "none", "Szegedy et al. 2016"),
         Method("crd", "contrastive representation distillation: NCE against a memory bank of the other network's embeddings",
                ("crd",), paper="Tian et al. 2020"),
+        Method("reviewkd", "knowledge review: student stages fused deep to shallow (ABF), matched by the hierarchical context loss",
+               ("reviewkd",), paper="Chen et al. 2021"),
         Method("dkd", "decoupled KD: target and non-target parts weighted apart, with a warm-up", ("dkd",), paper="Zhao et al. 2022"),
     ]
 }

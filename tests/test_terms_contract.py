@@ -20,6 +20,7 @@ OPTIONS = {
     "lp": {"k": 3},
     "ensemble_kd": {},
     "dkd": {"warmup_epochs": 0},
+    "reviewkd": {"warmup_epochs": 0},
     # every other-class sample of the 60-sample training set below is a negative: no sampling noise, so the
     # value is a function of the batch (order invariance holds)
     "crd": {"nce_k": 54, "feat_dim": 16},  # its warm-up needs the trainer's progress: tests/test_dkd.py covers that path
