@@ -69,7 +69,12 @@ METHODS = {
     "kd": Method(1, LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4.0}}), True),
     "nst": Method(1, LossConfig(ce=1.0, terms={"nst": {"weight": 50.0, "kernel": "poly"}}), False),
     "pfeed2": Method(2, LossConfig(ce=1.0, terms={"feed": {"weight": 500.0}}), False),
+    # mdistiller's DKD (beta 8) and RepDistiller's CRD (16,384 negatives from a bank over the training set)
+    "dkd": Method(1, LossConfig(ce=1.0, terms={"dkd": {"weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup_epochs": 20}}), True),
+    "crd": Method(1, LossConfig(ce=1.0, terms={"crd": {"weight": 0.8}}), False),
 }
+CRD_K, CRD_T, CRD_M, CRD_DIM = 16384, 0.07, 0.5, 128
+CRD_MIN_IMAGES = 50_000  # a CIFAR-sized bank, so that the negatives cost what they cost on CIFAR-100
 STUDENT_ONLY = Method(0, LossConfig(ce=1.0), False)
 
 
@@ -106,7 +111,7 @@ class PerImageAugmented(torch.utils.data.Dataset):
         crop = padded[:, top : top + h, left : left + w]
         if torch.rand(()) < 0.5:
             crop = crop.flip(2)
-        return (crop.float() / 255 - self.mean) / self.std, self.labels[i]
+        return (crop.float() / 255 - self.mean) / self.std, self.labels[i], i
 
 
 # ------------------------------------------------------------------------------------------ clock and memory
@@ -229,6 +234,8 @@ class Hooks:
 
 def _stage_names(model: nn.Module, method: str) -> list[str]:
     stages = [e["module"] for e in model.feature_info]
+    if method == "crd":
+        return [model.embedding_module]
     return {"nst": stages, "pfeed2": stages[-1:]}.get(method, [])
 
 
@@ -240,7 +247,43 @@ def _matched(fs: torch.Tensor, ft: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return fs, nnf.adaptive_avg_pool2d(ft, fs.shape[-2:])
 
 
-def hand_loss(method: str, s_logits, y, s_feats, t_logits, t_feats, translators) -> torch.Tensor:
+class HandCRD:
+    """CRD for the hand-written loops: two linear embeddings, two banks, NCE; the maths of kdlab.losses.crd."""
+
+    def __init__(self, models_: Models, labels: torch.Tensor, device: torch.device):
+        def width(m: nn.Module) -> int:
+            return m.fc.in_features if hasattr(m, "fc") else m.feature_info[-1]["channels"]
+
+        self.embed_s = nn.Linear(width(models_.student), CRD_DIM).to(device)
+        self.embed_t = nn.Linear(width(models_.teachers[0]), CRD_DIM).to(device)
+        stdv = 1.0 / (CRD_DIM / 3) ** 0.5
+        self.banks = [torch.rand(len(labels), CRD_DIM, device=device).mul_(2 * stdv).add_(-stdv) for _ in range(2)]
+        self.labels, self.z = labels.to(device), None
+
+    def parameters(self):
+        return [*self.embed_s.parameters(), *self.embed_t.parameters()]
+
+    def loss(self, s_feat: torch.Tensor, t_feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        from kdlab.losses.crd import contrast_scores, nce_loss, sample_contrast
+
+        f_s = nnf.normalize(self.embed_s(s_feat.flatten(1).float()), dim=1)
+        f_t = nnf.normalize(self.embed_t(t_feat.flatten(1).float()), dim=1)
+        with torch.no_grad():
+            sample = sample_contrast(idx, self.labels, CRD_K)
+        out_s = contrast_scores(f_s, self.banks[1], sample, CRD_T)
+        out_t = contrast_scores(f_t, self.banks[0], sample, CRD_T)
+        if self.z is None:
+            self.z = (out_s.detach().mean() * len(self.labels), out_t.detach().mean() * len(self.labels))
+        n = len(self.labels)
+        loss = nce_loss(out_s / self.z[0], n) + nce_loss(out_t / self.z[1], n)
+        with torch.no_grad():
+            for bank, f in zip(self.banks, (f_s, f_t)):
+                bank.index_copy_(0, idx, nnf.normalize(bank[idx] * CRD_M + f.detach() * (1 - CRD_M), dim=1))
+        return loss
+
+
+def hand_loss(method: str, s_logits, y, s_feats, t_logits, t_feats, translators, crd: HandCRD | None = None,
+              idx: torch.Tensor | None = None) -> torch.Tensor:
     ce = nnf.cross_entropy(s_logits.float(), y)
     if method == "student":
         return ce
@@ -250,6 +293,12 @@ def hand_loss(method: str, s_logits, y, s_feats, t_logits, t_feats, translators)
         return ce + 50.0 * sum(kdf.nst(*_matched(fs, ft), kernel="poly") for fs, ft in zip(s_feats, t_feats[0]))
     if method == "pfeed2":
         return ce + 500.0 * sum(kdf.factor(tr(s_feats[-1]), ft[-1]) for tr, ft in zip(translators, t_feats))
+    if method == "dkd":  # past its warm-up: the full term
+        from kdlab.losses.dkd import dkd
+
+        return ce + dkd(s_logits, t_logits[0], y, alpha=1.0, beta=8.0, T=4.0)
+    if method == "crd":
+        return ce + 0.8 * crd.loss(s_feats[0], t_feats[0][0], idx)
     raise ConfigError(f"unknown bench method {method!r}")
 
 
@@ -270,7 +319,7 @@ def _translators(models_: Models, method: str, device: torch.device) -> list[nn.
 
 
 def hand_loop(method: str, models_: Models, batches: Iterable, device: torch.device, channels_last: bool,
-              autocast: Callable, sync_every_step: bool, fold_teachers: bool = False) -> None:
+              autocast: Callable, sync_every_step: bool, fold_teachers: bool = False, labels: torch.Tensor | None = None) -> None:
     from kdlab.fast.fold import fold_batchnorm
 
     student, teachers = models_.student.to(device).train(), [t.to(device).eval() for t in models_.teachers]
@@ -282,11 +331,13 @@ def hand_loop(method: str, models_: Models, batches: Iterable, device: torch.dev
         fold_batchnorm(t)  # its default probe: two zero 32x32 images on the teacher's device
     s_hooks = Hooks(student, _stage_names(student, method))
     t_hooks = [Hooks(t, _stage_names(t, method)) for t in teachers]
-    params = [p for m in [student, *translators] for p in m.parameters()]
+    crd = HandCRD(models_, labels, device) if method == "crd" else None
+    params = [p for m in [student, *translators] for p in m.parameters()] + (crd.parameters() if crd else [])
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     running = torch.zeros((), device=device)
-    for x, y in batches:
+    for x, y, *meta in batches:  # meta: the samples' indices (and views), which CRD reads
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        idx = meta[0].to(device) if meta else None
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -294,7 +345,7 @@ def hand_loop(method: str, models_: Models, batches: Iterable, device: torch.dev
                 t_logits = [t(x) for t in teachers]
                 t_feats = [h.take() for h in t_hooks]
             s_logits = student(x)
-            loss = hand_loss(method, s_logits, y, s_hooks.take(), t_logits, t_feats, translators)
+            loss = hand_loss(method, s_logits, y, s_hooks.take(), t_logits, t_feats, translators, crd, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -343,9 +394,13 @@ def _default_cfg(s: Setting, **update) -> TrainConfig:
 
 
 def _fast_cfg(s: Setting, method: Method) -> TrainConfig:
+    from kdlab.losses import TERMS
+
+    # terms that read the progress or the indices run in the eager step (the graph step refuses them)
+    eager = any(TERMS[t].needs_progress or TERMS[t].needs_indices for t in method.loss.terms)
     return _default_cfg(s, amp="bf16" if s.device.type == "cuda" else "off", channels_last="on", compile=s.compile,
                         teacher_cache=s.teacher_cache and method.logit_only,
-                        fast=FastConfig(graph_step=True, cuda_graph=True, fold_teacher=True))
+                        fast=FastConfig(graph_step=not eager, cuda_graph=not eager, fold_teacher=True))
 
 
 def _options(cfg: TrainConfig, device: torch.device, teachers: bool = True) -> str:
@@ -453,13 +508,16 @@ def measure_training(mode: str, task: str, method: Method, models_: Models, s: S
                 PerImageAugmented(s.data), batch_size=s.batch_size, shuffle=True, drop_last=True,
                 num_workers=s.workers, pin_memory=s.device.type == "cuda",
             )
-            hand_loop(task, fresh, window.wrap(loader), s.device, False, contextlib.nullcontext, sync_every_step=True)
+            hand_loop(task, fresh, window.wrap(loader), s.device, False, contextlib.nullcontext, sync_every_step=True,
+                      labels=s.data.labels)
             options = f"fp32, NCHW, DataLoader({s.workers} workers, per-image crop/flip), .item() per step"
         elif mode == "minimal":
             cfg = _default_cfg(s)
             loader = DeviceLoader(s.data, s.batch_size, train=True, augment=default_augment("cifar100"), device=s.device)
-            hand_loop(task, fresh, window.wrap(loader), s.device, use_channels_last(cfg, s.device),
-                      autocast_factory(cfg, s.device), sync_every_step=False, fold_teachers=cfg.fast.fold_teacher)
+            batches = loader.iter_batches(with_meta=True) if task == "crd" else loader
+            hand_loop(task, fresh, window.wrap(batches), s.device, use_channels_last(cfg, s.device),
+                      autocast_factory(cfg, s.device), sync_every_step=False, fold_teachers=cfg.fast.fold_teacher,
+                      labels=s.data.labels)
             options = _options(cfg, s.device, bool(method.teachers)) + ", hand-written loop"
         else:
             cfg = _default_cfg(s) if mode == "kdlab" else _fast_cfg(s, method)
@@ -475,6 +533,7 @@ def _fit(fresh: Models, method: Method, cfg: TrainConfig, window: Window, s: Set
     distiller = Distiller(fresh.student, fresh.teachers, method.loss).to(s.device)
     probe = _teacher_input(s)[:8]
     distiller.build(probe, torch.zeros(len(probe), dtype=torch.int64, device=s.device))
+    distiller.attach_training_set(s.data.labels.to(s.device))
     loader = DeviceLoader(s.data, s.batch_size, train=True, augment=default_augment("cifar100"), device=s.device)
     t0 = time.perf_counter()
     cache = None
@@ -539,7 +598,8 @@ def run_bench(pairs: list[tuple[str, str]], methods: list[str], modes: list[str]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kdlab-bench-") as tmp:
         setting = Setting(device, batch_size, steps, warmup, workers, compile, teacher_cache,
-                          synthetic_dataset(batch_size * (warmup + steps + 1)), Path(tmp), log)
+                          synthetic_dataset(max(batch_size * (warmup + steps + 1), CRD_MIN_IMAGES if "crd" in methods else 0)),
+                          Path(tmp), log)
         for teacher_name, student_name in pairs:
             n_teachers = max([1] + [METHODS[m].teachers for m in methods])
             torch.manual_seed(0)

@@ -63,11 +63,11 @@ def test_table_shows_the_spread_of_repeats(capsys):
 def test_bench_rejects_bad_input_with_one_line(capsys):
     assert main(["bench", "--device", "cpu", "--pairs", "resnet56-resnet20"]) == 2
     assert main(["bench", "--device", "cpu", "--pairs", "resnet56:resnet2O"]) == 2
-    assert main(["bench", "--device", "cpu", "--methods", "kd,crd"]) == 2
+    assert main(["bench", "--device", "cpu", "--methods", "kd,srd"]) == 2
     assert main(["bench", "--device", "cpu", "--steps", "0", "--pairs", "smallcnn_wide:smallcnn", "--methods", "kd"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("kdlab: error: ") for line in err)
-    assert "TEACHER:STUDENT" in err[0] and "resnet2O" in err[1] and "crd" in err[2]
+    assert "TEACHER:STUDENT" in err[0] and "resnet2O" in err[1] and "srd" in err[2]
 
 
 def test_timed_window_counts_only_the_steps_between_its_marks():
@@ -86,8 +86,8 @@ def test_reference_augmentation_is_a_crop_and_flip_of_the_image():
     data = bench.synthetic_dataset(4)
     ds = bench.PerImageAugmented(data)
     torch.manual_seed(0)
-    x, y = ds[1]
-    assert y == data.labels[1]
+    x, y, i = ds[1]
+    assert y == data.labels[1] and i == 1
     pixels = (x * torch.tensor(data.std).view(-1, 1, 1) + torch.tensor(data.mean).view(-1, 1, 1)) * 255
     pixels = pixels.round().to(torch.int64)
     padded = torch.nn.functional.pad(data.images[1].to(torch.int64), (4, 4, 4, 4))
@@ -108,13 +108,26 @@ def test_hand_written_losses_equal_the_distillers(method):
     distiller = Distiller(student, teachers, spec.loss)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     distiller.build(x, y)
+    labels, idx = torch.arange(20_000) % 10, torch.arange(8) * 7
+    y = labels[idx]
+    crd = None
+    if method == "crd":  # the same bank and embeddings on both sides, and the same random negatives below
+        distiller.attach_training_set(labels)
+        crd = bench.HandCRD(bench.Models(teachers, student), labels, torch.device("cpu"))
+        term = distiller.terms["crd"]
+        crd.embed_s.load_state_dict(term.embed_s.state_dict())
+        crd.embed_t.load_state_dict(term.embed_t.state_dict())
+        crd.banks = [term.memory_s.clone(), term.memory_t.clone()]
     distiller.train()
-    expected, _, _ = distiller(x, y)
+    torch.manual_seed(5)
+    expected, _, _ = distiller(x, y, progress=100.0, indices=idx)  # past DKD's warm-up: the full term
     translators = list(distiller.terms["feed"].translators) if method == "pfeed2" else []
     s_hooks = bench.Hooks(student, bench._stage_names(student, method))
     t_hooks = [bench.Hooks(t, bench._stage_names(t, method)) for t in teachers]
     with torch.no_grad():
         t_logits = [t(x) for t in teachers]
     t_feats = [h.take() for h in t_hooks]
-    value = bench.hand_loss(method, student(x), y, s_hooks.take(), t_logits, t_feats, translators)
+    s_logits = student(x)
+    torch.manual_seed(5)
+    value = bench.hand_loss(method, s_logits, y, s_hooks.take(), t_logits, t_feats, translators, crd, idx)
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)

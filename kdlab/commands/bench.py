@@ -8,7 +8,7 @@ HELP = "training speed: teacher forward, student step and distillation step per 
 
 def add_arguments(p) -> None:
     p.add_argument("--pairs", default="resnet56:resnet20,resnet32x4:resnet8x4", help="TEACHER:STUDENT,... (default: %(default)s)")
-    p.add_argument("--methods", default="kd,nst,pfeed2", help="kd, nst, pfeed2 (FEED with 2 teachers) (default: %(default)s)")
+    p.add_argument("--methods", default="kd,nst,pfeed2", help="kd, nst, pfeed2 (FEED with 2 teachers), dkd, crd (CRD's bank over a CIFAR-sized 50,000-image synthetic set)")
     p.add_argument("--modes", default="reference,minimal,kdlab,kdlab-fast", help="(default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default: %(default)s)")

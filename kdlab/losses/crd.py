@@ -50,6 +50,20 @@ def contrast_scores(v: Tensor, bank: Tensor, sample_idx: Tensor, T: float) -> Te
     return torch.exp(torch.bmm(weight, v.unsqueeze(2)).squeeze(2) / T)
 
 
+def sample_contrast(indices: Tensor, labels: Tensor, k: int, mode: str = "exact") -> Tensor:
+    """(N, 1+K) bank rows to score: the positive (the sample itself, or in 'relax' mode a random sample of its
+    class), then K samples of other classes drawn without replacement (random keys, the K smallest)."""
+    y = labels[indices]
+    keys = torch.rand(len(indices), len(labels), device=indices.device)
+    keys.masked_fill_(labels[None, :] == y[:, None], 2.0)  # same class: never among the K smallest
+    negatives = keys.topk(k, dim=1, largest=False).indices
+    if mode == "exact":
+        positive = indices
+    else:
+        positive = torch.rand(len(indices), len(labels), device=indices.device).masked_fill_(labels[None, :] != y[:, None], 2.0).argmin(1)
+    return torch.cat([positive[:, None], negatives], dim=1)
+
+
 class CRDOptions(TermOptions):
     weight: float = Field(default=0.8, ge=0, description="beta; RepDistiller's CRD weight (with CE 1, or CE 1 + KD 1 for CRD+KD)")
     feat_dim: int = Field(default=128, ge=1, description="dimension of the projected embeddings")
@@ -111,16 +125,7 @@ class CRD(Term):
 
     def sample(self, indices: Tensor) -> Tensor:
         """(N, 1+K): each sample's positive, then K negatives of other classes drawn without replacement."""
-        y = self.labels[indices]
-        keys = torch.rand(len(indices), self.n_data, device=indices.device)
-        keys.masked_fill_(self.labels[None, :] == y[:, None], 2.0)  # same class: never among the K smallest
-        negatives = keys.topk(self.opts.nce_k, dim=1, largest=False).indices
-        if self.opts.mode == "exact":
-            positive = indices
-        else:  # a random sample of the same class
-            same = torch.rand(len(indices), self.n_data, device=indices.device).masked_fill_(self.labels[None, :] != y[:, None], 2.0)
-            positive = same.argmin(1)
-        return torch.cat([positive[:, None], negatives], dim=1)
+        return sample_contrast(indices, self.labels, self.opts.nce_k, self.opts.mode)
 
     def forward(self, out: Outputs) -> Tensor:
         if out.indices is None:
