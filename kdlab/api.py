@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -185,14 +186,15 @@ class Distill:
                 raise ConfigError("fit: a loss term that reads each sample's index (crd) needs kdlab's array data "
                                   "(images and labels), not a DataLoader, so that the index names one sample")
             self.distiller.attach_training_set(labels)
-        log = print if verbose else (lambda _msg: None)
+        log = print if verbose else _warnings_only
         with _run_folder(run_dir) as folder:
             ctx = StageContext(student=self.student, teachers=self.teachers, train_loader=train_loader, device=dev, run_dir=folder,
                                autocast=autocast_factory(cfg, dev), log=log, forward=self.distiller.outputs,
                                max_steps=cfg.max_steps_per_epoch, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
             for term in self.distiller.terms.values():
                 term.pre_stage(ctx)
-            state = fit(self.distiller, train_loader, test_loader, cfg, folder, log, resume=resume)
+            state = fit(self.distiller, train_loader, test_loader, cfg, folder, log, resume=resume,
+                        keeps_checkpoints=run_dir is not None)
         self.history = state.history
         return self.history
 
@@ -209,6 +211,13 @@ def distill(student: nn.Module, teachers: nn.Module | list[nn.Module], train_dat
     d = Distill(student, teachers, terms, ce)
     d.fit(train_data, **fit_options)
     return d
+
+
+def _warnings_only(msg: str) -> None:
+    """Without verbose=True the loop's lines are dropped, but its warnings (a loss term that is always 0)
+    reach the user as Python warnings."""
+    if msg.startswith("warning: "):
+        warnings.warn(msg.removeprefix("warning: "), UserWarning, stacklevel=4)
 
 
 def _augment_spec(augment, ds: ArrayDataset) -> AugmentSpec | None:

@@ -8,6 +8,7 @@ prints before exiting with code 2.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,9 @@ from kdlab.errors import ConfigError
 from kdlab.strict import Strict
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+# torch.manual_seed takes at most 2**64 - 1 and the data order needs a non-negative seed; 2**63 - 1 leaves
+# room for the seeds derived from it (teachers: seed + 1 + index, generations: seed + g)
+SEED_MAX = 2**63 - 1
 
 
 def _check_model_name(name: str) -> str:
@@ -44,6 +48,8 @@ class DataConfig(Strict):
     name: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
     root: str | None = None
     image_size: int = Field(default=32, ge=8, description="imagefolder only: images are resized to this")
+    skip_unreadable: bool = Field(default=False, description="imagefolder only: leave out files that cannot be decoded "
+                                  "(counted in the log) instead of stopping at the first one")
     augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")
@@ -154,7 +160,7 @@ class TeacherConfig(Strict):
     weights: str | None = Field(default=None, description="student.safetensors file, or a finished run directory")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the recipe's train section for this teacher")
     epoch: int | None = Field(default=None, ge=0, description="use the teacher as it was after this epoch (0 = at init): defective KD")
-    seed: int | None = Field(default=None, description="default: the run seed + 1 + the teacher's index")
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="default: the run seed + 1 + the teacher's index")
 
     @field_validator("name")
     @classmethod
@@ -192,7 +198,7 @@ class LossConfig(Strict):
 
 class Recipe(Strict):
     method: str = "vanilla"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     data: DataConfig = DataConfig()
     student: ModelConfig
     teachers: list[TeacherConfig] = Field(default_factory=list)
@@ -320,6 +326,39 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a recipe must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def packaged_recipes_root() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("kdlab") / "recipes"))
+
+
+def packaged_recipes() -> dict[str, Path]:
+    """Every recipe shipped with kdlab by name (`digits/kd`, `cifar100/fast/kd`); the reproduction tables
+    under `tables/` are not recipes (`kdlab reproduce` reads them)."""
+    root = packaged_recipes_root()
+    found = sorted(p for p in root.rglob("*.yaml") if p.relative_to(root).parts[0] != "tables")
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in found}
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file as given, else a packaged recipe: `digits/kd`, `digits/kd.yaml`, or a bare `kd`, which
+    means the digits one (the family that runs offline on any machine)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a recipe file in it (kdlab recipes lists the packaged ones)")
+    key = path.as_posix().removesuffix(".yaml").removesuffix(".yml")
+    recipes = packaged_recipes()
+    for candidate in (key, f"digits/{key}"):
+        if candidate in recipes and not path.is_absolute():
+            return recipes[candidate]
+    bare = [k.removeprefix("digits/") for k in recipes if k.startswith("digits/")]
+    close = difflib.get_close_matches(key, bare + list(recipes), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; kdlab recipes lists the packaged ones"
+    raise ConfigError(f"recipe not found: {name} (neither a file nor a packaged recipe){hint}")
 
 
 def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:

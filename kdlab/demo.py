@@ -124,7 +124,7 @@ def run_demo(out: Path, only: list[str] | None = None, quiet: bool = False, over
             run_dir = out / name if seed == 0 else out / f"{name}_seed{seed}"
             t0 = time.perf_counter()
             print(f"== {name}{f' seed {seed}' if seed else ''}: {recipe.method} ({path.name})", flush=True)
-            resume = (run_dir / "config.yaml").exists()
+            resume = runner.resumable(run_dir)  # a folder left by a failed first epoch starts afresh
             result = runner.run(None if resume else recipe, run_dir, resume=resume, quiet=quiet)
             rows.append({"recipe": name, "run": run_dir.name, **result, "seconds": result.get("wall_seconds", time.perf_counter() - t0)})
     total = time.perf_counter() - t_all

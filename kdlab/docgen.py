@@ -58,16 +58,27 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _help_text(action: argparse.Action) -> str:
+    """The help as `kdlab CMD --help` prints it: argparse expands `%(default)s` and its kin only there."""
+    text = action.help or ""
+    if "%" not in text:
+        return text
+    params = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
+    if params.get("choices") is not None:
+        params["choices"] = ", ".join(map(str, params["choices"]))
+    return text % {**params, "prog": "kdlab"}
+
+
 def _describe(action: argparse.Action) -> str:
-    parts = [action.help or ""]
+    parts = [_help_text(action)]
     if action.choices and not isinstance(action, argparse._SubParsersAction):
         parts.append("choices: " + ", ".join(f"`{c}`" for c in action.choices))
     default = action.default
-    if action.nargs != 0 and default not in (None, [], argparse.SUPPRESS) and "default" not in (action.help or ""):
+    if action.nargs != 0 and default not in (None, [], argparse.SUPPRESS) and "default" not in parts[0]:
         parts.append(f"default: `{default}`")
     if action.option_strings and action.required:
         parts.append("required")
-    if isinstance(action, argparse._AppendAction) and "repeatable" not in (action.help or ""):
+    if isinstance(action, argparse._AppendAction) and "repeatable" not in parts[0]:
         parts.append("repeatable")
     return "; ".join(p for p in parts if p)
 

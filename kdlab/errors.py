@@ -19,3 +19,7 @@ class CheckpointError(KdlabError):
 
 class LayerError(KdlabError):
     """A tapped layer name that does not exist, or tapped shapes that do not fit together."""
+
+
+class NonFiniteLoss(KdlabError):
+    """A loss (the main loop's or a pre-stage's) turned NaN or infinite."""

@@ -92,8 +92,10 @@ class RunLock:
                 if not self.wait:
                     raise
                 if not told and self.say is not None:
-                    self.say(f"{self.path.parent} is in use by another kdlab process (a shared teacher being trained); "
-                             "waiting for it to finish")
+                    owner = self._owner()
+                    who = f" (pid {owner[1]})" if owner else ""
+                    self.say(f"{self.path.parent} is in use by another kdlab process{who} (a shared teacher being trained); "
+                             "waiting for it to finish, then its result is used")
                     told = True
                 time.sleep(self.POLL_SECONDS)
             except OSError as e:

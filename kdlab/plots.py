@@ -10,6 +10,23 @@ from pathlib import Path
 from kdlab.errors import KdlabError
 
 DPI = 100
+LINESTYLES = ("-", "--", ":", "-.")
+TITLE_CHAR_INCHES = 0.085  # the width of one character of a 10-point title, with room to spare
+
+
+def line_style(i: int) -> dict:
+    """Colour and dash of the i-th line: matplotlib's 10 colours, then the same colours dashed, then dotted...,
+    so that up to 40 runs (a demo has 16) stay distinguishable in one panel."""
+    return {"color": f"C{i % 10}", "linestyle": LINESTYLES[(i // 10) % len(LINESTYLES)]}
+
+
+def panel_title(key: str) -> str:
+    """What a metrics.jsonl key holds: each train_<term> is the term as it enters the loss, times its weight."""
+    if key == "test_top1":
+        return "test top-1 (%)"
+    if key == "train_loss":
+        return "train loss (sum of the weighted terms)"
+    return f"train {key[len('train_'):]} (weighted)"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -80,11 +97,12 @@ def plot_groups(groups: list[tuple[str, list[Path]]], out: Path, title: str | No
             epochs, mean, std = _series(runs, key)
             if not epochs:
                 continue
-            color = f"C{i % 10}"
-            ax.plot(epochs, mean, label=label, color=color, marker="." if len(epochs) < 30 else None)
+            style = line_style(i)
+            ax.plot(epochs, mean, label=label, marker="." if len(epochs) < 30 else None, **style)
             if len(runs) > 1:
-                ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.15)
-        ax.set_title("test top-1 (%)" if key == "test_top1" else key.replace("_", " ", 1))
+                ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=style["color"], alpha=0.15)
+        ax.set_title(panel_title(key))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -95,7 +113,9 @@ def plot_groups(groups: list[tuple[str, list[Path]]], out: Path, title: str | No
     legend_rows = math.ceil(len(names) / ncol)
     fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=10)
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, width=max(20, int(4.6 * cols / TITLE_CHAR_INCHES))), fontsize=10)
     fig.tight_layout(rect=(0, min(0.45, 0.045 * legend_rows / rows_n + 0.02), 1, 1))
     path = _save(fig, out)
     plt.close(fig)
@@ -112,8 +132,11 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None, 
 
 def plot_recon(bars: list[tuple[str, list[float]]], out: Path, ylabel: str = "reconstruction error", title: str | None = None) -> Path:
     """One bar per label: the mean of its values, each value a dot, a +-1 std error bar when several."""
+    import textwrap
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(bars) + 2), 3.6))
+    width = max(4.0, 0.9 * len(bars) + 2)
+    fig, ax = plt.subplots(figsize=(width, 3.6))
     xs = list(range(len(bars)))
     for x, (label, values) in zip(xs, bars):
         m = sum(values) / len(values)
@@ -124,8 +147,8 @@ def plot_recon(bars: list[tuple[str, list[float]]], out: Path, ylabel: str = "re
                   fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
+    if title:  # wrapped to the figure's width: a long settings line was cut at both edges
+        ax.set_title(textwrap.fill(title, width=max(20, int(width / TITLE_CHAR_INCHES))), fontsize=10)
     fig.tight_layout()
     path = _save(fig, out)
     plt.close(fig)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from kdlab.config import LossConfig, Recipe, TeacherConfig, TrainConfig, dump, t
 from kdlab.data import DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
 from kdlab.errors import CheckpointError, ConfigError, KdlabError
-from kdlab.lock import RunLock
+from kdlab.lock import LOCK_NAME, RunLock
 from kdlab.methods import check_recipe
 from kdlab.stages import StageContext
 from kdlab.train import autocast_factory, check_device_options, evaluate, fit, resolve_device
@@ -53,6 +54,10 @@ class Log:
     def child(self, path: Path, prefix: str) -> "Log":
         return Log(path, self.quiet, self.prefix + prefix)
 
+    def notice(self, msg: str) -> None:
+        """Printed even under --quiet: a run that waits for another process must not look hung."""
+        Log(self.path, quiet=False, prefix=self.prefix)(msg)
+
 
 @dataclass
 class Data:
@@ -75,13 +80,34 @@ class Data:
         return train, test
 
 
+def check_protocol(recipe: Recipe, data: Data, cfg: TrainConfig, seed: int, what: str) -> None:
+    """What fit would refuse at its first step (the device, a batch larger than the data, the seed), checked on a
+    CPU loader that shares the data's memory: the student's protocol must not fail after its teachers trained."""
+    try:
+        device = resolve_device(cfg.device)
+        distributed.check_device(device)
+        per_rank = distributed.per_rank_batch(cfg.batch_size)
+        DeviceLoader(data.train, per_rank, train=True, device="cpu", seed=seed,
+                     shard=(distributed.rank(), distributed.world_size()))
+    except KdlabError as e:
+        raise type(e)(f"{what}: {e}") from None
+
+
 @torch.no_grad()
 def preflight(recipe: Recipe, data: Data) -> None:
-    """Untrained copies of the student and teachers, wired and probed with one batch, so a wrong layer
-    name or tapped shapes that do not fit fail now rather than after hours of teacher training."""
+    """Untrained copies of the student and teachers, wired and probed with one batch, and every protocol and
+    given weights file checked, so a wrong layer name, tapped shapes that do not fit, a missing teacher file or
+    an impossible batch fail now rather than after hours of teacher training."""
+    check_protocol(recipe, data, recipe.train, recipe.seed, "train")
+    for i, t in trained_teachers(recipe):
+        check_protocol(recipe, data, teacher_train_config(recipe, t), teacher_seed(recipe, i, t),
+                       f"teachers.{i}.train" if not recipe.generations else "generation 0")
     student = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
     specs = recipe.teachers or ([recipe.student] if recipe.generations else [])
     teachers = [build_model(t.name, t.kwargs, data, recipe.seed) for t in specs]
+    for i, (t, model) in enumerate(zip(recipe.teachers, teachers)):
+        if t.weights:  # read in full once here: absent, corrupt, unsafe or of another shape
+            load_model_weights(model, Path(t.weights), f"teacher {i}")
     distiller = Distiller(student, teachers, recipe.loss)
     probe = data.test if len(data.test.labels) >= len(data.train.labels) else data.train
     n = min(recipe.train.batch_size, len(probe.labels))  # terms such as lp need a batch the size of training's
@@ -92,7 +118,8 @@ def preflight(recipe: Recipe, data: Data) -> None:
 
 
 def load_data(recipe: Recipe) -> Data:
-    kw = {"image_size": recipe.data.image_size} if recipe.data.name == "imagefolder" else {}
+    kw = {"image_size": recipe.data.image_size, "skip_unreadable": recipe.data.skip_unreadable} \
+        if recipe.data.name == "imagefolder" else {}
     train = load_dataset(recipe.data.name, recipe.data.root, split="train", **kw)
     test = load_dataset(recipe.data.name, recipe.data.root, split="test", **kw)
     return Data(train, test, train.num_classes, train.images.shape[1])
@@ -199,12 +226,19 @@ def train_run(
         **(extra or {}),
     }
     if distributed.is_main():
-        checkpoint.save(run_dir / "student.safetensors", student.state_dict(), {"model": student_name, "kwargs": student_kwargs,
-                                                                               "num_classes": data.num_classes, "in_chans": data.in_chans})
+        # the preprocessing travels with the weights, so an export (ONNX metadata) needs no data set at hand
+        checkpoint.save(run_dir / "student.safetensors", student.state_dict(), {
+            "model": student_name, "kwargs": student_kwargs, "num_classes": data.num_classes, "in_chans": data.in_chans,
+            **preprocessing(data.train)})
         checkpoint.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
     distributed.barrier()  # every rank may read these files next (a teacher, a generation)
     log(f"{run_dir}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({result['params']:,} params)")
     return result
+
+
+def preprocessing(ds) -> dict:
+    """What a deployed model needs to turn pixels into its input: x = (pixels / 255 - mean) / std, per channel."""
+    return {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std], "class_names": list(ds.class_names)}
 
 
 def device_name(device: torch.device) -> str:
@@ -278,7 +312,7 @@ def train_teacher(recipe: Recipe, index: int, teacher: TeacherConfig, data: Data
     seed = teacher_seed(recipe, index, teacher)
     cfg = teacher_train_config(recipe, teacher)
     run_dir = teacher_run_dir(recipe, index, teacher, out)
-    with distributed.on_main(lambda: RunLock(run_dir, wait=True, say=log)):
+    with distributed.on_main(lambda: RunLock(run_dir, wait=True, say=log.notice)):
         if distributed.is_main() and read_result(run_dir) is None:
             checkpoint.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
                 {"teacher_of": str(out), "model": teacher.name, "seed": seed, "train": cfg.model_dump(mode="json")}, sort_keys=False))
@@ -313,25 +347,78 @@ def prepare_teacher(recipe: Recipe, index: int, teacher: TeacherConfig, data: Da
 # A whole recipe
 
 
-def start(recipe: Recipe | None, out: Path, resume: bool) -> Recipe:
-    """Check the output directory and write (or read back) its config.yaml."""
+# What a run directory may hold besides its config.yaml before its first epoch is checkpointed; all of it is
+# rewritten by a fresh start (teachers/ is content-addressed, so a changed recipe never reads a stale teacher)
+UNSTARTED_ENTRIES = {"log.txt", "metrics.jsonl", "tb", "checkpoints", "stages", "teachers", "generations", LOCK_NAME}
+# what a fresh start removes when the recipe changed: results of the old recipe that a new run would read back
+STALE_WITH_OLD_RECIPE = ("stages", "tb", "generations")
+
+
+def has_progress(run_dir: Path) -> bool:
+    """A finished run, or one with a checkpoint (its own or a generation's): resumed, never restarted."""
+    run_dir = Path(run_dir)
+    if (run_dir / RESULT).exists() or (run_dir / "student.safetensors").exists():
+        return True
+    dirs = [run_dir] + sorted((run_dir / "generations").glob("gen*"))
+    return any((d / "checkpoints" / name).exists() or (d / RESULT).exists() for d in dirs
+               for name in ("last.safetensors", "prev.safetensors"))
+
+
+def _foreign(out: Path) -> list[str]:
+    """Entries of `out` that a kdlab run without a checkpoint does not have."""
+    names = sorted(p.name for p in out.iterdir())
+    return [n for n in names if n != "config.yaml" and n not in UNSTARTED_ENTRIES and not checkpoint.TEMP_NAME.match(n)]
+
+
+def start(recipe: Recipe | None, out: Path, resume: bool, log: Callable[[str], None] = print) -> Recipe:
+    """Check the output directory and write (or read back) its config.yaml.
+
+    A new run goes into a new or empty folder, or into a run folder whose run never finished an epoch (an
+    earlier attempt stopped by a wrong teacher file, a bad data file or a NaN at its first steps): that
+    attempt left nothing to resume, so it must not block the corrected rerun. Anything else is refused:
+    a finished run, a run with checkpoints, and a folder that is not a kdlab run at all."""
+    from kdlab.config import read_yaml
+
     out = Path(out)
     config_path = out / "config.yaml"
     if resume:
         if not config_path.exists():
             raise ConfigError(f"--resume {out}: no config.yaml there (not a kdlab run directory)")
-        from kdlab.config import read_yaml
-
         return validate(read_yaml(config_path), source=str(config_path))
     if (out / RESULT).exists():
         raise ConfigError(f"{out} holds a finished run; choose another --out (nothing was overwritten)")
-    if config_path.exists():
-        raise ConfigError(f"{out} already holds a run; continue it with 'kdlab train --resume {out}' or choose another --out")
     assert recipe is not None
     check_recipe(recipe)
+    if out.is_dir() and not config_path.exists():
+        entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ConfigError(f"{out} is not empty ({shown}) and is not a kdlab run; choose a new or empty folder "
+                              "for --out (nothing was changed)")
+    if config_path.exists():
+        try:
+            old = validate(read_yaml(config_path), source=str(config_path))
+        except KdlabError:
+            raise ConfigError(f"{out} holds a config.yaml that is not a kdlab recipe; choose a new or empty folder "
+                              "for --out (nothing was changed)") from None
+        foreign = _foreign(out)
+        if has_progress(out) or foreign:
+            what = f" and {', '.join(foreign[:3])}" if foreign else ""
+            raise ConfigError(f"{out} already holds a run{what}; continue it with 'kdlab train --resume {out}' "
+                              "or choose another --out")
+        if dump(old) != dump(recipe):
+            for name in STALE_WITH_OLD_RECIPE:
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+        log(f"{out}: the run there never finished an epoch; starting it afresh")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(config_path, dump(recipe))
     return recipe
+
+
+def resumable(run_dir: Path) -> bool:
+    """Whether `kdlab demo` / `kdlab reproduce` continue the run in `run_dir` rather than (re)start it."""
+    return (Path(run_dir) / "config.yaml").exists() and has_progress(run_dir)
 
 
 def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = False) -> dict:
@@ -339,7 +426,7 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
     given = recipe
     # under torchrun rank 0 alone locks the directory and writes config.yaml; every rank gets the recipe from it
     with distributed.session(_configured_device(given, out), out), distributed.on_main(lambda: RunLock(out)):
-        recipe = distributed.main_first(lambda: start(given, out, resume))
+        recipe = distributed.main_first(lambda: start(given, out, resume, log=Log(out / "log.txt", quiet)))
         check_recipe(recipe)
         check_run_options(recipe, distributed.world_size(), torch.cuda.is_available())
         log = Log(out / "log.txt", quiet)
@@ -347,7 +434,12 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
             log(f"{out}: already finished")
             return read_result(out)
         data = load_data(recipe)
+        for split, ds in (("train", data.train), ("test", data.test)):
+            if ds.skipped:
+                log(f"data: {len(ds.skipped)} unreadable file(s) left out of {split} (data.skip_unreadable); "
+                    f"first: {ds.skipped[0]}")
         preflight(recipe, data)
+        describe_teachers(recipe, out, log)
         if recipe.generations:
             return run_generations(recipe, out, data, log)
         teachers, infos = [], []
@@ -368,6 +460,20 @@ def check_run_options(recipe: Recipe, world: int, cuda: bool) -> None:
     for where, cfg in [*sections, ("train", recipe.train)]:
         device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
         check_device_options(cfg, device_type, world, where)
+
+
+def describe_teachers(recipe: Recipe, out: Path, log: Log) -> None:
+    """One line per teacher trained here: its resolved protocol. `--set train.*` reaches the teachers too
+    (their `train` section only overrides the recipe's), which this makes visible before hours are spent."""
+    for i, t in trained_teachers(recipe):
+        cfg = teacher_train_config(recipe, t)
+        sched = cfg.schedule
+        steps = f", {cfg.max_steps_per_epoch} steps/epoch" if cfg.max_steps_per_epoch else ""
+        who = "generation 0" if recipe.generations else f"teacher {i}"
+        overrides = f" (own overrides: {', '.join(sorted(t.train))})" if t.train else ""
+        log(f"{who}: {t.name}, trained here: {cfg.epochs} epochs{steps}, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+            f"{sched.type} schedule, seed {teacher_seed(recipe, i, t)}{overrides}; "
+            f"cached in {teacher_run_dir(recipe, i, t, out)}")
 
 
 def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kdlab import checkpoint, distributed
+from kdlab.errors import NonFiniteLoss
 
 
 @dataclass
@@ -38,8 +39,14 @@ def run_stage(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     epochs: int,
     lr: float,
+    lr_option: str | None = None,
 ) -> None:
-    """Train `params` on `loss_fn(x, y)` for `epochs`, or load the saved result of an earlier run."""
+    """Train `params` on `loss_fn(x, y)` for `epochs`, or load the saved result of an earlier run.
+
+    A non-finite loss stops the stage as it stops the main loop (at once on CPU, at the end of the stage's
+    epoch on CUDA, where checking each step would wait for the device), and nothing of it is saved, so a
+    rerun does not load a broken module. `lr_option` names the option that sets `lr`, for the message.
+    """
     path = ctx.run_dir / "stages" / f"{name}.safetensors"
     if path.exists():
         state, _ = checkpoint.load(path)
@@ -53,18 +60,32 @@ def run_stage(
     for epoch in range(epochs):
         loader.set_epoch(10_000 + epoch)  # its own augmentation stream, disjoint from the main epochs
         total = torch.zeros((), device=ctx.device)
+        first_bad = torch.full((), -1, device=ctx.device, dtype=torch.long)
+        bad_value = torch.zeros((), device=ctx.device)
         steps = 0
         for step, (x, y) in enumerate(loader):
             if ctx.max_steps is not None and step >= ctx.max_steps:
                 break
             with ctx.autocast():
                 loss = loss_fn(x, y)
+            value = loss.detach().float()
+            finite = distributed.all_true(torch.isfinite(value))  # every rank stops together
+            is_first_bad = (~finite) & (first_bad < 0)
+            first_bad = torch.where(is_first_bad, first_bad.new_full((), step), first_bad)
+            bad_value = torch.where(is_first_bad, value, bad_value)
+            if ctx.device.type == "cpu" and int(first_bad) >= 0:
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(params)  # under torchrun: the stage sees the global batch too
             opt.step()
-            total += loss.detach().float()
+            total += value
             steps += 1
+        if int(first_bad) >= 0:
+            lower = f"a lower {lr_option} (now {lr:g})" if lr_option else f"a lower learning rate (now {lr:g})"
+            raise NonFiniteLoss(f"non-finite loss in stage {name} at epoch {epoch + 1} step {int(first_bad)}: "
+                                f"loss={float(bad_value):.4g}; nothing of the stage was saved; try {lower}, or check "
+                                "that the network it reads is finite")
         ctx.log(f"stage {name}: epoch {epoch + 1}/{epochs} loss {total.item() / max(steps, 1):.4f}")
     state = {f"{key}.{k}": v for key, module in modules.items() for k, v in module.state_dict().items()}
     if distributed.is_main():

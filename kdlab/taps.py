@@ -30,17 +30,29 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def kdlab_feature_info(model: nn.Module) -> list[dict]:
-    """The model's feature_info entries in kdlab's form ('name' and 'module'); other libraries' entries
-    (timm's carry 'module' and 'num_chs' but no 'name') are left out, so their modules are named directly."""
+    """The model's feature_info entries in kdlab's form ('name' and 'module').
+
+    timm's models list their feature maps too, as entries with 'module', 'num_chs' and 'reduction' but no
+    'name' (a plain list, or a `FeatureInfo` holding it in `.info` for `features_only` models): such a stage
+    is named by its module (`layer3`), so the terms' defaults ('all', 'last', 'middle') work on timm models.
+    """
     info = getattr(unwrap(model), "feature_info", None) or []
-    return [e for e in info if isinstance(e, dict) and "name" in e and "module" in e]
+    info = getattr(info, "info", info)
+    if not isinstance(info, (list, tuple)):
+        return []
+    out = []
+    for e in info:
+        if isinstance(e, dict) and isinstance(e.get("module"), str) and e["module"]:
+            out.append(e if "name" in e else {**e, "name": e["module"]})
+    return out
 
 
 def stage_aliases(model: nn.Module) -> dict[str, str]:
     info = kdlab_feature_info(model)
     aliases: dict[str, str] = {}
     for entry in info:
-        aliases[entry["name"]] = entry["module"]
+        if entry["name"] != entry["module"]:  # a timm stage is its module's own name
+            aliases[entry["name"]] = entry["module"]
         if entry.get("preact_module"):
             aliases[entry["name"] + ":pre"] = entry["preact_module"]
     if info:

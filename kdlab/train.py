@@ -21,12 +21,9 @@ from torch import nn
 from kdlab import checkpoint, distributed
 from kdlab.config import TrainConfig
 from kdlab.distiller import Distiller
-from kdlab.errors import CheckpointError, ConfigError, KdlabError
+from kdlab.errors import CheckpointError, ConfigError, KdlabError, NonFiniteLoss
 from kdlab.progress import Progress
 
-
-class NonFiniteLoss(KdlabError):
-    pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -259,12 +256,15 @@ def fit(
     on_epoch_end: Callable[[int], None] | None = None,
     teacher_cache=None,
     graphs=None,
+    keeps_checkpoints: bool = True,
 ) -> TrainState:
     """Train the distiller's student (and side modules) for cfg.epochs, checkpointing every epoch.
 
     ``teacher_cache`` (kdlab.fast.teacher_cache.TeacherCache): the teachers' logits are looked up by
     each batch's (index, view) instead of running the teachers. ``graphs``: the capture primitives of
     the graph step (:class:`kdlab.fast.graph_step.RerunGraphs` runs the capture logic on the CPU).
+    ``keeps_checkpoints``: False when ``run_dir`` is a temporary folder, so that an error names no
+    checkpoint that is about to vanish.
     """
     device = train_loader.device
     check_device_options(cfg, device.type, distributed.world_size())
@@ -296,6 +296,11 @@ def fit(
                               autocast_factory(cfg, device, cache_enabled=False), cfg.grad_clip, teacher_cache,
                               capture=cfg.fast.cuda_graph and (device.type == "cuda" or graphs is not None), graphs=graphs)
     names = distiller.term_names()
+    # a term whose value is exactly 0 at every step of an epoch teaches nothing: attention transfer on 1x1 maps
+    # (their normalised attention is always 1), a term on identical layers; a zero weight is the user's choice
+    watched = torch.tensor([n != "ce" and n in distiller.terms and distiller.terms[n].weight > 0 for n in names],
+                           device=device)
+    warned_zero: set[str] = set()
     steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     if steps_per_epoch == 0:
         raise KdlabError(f"train.batch_size={cfg.batch_size} is larger than the training set ({train_loader.num_samples} samples)")
@@ -311,6 +316,7 @@ def fit(
             sums = torch.zeros(len(names) + 2, device=device)  # total, terms..., correct
             first_bad = torch.full((), -1, device=device, dtype=torch.long)
             bad_values = torch.zeros(len(names) + 1, device=device)
+            all_zero = watched.clone()
             seen = 0
             progress.start_epoch(epoch)
             with_meta = teacher_cache is not None or distiller.needs_indices
@@ -350,20 +356,30 @@ def fit(
                 bad_values = torch.where(is_first_bad, values, bad_values)
                 correct = (logits.detach().argmax(1) == y).sum().float()
                 sums += torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), correct[None]])
+                all_zero &= values[1:] == 0
                 seen += y.numel()
                 progress.step(step)
                 if device.type == "cpu" and int(first_bad) >= 0:
                     break
             bad = int(first_bad)
             if bad >= 0:
+                last = run_dir / "checkpoints" / CKPT_LAST
+                kept = (f"the last good checkpoint (epoch {state.epoch}) is kept in {last}" if keeps_checkpoints and
+                        state.epoch and last.exists() else "no epoch had finished, so nothing was checkpointed"
+                        if not state.epoch else "")
                 raise NonFiniteLoss(
                     f"non-finite loss at epoch {epoch + 1} step {bad}: {_describe(names, bad_values)}; "
-                    f"the last good checkpoint (epoch {state.epoch}) is kept in {run_dir / 'checkpoints'} "
-                    "(options: train.grad_clip, a lower train.lr, or train.nonfinite=skip)"
+                    + (f"{kept}; " if kept else "") + f"try {nonfinite_remedies(cfg)}"
                 )
             steps = max(progress.steps_done, 1)
             sums, seen = distributed.reduce_epoch_sums(sums, seen)
             avg = (sums / steps).tolist()
+            train_seconds = time.perf_counter() - t0  # .tolist() waited for the device: training alone, no evaluation
+            for n, zero in zip(names, all_zero.tolist()):
+                if zero and progress.steps_done and n not in warned_zero:
+                    warned_zero.add(n)
+                    log(f"warning: loss term {n} was exactly 0 at every step of epoch {epoch + 1}, so it teaches nothing; "
+                        "check its tapped layers (attention transfer on 1x1 maps is always 0)")
             row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch + 1 - 1e-9), "train_loss": avg[0]}
             row.update({f"train_{n}": v for n, v in zip(names, avg[1:-1])})
             row["train_top1"] = 100 * sums[-1].item() / max(seen, 1)
@@ -387,7 +403,7 @@ def fit(
                 if epoch + 1 in cfg.keep_epochs:
                     keep_weights(run_dir, distiller.student, epoch + 1)
             distributed.barrier()  # the other ranks wait until the epoch is on disk
-            progress.end_epoch(row)
+            progress.end_epoch(row, train_seconds)
             if on_epoch_end:
                 on_epoch_end(epoch + 1)
     finally:
@@ -395,6 +411,16 @@ def fit(
         progress.close()
         writer.close()
     return state
+
+
+def nonfinite_remedies(cfg: TrainConfig) -> str:
+    """Only what applies to this configuration: a clip already set can be tightened, and fast.graph_step
+    cannot skip a step (it updates the weights before the loss is seen)."""
+    options = [f"a lower train.lr (now {cfg.lr:g})"]
+    options.append("train.grad_clip (e.g. 1.0)" if cfg.grad_clip is None else f"a smaller train.grad_clip (now {cfg.grad_clip:g})")
+    if not cfg.fast.graph_step and cfg.nonfinite != "skip":
+        options.append("train.nonfinite=skip")
+    return ", ".join(options[:-1]) + " or " + options[-1]
 
 
 def _describe(names: list[str], values: torch.Tensor) -> str:

@@ -359,11 +359,11 @@ def test_nonfinite_term_stops_with_epoch_step_term_and_value(poison, tmp_path, c
     line = refused(capsys, ["train", VANILLA, "--out", str(out), *QUICK,
                             *sets(f"loss.terms.{poison}={{at_call: {call}, value: {value}}}")],
                    f"epoch {epoch} step {step}", f"term {poison}", f"{poison}={value.replace('.', '')}")
-    assert "last good checkpoint" in line
     last = out / "checkpoints" / "last.safetensors"
-    if epoch == 1:
-        assert not last.exists()
+    if epoch == 1:  # no checkpoint to name: the message must not point at one
+        assert not last.exists() and "nothing was checkpointed" in line and "last good checkpoint" not in line
     else:
+        assert f"last good checkpoint (epoch {epoch - 1}) is kept in {last}" in line
         assert checkpoint.load(last)[1]["epoch"] == epoch - 1  # the previous epoch's, untouched
     assert not (out / "result.json").exists()
 

@@ -100,7 +100,7 @@ def _measure(recipe, data, device, weights: Path, run_dir: Path, tag_prefix: str
                        momentum=recipe.train.momentum, weight_decay=recipe.train.weight_decay)
     tag = f"recon_{tag_prefix}{spec.replace(':', '_').replace('.', '_')}_{loss}_k{rate}_e{epochs}"
     run_stage(ctx, tag, {"autoencoder": ae}, ae.parameters(), lambda x, y: F.recon_error(ae(features(x)), features(x), kind=loss),
-              epochs, lr)
+              epochs, lr, "--lr")
     ae.eval()
     total, count = 0.0, 0
     with torch.no_grad():

@@ -7,12 +7,14 @@ HELP = "analyses of trained runs: 'recon' fits an autoencoder on a run's feature
 
 
 def add_arguments(p) -> None:
+    from kdlab.commands import int_range, positive_float
+
     p.add_argument("analysis", choices=["recon"])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--layer", help="tapped layer (default: the last stage)")
-    p.add_argument("--rate", type=float, default=0.5, help="bottleneck rate k (factor channels = k * C)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--rate", type=positive_float, default=0.5, help="bottleneck rate k (factor channels = k * C)")
+    p.add_argument("--epochs", type=int_range(1, 100_000), default=10)
+    p.add_argument("--lr", type=positive_float, default=0.1)
     p.add_argument("--loss", choices=["l1", "l2"], default="l1")
     p.add_argument("--curve", action="store_true",
                    help="also measure every kept epoch (train.keep_epochs) and every generation of a sequential run: "

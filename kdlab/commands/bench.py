@@ -7,15 +7,17 @@ HELP = "training speed: teacher forward, student step and distillation step per 
 
 
 def add_arguments(p) -> None:
+    from kdlab.commands import int_range
+
     p.add_argument("--pairs", default="resnet56:resnet20,resnet32x4:resnet8x4", help="TEACHER:STUDENT,... (default: %(default)s)")
     p.add_argument("--methods", default="kd,nst,pfeed2", help="kd, nst, pfeed2 (FEED with 2 teachers), dkd, crd (CRD's bank over a CIFAR-sized 50,000-image synthetic set)")
     p.add_argument("--modes", default="reference,minimal,kdlab,kdlab-fast", help="(default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 5 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1, help="measure every mode this many times, interleaved; report the median")
-    p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default: 2 on CPU, 8 on CUDA)")
+    p.add_argument("--steps", type=int_range(1, 100_000), default=10, help="timed steps per measurement (default: %(default)s)")
+    p.add_argument("--warmup", type=int_range(0, 100_000), default=None, help="untimed steps first (default: 2 on CPU, 5 on CUDA)")
+    p.add_argument("--batch-size", type=int_range(1, 65_536), default=64)
+    p.add_argument("--repeats", type=int_range(1, 1000), default=1, help="measure every mode this many times, interleaved; report the median")
+    p.add_argument("--workers", type=int_range(0, 1024), default=None, help="reference DataLoader workers (default: 2 on CPU, 8 on CUDA)")
     p.add_argument("--compile", action="store_true", help="kdlab-fast: also torch.compile the distiller")
     p.add_argument("--teacher-cache", choices=["auto", "on", "off"], default="auto",
                    help="kdlab-fast, logit-only methods: the exact teacher cache (auto: on for CUDA; on CPU building it "

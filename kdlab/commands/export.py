@@ -3,6 +3,11 @@
 
 The student comes from the run's `student.safetensors`, or with `--checkpoint` from a training
 checkpoint of a run that has not finished, where only the `student.` part of the state is kept.
+
+Both formats carry the preprocessing the model expects: per-channel `mean` and `std` (input =
+(pixels / 255 - mean) / std), the input size and the class names. ONNX keeps them as the model's
+metadata_props (JSON values), read with `onnx.load(f).metadata_props` or onnxruntime's
+`InferenceSession(f).get_modelmeta().custom_metadata_map`.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ IMAGE_SIZES = {"digits": 8, "cifar10": 32, "cifar100": 32}
 
 
 def add_arguments(p) -> None:
+    from kdlab.commands import int_range
+
     p.add_argument("source", metavar="RUN_DIR", help="a run directory, or a student .safetensors file written by kdlab")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write (.safetensors or .onnx)")
     p.add_argument("--format", dest="fmt", choices=["safetensors", "onnx"], help="default: from the suffix of --out")
     p.add_argument("--checkpoint", metavar="NAME",
                    help="take the student from checkpoints/NAME.safetensors (last, prev, epoch_N) instead of student.safetensors")
-    p.add_argument("--image-size", type=int, metavar="PIXELS", help="ONNX input height = width (default: from the run's data set)")
+    p.add_argument("--image-size", type=int_range(1, 65_536), metavar="PIXELS", help="ONNX input height = width (default: from the run's data set)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +110,29 @@ def load_student(source: Path, checkpoint_name: str | None = None):
         size = data.get("image_size") if data["name"] == "imagefolder" else IMAGE_SIZES.get(data["name"])
         if size:
             meta["image_size"] = size
+    if "mean" not in meta:  # a run from before kdlab kept them with the weights, or a training checkpoint
+        meta.update(_preprocessing_of_data(data))
     return model.eval(), meta
+
+
+def _preprocessing_of_data(data: dict) -> dict:
+    """mean, std and class names read off the run's training set; {} with a note when it is not at hand."""
+    from kdlab.config import DataConfig
+    from kdlab.data import load_dataset
+    from kdlab.errors import KdlabError
+    from kdlab.runner import preprocessing
+
+    if not data.get("name"):
+        return {}
+    try:
+        cfg = DataConfig.model_validate(data)
+        kw = {"image_size": cfg.image_size, "skip_unreadable": cfg.skip_unreadable} if cfg.name == "imagefolder" else {}
+        return preprocessing(load_dataset(cfg.name, cfg.root, split="train", **kw))
+    except (KdlabError, ValueError) as e:
+        return {"preprocessing_missing": f"the training set to read mean/std from is not at hand ({e})"}
+
+
+PREPROCESSING_KEYS = ("mean", "std", "class_names")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +142,7 @@ def load_student(source: Path, checkpoint_name: str | None = None):
 def export_safetensors(model, meta: dict, out: Path) -> None:
     from kdlab import checkpoint
 
-    keep = ("model", "kwargs", "num_classes", "in_chans", "data", "image_size")
+    keep = ("model", "kwargs", "num_classes", "in_chans", "data", "image_size", *PREPROCESSING_KEYS)
     checkpoint.save(out, model.state_dict(), {k: meta[k] for k in keep if k in meta} | {"exported_from": meta["source"]})
 
 
@@ -139,6 +168,7 @@ def export_onnx(model, meta: dict, out: Path, image_size: int | None) -> float |
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice: it needs only 'onnx'
             torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET)
+        add_onnx_metadata(tmp, meta, size)
     except Exception as e:  # a broken onnx install or an op the exporter cannot express: one line, not a traceback
         tmp.unlink(missing_ok=True)
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -157,6 +187,28 @@ def export_onnx(model, meta: dict, out: Path, image_size: int | None) -> float |
     if not diff <= ONNX_TOLERANCE:
         raise KdlabError(f"{out}: ONNX outputs differ from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE}); the file is kept for inspection")
     return diff
+
+
+def onnx_metadata(meta: dict, size: int) -> dict[str, str]:
+    """The metadata_props of an exported model: strings, JSON for lists."""
+    props = {"model": meta["model"], "num_classes": meta.get("num_classes"), "in_chans": meta.get("in_chans", 3),
+             "input_size": [meta.get("in_chans", 3), size, size], "input_layout": "NCHW, float32",
+             "normalization": "(pixels / 255 - mean) / std, per channel"}
+    props.update({k: meta[k] for k in PREPROCESSING_KEYS if k in meta})
+    if "data" in meta:
+        props["data"] = meta["data"]
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items() if v is not None}
+
+
+def add_onnx_metadata(path: Path, meta: dict, size: int) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in onnx_metadata(meta, size).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.doc_string = f"kdlab student {meta['model']}; input: (pixels / 255 - mean) / std, see metadata_props"
+    onnx.save(model, str(path))
 
 
 def run(args) -> int:
@@ -179,6 +231,8 @@ def run(args) -> int:
         diff = export_onnx(model, meta, out, args.image_size)
         check = "; onnxruntime not installed, outputs not checked" if diff is None else f"; onnxruntime max |diff| {diff:.2e}"
     dropped = f", {meta['dropped_tensors']} side-module/optimizer tensors dropped" if meta["dropped_tensors"] else ""
+    if "preprocessing_missing" in meta:
+        check += f"; no mean/std in the file: {meta['preprocessing_missing']}"
     print(json.dumps({"out": str(out), "format": fmt, "model": meta["model"], "params": params}))
     print(f"exported {meta['model']} ({params:,} parameters{dropped}) to {out}{check}")
     return 0

@@ -34,6 +34,7 @@ class ArrayDataset:
     class_names: list[str]
     name: str
     source: str = field(default="", compare=False)
+    skipped: list[str] = field(default_factory=list, compare=False)  # files left out as unreadable, with the reason
 
     def __post_init__(self) -> None:
         where = _where(self.source)

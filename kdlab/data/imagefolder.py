@@ -3,7 +3,9 @@
 Layout: ``root/train/<class>/*.{png,jpg,jpeg,bmp}`` and ``root/test/<class>/...`` (``root/val``
 is accepted for the test split). Classes are the sub-folders of ``train``, sorted by name, for both
 splits. Images are converted to RGB and resized to ``image_size`` x ``image_size`` with bilinear
-interpolation. Mean/std are those of the train split.
+interpolation; 16-bit greyscale images are scaled to 8 bits (value / 257), not clipped at 255.
+Mean/std are those of the train split. ``skip_unreadable=True`` leaves out files that cannot be
+decoded instead of stopping at the first one; the dataset's ``skipped`` lists them with the reason.
 """
 
 from __future__ import annotations
@@ -50,21 +52,40 @@ def _files(class_dir: Path) -> list[Path]:
     return files
 
 
+# Pillow's modes for 16-bit greyscale PNGs ("I" in older Pillow releases); its convert("RGB") clips them at 255
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _sixteen_bit_to_rgb(im, size: int) -> np.ndarray:
+    from PIL import Image
+
+    grey = np.asarray(im, dtype=np.float32) / 257.0  # 65535 -> 255
+    plane = Image.fromarray(grey, mode="F")
+    if plane.size != (size, size):
+        plane = plane.resize((size, size), Image.BILINEAR)
+    arr = np.clip(np.rint(np.asarray(plane)), 0, 255).astype(np.uint8)
+    return np.repeat(arr[:, :, None], 3, axis=2)
+
+
 def _read_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            if im.mode in SIXTEEN_BIT_MODES:
+                arr = _sixteen_bit_to_rgb(im, size)
+            else:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
     except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, ValueError, ...
         raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
     return arr.transpose(2, 0, 1)
 
 
-def _load_split(split_dir: Path, classes: list[str], size: int, require_all: bool):
+def _load_split(split_dir: Path, classes: list[str], size: int, require_all: bool, skip_unreadable: bool = False,
+                skipped: list[str] | None = None):
     images, labels = [], []
     extra = sorted(
         p.name for p in split_dir.iterdir()
@@ -79,10 +100,17 @@ def _load_split(split_dir: Path, classes: list[str], size: int, require_all: boo
                 raise DataError(f"{class_dir}: missing class folder")
             continue
         for f in _files(class_dir):
-            images.append(_read_image(f, size))
+            try:
+                images.append(_read_image(f, size))
+            except DataError as e:
+                if not skip_unreadable:
+                    raise DataError(f"{e}; skip_unreadable (data.skip_unreadable in a recipe) leaves such files out") from None
+                if skipped is not None:
+                    skipped.append(str(e))
+                continue
             labels.append(label)
     if not images:
-        raise DataError(f"{split_dir}: no images")
+        raise DataError(f"{split_dir}: no images" + (" that could be read" if skipped else ""))
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -95,7 +123,7 @@ def _fingerprint(train_dir: Path, classes: list[str]) -> tuple:
     return tuple(out)
 
 
-def load_imagefolder(root=None, split: str = "train", image_size: int = 32) -> ArrayDataset:
+def load_imagefolder(root=None, split: str = "train", image_size: int = 32, skip_unreadable: bool = False) -> ArrayDataset:
     if root is None:
         raise DataError("imagefolder: no root given (the folder holding train/ and test/)")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -108,17 +136,18 @@ def load_imagefolder(root=None, split: str = "train", image_size: int = 32) -> A
     classes = _classes(train_dir)
     key = (str(train_dir.resolve()), image_size, _fingerprint(train_dir, classes))
 
+    skipped: list[str] = []
     if split == "train":
-        images, labels = _load_split(train_dir, classes, image_size, require_all=True)
+        images, labels = _load_split(train_dir, classes, image_size, True, skip_unreadable, skipped)
         stats = channel_stats(images)
         _STATS_CACHE.clear()  # keep at most one entry
         _STATS_CACHE[key] = stats
         source = train_dir
     else:
-        images, labels = _load_split(split_dir, classes, image_size, require_all=False)
+        images, labels = _load_split(split_dir, classes, image_size, False, skip_unreadable, skipped)
         stats = _STATS_CACHE.get(key)
         if stats is None:
-            train_images, _ = _load_split(train_dir, classes, image_size, require_all=True)
+            train_images, _ = _load_split(train_dir, classes, image_size, True, skip_unreadable)
             stats = channel_stats(train_images)
             del train_images
             _STATS_CACHE.clear()
@@ -134,4 +163,5 @@ def load_imagefolder(root=None, split: str = "train", image_size: int = 32) -> A
         class_names=classes,
         name="imagefolder",
         source=str(source),
+        skipped=skipped,
     )

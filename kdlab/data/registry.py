@@ -10,7 +10,7 @@ __all__ = ["DATASETS", "SPLITS", "load_dataset"]
 
 DATASETS = ("cifar10", "cifar100", "digits", "imagefolder")
 SPLITS = ("train", "test")
-_KWARGS = {"cifar10": (), "cifar100": (), "digits": (), "imagefolder": ("image_size",)}
+_KWARGS = {"cifar10": (), "cifar100": (), "digits": (), "imagefolder": ("image_size", "skip_unreadable")}
 
 
 def load_dataset(name: str, root=None, split: str = "train", **kwargs) -> ArrayDataset:
@@ -18,7 +18,7 @@ def load_dataset(name: str, root=None, split: str = "train", **kwargs) -> ArrayD
 
     ``name``: cifar10 / cifar100 (official python files; ``root`` = the .tar.gz, its folder, the
     extracted folder or its parent), digits (scikit-learn, ``root`` ignored) or imagefolder
-    (``root/train/<class>/*``; keyword ``image_size``, default 32). ``split``: train or test.
+    (``root/train/<class>/*``; keywords ``image_size``, default 32, and ``skip_unreadable``, default False). ``split``: train or test.
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in DATASETS:

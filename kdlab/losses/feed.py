@@ -94,7 +94,7 @@ class FEED(Term):
                 return F.recon_error(para(ft), ft, kind=self.opts.recon)
 
             run_stage(ctx, f"{self.name}_paraphraser{i}", {"paraphraser": para}, para.parameters(), recon,
-                      self.opts.paraphraser_epochs, self.opts.paraphraser_lr)
+                      self.opts.paraphraser_epochs, self.opts.paraphraser_lr, f"loss.terms.{self.name}.paraphraser_lr")
             para.requires_grad_(False)
 
 

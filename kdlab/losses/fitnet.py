@@ -61,5 +61,5 @@ class FitNet(Term):
         params = list(ctx.student.parameters()) + list(self.regressors.parameters())
         run_stage(
             ctx, "fitnet_hint", {"student": ctx.student, "regressors": self.regressors}, params,
-            lambda x, y: self(ctx.forward(x, y)), self.opts.hint_epochs, self.opts.hint_lr,
+            lambda x, y: self(ctx.forward(x, y)), self.opts.hint_epochs, self.opts.hint_lr, f"loss.terms.{self.name}.hint_lr",
         )
