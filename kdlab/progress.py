@@ -56,6 +56,7 @@ class Progress:
         self._task = None
         self._t0 = time.perf_counter()
         self._interval = plain_interval()
+        self._train_seconds: float | None = None
         if is_terminal():
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
@@ -96,9 +97,14 @@ class Progress:
                 f"{self.steps_done * self.batch_size / dt:,.0f} img/s | ETA epoch {format_duration(left_epoch)}, "
                 f"run {format_duration(left_run)} (training only)")
 
-    def end_epoch(self, row: dict, train_seconds: float | None = None) -> None:
-        """`train_seconds`: the epoch's training time without its evaluation, for the img/s figure."""
-        dt = max(row["seconds"] if train_seconds is None else train_seconds, 1e-9)
+    def training_done(self, seconds: float) -> None:
+        """The epoch's training time, before its evaluation: the epoch line's img/s counts training alone."""
+        self._train_seconds = seconds
+
+    def end_epoch(self, row: dict) -> None:
+        seconds = self._train_seconds
+        self._train_seconds = None
+        dt = max(row["seconds"] if seconds is None else seconds, 1e-9)
         self.log(format_row(row) + f" | {self.steps_done * self.batch_size / dt:,.0f} img/s training")
 
     def close(self) -> None:

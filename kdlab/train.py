@@ -374,7 +374,7 @@ def fit(
             steps = max(progress.steps_done, 1)
             sums, seen = distributed.reduce_epoch_sums(sums, seen)
             avg = (sums / steps).tolist()
-            train_seconds = time.perf_counter() - t0  # .tolist() waited for the device: training alone, no evaluation
+            progress.training_done(time.perf_counter() - t0)  # .tolist() waited for the device; no evaluation yet
             for n, zero in zip(names, all_zero.tolist()):
                 if zero and progress.steps_done and n not in warned_zero:
                     warned_zero.add(n)
@@ -403,7 +403,7 @@ def fit(
                 if epoch + 1 in cfg.keep_epochs:
                     keep_weights(run_dir, distiller.student, epoch + 1)
             distributed.barrier()  # the other ranks wait until the epoch is on disk
-            progress.end_epoch(row, train_seconds)
+            progress.end_epoch(row)
             if on_epoch_end:
                 on_epoch_end(epoch + 1)
     finally:

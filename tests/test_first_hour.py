@@ -394,10 +394,15 @@ def test_second_run_waits_for_a_shared_teacher_with_a_message_even_when_quiet(tm
     with RunLock(teacher_dir):  # as if another run were training it right now
         proc = subprocess.Popen([sys.executable, "-m", "kdlab", "train", KD, "--out", str(tmp_path / "b"), *first],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-        line = proc.stdout.readline().decode()
-        assert "waiting for it to finish" in line and str(teacher_dir) in line and f"pid {os.getpid()}" in line
-        time.sleep(1)
-        assert proc.poll() is None  # still waiting
+        try:
+            line = _read_until(proc.stdout.fileno(), proc, b"\n", 60).decode()
+            assert "waiting for it to finish" in line and str(teacher_dir) in line and f"pid {os.getpid()}" in line
+            time.sleep(1)
+            assert proc.poll() is None  # still waiting
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert json.loads((tmp_path / "b" / "result.json").read_text())["teachers"][0]["source"] == str(teacher_dir)
@@ -434,7 +439,8 @@ def test_progress_lines_without_a_terminal(monkeypatch):
         p.step(step)
     plain = [ln for ln in lines if ln.startswith("epoch 1/3 step ")]
     assert len(plain) >= 5 and "img/s" in plain[-1] and "ETA epoch" in plain[-1] and "run " in plain[-1]
-    p.end_epoch({"epoch": 1, "lr": 0.1, "train_loss": 1.0, "seconds": 10.0}, train_seconds=1.0)
+    p.training_done(1.0)
+    p.end_epoch({"epoch": 1, "lr": 0.1, "train_loss": 1.0, "seconds": 10.0})
     assert lines[-1].endswith("| 160 img/s training")  # 20 steps x 8 images in 1 s of training, not 10 s
 
 
