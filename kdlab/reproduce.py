@@ -232,5 +232,5 @@ def run_job(job: Job, quiet: bool) -> dict:
     """Train one (cell, seed), resuming it when an earlier invocation started it."""
     from kdlab import runner
 
-    resume = runner.resumable(job.run_dir)  # a folder left by a failed first epoch starts afresh
+    resume = (job.run_dir / "config.yaml").exists()
     return runner.run(None if resume else job.recipe, job.run_dir, resume=resume, quiet=quiet)

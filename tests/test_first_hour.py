@@ -597,7 +597,7 @@ def test_onnx_export_carries_the_preprocessing(finished_run, tmp_path, capsys):
     meta = checkpoint.load(finished_run / "student.safetensors")[1]
     assert json.loads(props["mean"]) == pytest.approx(meta["mean"]) and json.loads(props["std"]) == pytest.approx(meta["std"])
     assert json.loads(props["input_size"]) == [1, 8, 8] and json.loads(props["class_names"])[3] == "3"
-    assert props["model"] == "smallcnn" and "255" in props["normalization"]
+    assert props["model"] == meta["model"] and "255" in props["normalization"]
 
 
 # ----------------------------------------------------------------------------------------------
