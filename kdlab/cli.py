@@ -178,7 +178,10 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "models": cm
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse's own exits: a usage error (2, its line already printed), --help or --version (0)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     handlers = {**COMMANDS, **{m.NAME: m.run for m in command_modules()}}
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
