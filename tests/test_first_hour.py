@@ -101,14 +101,18 @@ def test_out_of_range_seed_is_one_line_and_nothing_trains(tmp_path, capsys, seed
     ["bench", "--steps", "99999999999999999999"],
     ["analyze", "recon", "run", "--rate", "nan"],
     ["analyze", "recon", "run", "--lr", "inf"],
-    ["reproduce", "t.yaml", "--seeds", "99999999999999999999"],
-    ["reproduce", "t.yaml", "--jobs", "0"],
     ["export", "run", "--out", "s.onnx", "--image-size", "0"],
 ])
 def test_bad_numbers_of_every_command_are_one_line(capsys, argv):
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("kdlab: error: argument --"), err
+
+
+@pytest.mark.parametrize("option, value", [("--seeds", "99999999999999999999"), ("--jobs", "99999999999999999999")])
+def test_huge_reproduce_counts_are_one_line(tmp_path, capsys, option, value):
+    refused(capsys, ["reproduce", "t.yaml", option, value, "--out", str(tmp_path / "out")], f"{option} must be at most")
+    assert not (tmp_path / "out").exists()
 
 
 def test_student_protocol_is_checked_before_the_teacher_trains(tmp_path, capsys):

@@ -6,11 +6,13 @@ NAME = "reproduce"
 HELP = "run a reproduction table (recipes x seeds, shared cached teachers) and compare with its published numbers"
 
 
-def add_arguments(p) -> None:
-    from kdlab.commands import int_range
+MAX_SEEDS = 1000
+MAX_JOBS = 1024
 
+
+def add_arguments(p) -> None:
     p.add_argument("table", metavar="TABLE.yaml", help="a table file, e.g. recipes/tables/bench240.yaml")
-    p.add_argument("--seeds", type=int_range(1, 1000), help="number of seeds (0..N-1); default: the table's 'seeds'")
+    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1); default: the table's 'seeds'")
     p.add_argument("--out", help="output folder (default: runs/reproduce/<table name>); rerun to continue")
     p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (the report still lists every cell)")
     p.add_argument("--data-root", help="data.root for every cell (default: the recipes' own, else $KDLAB_CIFAR100)")
@@ -18,7 +20,7 @@ def add_arguments(p) -> None:
                    help="override a recipe key in every cell, after the table's own overrides (repeatable)")
     p.add_argument("--cache-dir", help="where teachers are trained and cached (default: OUT/teachers); "
                    "tables sharing a teacher protocol can share one")
-    p.add_argument("--jobs", type=int_range(1, 1024), default=1, metavar="N",
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run independent runs in N worker processes (teachers first, each trained once; "
                    "on CPU one thread each, with several GPUs one GPU each)")
     p.add_argument("--quiet", action="store_true", help="only the per-run progress lines, no per-epoch lines")
@@ -30,10 +32,15 @@ def run(args) -> int:
     from kdlab.errors import KdlabError
     from kdlab.reproduce_run import run_table
 
+    # an upper bound too: a mistyped huge count would plan (or start) that many runs, not fail
     if args.seeds is not None and args.seeds < 1:
         raise KdlabError("--seeds must be at least 1")
+    if args.seeds is not None and args.seeds > MAX_SEEDS:
+        raise KdlabError(f"--seeds must be at most {MAX_SEEDS}")
     if args.jobs < 1:
         raise KdlabError("--jobs must be at least 1")
+    if args.jobs > MAX_JOBS:
+        raise KdlabError(f"--jobs must be at most {MAX_JOBS}")
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / Path(args.table).stem
     try:
         run_table(args.table, out, seeds=args.seeds, only=args.only, sets=args.overrides, data_root=args.data_root,
