@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kdlab import checkpoint, models, runner
-from kdlab.config import load_recipe
+from kdlab.config import load_recipe, validate
 from kdlab.errors import CheckpointError
 from kdlab.train import evaluate
 
@@ -215,10 +215,11 @@ def test_best_teacher_is_the_epoch_with_the_highest_test_top1(tmp_path, monkeypa
 
 
 def test_last_teacher_keeps_its_cache_key_and_best_gets_its_own(tmp_path):
-    recipe = load_recipe(DIGITS / "kd.yaml")
+    recipe = validate({"method": "kd", "data": {"name": "digits"}, "student": {"name": "smallcnn"},
+                       "teachers": [{"name": "smallcnn_wide"}], "loss": {"ce": 0.1, "terms": {"kd": {}}}})
     last, best = recipe.teachers[0], recipe.teachers[0].model_copy(update={"checkpoint": "best"})
-    # the key of a `last` teacher is the one earlier kdlab versions gave it (checkpoint and keep_best at their defaults)
-    assert runner.teacher_run_dir(recipe, 0, last, tmp_path).name == "smallcnn_wide-d655392674e2"
+    # the folder kdlab gave this teacher before `checkpoint` and `keep_best` existed: cached `last` teachers are reused
+    assert runner.teacher_run_dir(recipe, 0, last, tmp_path).name == "smallcnn_wide-8822803e3691"
     assert runner.teacher_run_dir(recipe, 0, best, tmp_path) != runner.teacher_run_dir(recipe, 0, last, tmp_path)
 
 
