@@ -43,6 +43,14 @@ FEATS = {
     "vgg13": [(128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)],
     "shufflev2": [(116, 16, 16), (232, 8, 8), (464, 4, 4)],
 }
+# feat[0], the stem's output (FSP's first layer), and feat[-1], the pooled embedding's width (CC, RKD, PKT)
+STEM = {"resnet20": (16, 32, 32), "resnet32": (16, 32, 32), "resnet56": (16, 32, 32), "resnet110": (16, 32, 32),
+        "resnet8x4": (32, 32, 32), "resnet32x4": (32, 32, 32), "vgg8": (64, 32, 32), "vgg13": (64, 32, 32)}
+EMBED = {"resnet20": 64, "resnet32": 64, "resnet56": 64, "resnet110": 64, "resnet8x4": 256, "resnet32x4": 256,
+         "vgg8": 512, "vgg13": 512, "shufflev2": 1024}
+# mdistiller's CIFAR-100 DKD configs: beta per pair (alpha 1, T 4, CE 1, 20 warm-up epochs everywhere)
+DKD_BETA = {"resnet56_resnet20": 2.0, "resnet110_resnet32": 2.0, "vgg13_vgg8": 6.0, "resnet32x4_resnet8x4": 8.0,
+            "resnet32x4_shufflev2": 8.0}
 SMALL_LR_STUDENTS = ("mobilenetv2_half", "shufflev1", "shufflev2")  # train_student.py: lr 0.01 for these
 
 
@@ -134,7 +142,7 @@ def test_bench240_cell_trains_what_repdistiller_trains(cell, recipe):
         return
     assert recipe.loss.ce == 1.0 and list(recipe.loss.terms) == [method]  # -r 1 -a 0
     o = options(recipe, method)
-    s_shapes, t_shapes = tapped(recipe, method)
+    s_shapes, t_shapes = tapped(recipe, method) if method != "dkd" else ([], [])
     if method == "at":
         assert (o["weight"], o["p"], o["mode"]) == (1000.0, 2.0, "code")
         assert (s_shapes, t_shapes) == (s_feats, t_feats)  # feat[1:-1]
@@ -151,6 +159,30 @@ def test_bench240_cell_trains_what_repdistiller_trains(cell, recipe):
         assert o["paraphraser_lr"] == (0.01 if student.startswith(("resnet", "wrn")) else lr)  # helper/pretrain.init
         assert (s_shapes, t_shapes) == ([s_feats[-1]], [t_feats[-1]])  # feat[-2]
         assert o["pool"] == (s_feats[-1][1:] != t_feats[-1][1:])  # FactorTransfer.factor_loss pools the larger factor
+    elif method == "sp":  # Similarity on [feat[-2]]
+        assert o["weight"] == 3000.0
+        assert (s_shapes, t_shapes) == ([s_feats[-1]], [t_feats[-1]])
+    elif method in ("cc", "rkd", "pkt"):  # feat[-1], the embeddings
+        expected = {"cc": {"weight": 0.02, "embed_dim": 128, "mode": "code"},  # LinearEmbed to --feat_dim 128
+                    "rkd": {"weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0},  # RKDLoss(w_d=25, w_a=50)
+                    "pkt": {"weight": 30000.0}}[method]
+        assert {k: o[k] for k in expected} == expected
+        assert (s_shapes, t_shapes) == ([(EMBED[student],)], [(EMBED[teacher.name],)])
+    elif method == "vid":  # VIDLoss(s, t, t) on feat[1:-1], init_pred_var 5
+        assert (o["weight"], o["init_var"], o["mid_channels"], o["pool"]) == (1.0, 5.0, None, True)
+        assert (s_shapes, t_shapes) == (s_feats, t_feats)
+    elif method == "ab":  # preact feat[1:-1]; helper/pretrain.init: --init_epochs 30 at the main lr, then CE alone
+        assert (o["stages"], o["init_epochs"], o["init_lr"], o["margin"]) == ("two", 30, lr, 1.0)
+        assert (s_shapes, t_shapes) == (s_feats, t_feats)
+        term = Distiller(models.create(student, num_classes=100), [models.create(teacher.name, num_classes=100)], recipe.loss).terms["ab"]
+        assert all(spec.endswith(":pre") for spec in term.student_layers + term.teacher_layers[0])
+    elif method == "fsp":  # feat[:-1]: the stem and every stage; the init stage as AB's
+        assert (o["stages"], o["init_epochs"], o["init_lr"]) == ("two", 30, lr)
+        assert (s_shapes, t_shapes) == ([STEM[student]] + s_feats, [STEM[teacher.name]] + t_feats)
+    elif method == "dkd":  # mdistiller: CE 1, DKD 1 (alpha 1, beta per pair, T 4), 20 warm-up epochs; best epoch
+        assert (o["weight"], o["alpha"], o["beta"], o["T"], o["warmup_epochs"]) == (1.0, 1.0, DKD_BETA[pair], 4.0, 20.0)
+        assert load_table(TABLES / "bench240.yaml").metric_of(next(c for c in load_table(TABLES / "bench240.yaml").cells
+                                                                  if c.name == cell)) == "best"
     else:
         pytest.fail(f"no reference for {method}")
     check_repdistiller_teacher(recipe)
@@ -167,10 +199,12 @@ def check_repdistiller_teacher(recipe: Recipe) -> None:
 def test_bench240_covers_every_pair_and_method():
     pairs = {c.split("/")[0] for c, _ in BENCH}
     assert pairs == {"resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "vgg13_vgg8", "resnet32x4_shufflev2"}
-    assert {c for c, _ in BENCH} == {f"{p}/{m}" for p in pairs for m in ("vanilla", "kd", "fitnet", "at", "ft", "nst")}
+    methods = ("vanilla", "kd", "fitnet", "at", "ft", "nst", "sp", "cc", "vid", "rkd", "pkt", "ab", "fsp", "dkd")
+    # FSP needs equal channel counts: RepDistiller's tables have no FSP cell for resnet32x4 -> ShuffleV2
+    assert {c for c, _ in BENCH} == {f"{p}/{m}" for p in pairs for m in methods} - {"resnet32x4_shufflev2/fsp"}
 
 
-@pytest.mark.parametrize("table", ["nst_kernels", "feed", "lp"])
+@pytest.mark.parametrize("table", ["nst_kernels", "feed", "lp", "ofd_dist_ls"])
 def test_own_240_epoch_tables_keep_repdistillers_protocol(table):
     """kdlab's own comparison tables run on RepDistiller's training protocol and its teachers."""
     for cell, recipe in cells(table):
