@@ -70,18 +70,22 @@ def _grouped() -> list[tuple[str, Recipe, list[str]]]:
 GROUPS = _grouped()
 
 
-def random_data(recipe: Recipe, n: int) -> runner.Data:
-    """`n` random train and test images of the recipe's data set shape (the real files are not needed for one step)."""
+TRAIN_SIZES = {"digits": 1437, "cifar10": 50_000, "cifar100": 50_000}  # the real training sets' sizes
+
+
+def random_data(recipe: Recipe, n: int, n_train: int | None = None) -> runner.Data:
+    """Random train and test images of the recipe's data set shape (the real files are not needed for one step):
+    `n` of each, or `n_train` training images for a term that keeps state per training sample."""
     name = recipe.data.name
     c, size, k = CHANNELS.get(name, 3), SIZES.get(name, recipe.data.image_size), NUM_CLASSES[name]
     g = torch.Generator().manual_seed(0)
 
-    def split(which: str) -> ArrayDataset:
-        return ArrayDataset(torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=g),
-                            torch.randint(0, k, (n,), generator=g), k, (0.5,) * c, (0.25,) * c,
+    def split(which: str, count: int) -> ArrayDataset:
+        return ArrayDataset(torch.randint(0, 256, (count, c, size, size), dtype=torch.uint8, generator=g),
+                            torch.randint(0, k, (count,), generator=g), k, (0.5,) * c, (0.25,) * c,
                             [str(i) for i in range(k)], name, source=f"random {which}")
 
-    return runner.Data(split("train"), split("test"), k, c)
+    return runner.Data(split("train", n_train or n), split("test", n), k, c)
 
 
 @torch.no_grad()
@@ -94,7 +98,7 @@ def calibrated(teacher: torch.nn.Module, data: runner.Data) -> torch.nn.Module:
             m.reset_running_stats()
             m.momentum = None  # a plain average over the calibration batches
     teacher.train()
-    teacher(data.train.images.float().div(255).sub(0.5).div(0.25))
+    teacher(data.test.images.float().div(255).sub(0.5).div(0.25))  # the few test images, not a real-size train set
     return teacher.eval()
 
 
@@ -111,7 +115,8 @@ def one_step(recipe: Recipe, tmp_path: Path) -> dict[str, float]:
     batch = max([2] + [int(opts.get("k", 5)) + 1 for name, opts in terms.items() if name == "lp"])
     # the teacher-logit cache is left out: it reproduces the online teachers (tests/test_fast.py), which run here
     cfg = recipe.train.model_copy(update={"batch_size": batch, "device": "cpu", "max_steps_per_epoch": 1, "teacher_cache": False})
-    data = random_data(recipe, batch)
+    # CRD's memory bank holds one entry per training sample and draws its negatives among them: a real-size set
+    data = random_data(recipe, batch, TRAIN_SIZES[recipe.data.name] if "crd" in terms else None)
     device = torch.device("cpu")
     student = runner.build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
     specs = recipe.teachers or ([recipe.student] if recipe.generations else [])
@@ -120,6 +125,7 @@ def one_step(recipe: Recipe, tmp_path: Path) -> dict[str, float]:
     train_loader, test_loader = data.loaders(recipe, batch, device, recipe.seed)
     x, y = next(iter(test_loader))
     distiller.build(x, y)
+    distiller.attach_training_set(data.train.labels)  # as train_run does (CRD's memory bank)
     if teachers and cfg.fast.fold_teacher:
         from kdlab.fast.teachers import prepare_teachers
 

@@ -162,10 +162,12 @@ def test_bench240_cell_trains_what_repdistiller_trains(cell, recipe):
     elif method == "sp":  # Similarity on [feat[-2]]
         assert o["weight"] == 3000.0
         assert (s_shapes, t_shapes) == ([s_feats[-1]], [t_feats[-1]])
-    elif method in ("cc", "rkd", "pkt"):  # feat[-1], the embeddings
+    elif method in ("cc", "rkd", "pkt", "crd"):  # feat[-1], the embeddings
         expected = {"cc": {"weight": 0.02, "embed_dim": 128, "mode": "code"},  # LinearEmbed to --feat_dim 128
                     "rkd": {"weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0},  # RKDLoss(w_d=25, w_a=50)
-                    "pkt": {"weight": 30000.0}}[method]
+                    "pkt": {"weight": 30000.0},
+                    # -b 0.8, --feat_dim 128, --nce_k 16384, --nce_t 0.07, --nce_m 0.5, --mode exact
+                    "crd": {"weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5, "mode": "exact"}}[method]
         assert {k: o[k] for k in expected} == expected
         assert (s_shapes, t_shapes) == ([(EMBED[student],)], [(EMBED[teacher.name],)])
     elif method == "vid":  # VIDLoss(s, t, t) on feat[1:-1], init_pred_var 5
@@ -199,7 +201,7 @@ def check_repdistiller_teacher(recipe: Recipe) -> None:
 def test_bench240_covers_every_pair_and_method():
     pairs = {c.split("/")[0] for c, _ in BENCH}
     assert pairs == {"resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "vgg13_vgg8", "resnet32x4_shufflev2"}
-    methods = ("vanilla", "kd", "fitnet", "at", "ft", "nst", "sp", "cc", "vid", "rkd", "pkt", "ab", "fsp", "dkd")
+    methods = ("vanilla", "kd", "fitnet", "at", "ft", "nst", "sp", "cc", "vid", "rkd", "pkt", "ab", "fsp", "dkd", "crd")
     # FSP needs equal channel counts: RepDistiller's tables have no FSP cell for resnet32x4 -> ShuffleV2
     assert {c for c, _ in BENCH} == {f"{p}/{m}" for p in pairs for m in methods} - {"resnet32x4_shufflev2/fsp"}
 
