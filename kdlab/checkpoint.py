@@ -8,6 +8,7 @@ the first kdlab version carry `sha256`, over the tensors only; they are still re
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -152,21 +153,42 @@ def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, st
         raise CheckpointError(f"{path}: checksum mismatch (the file was modified or damaged)")
 
 
+# entries under which the reference implementations' torch.save'd checkpoints hold the state dict:
+# RepDistiller and mdistiller {"model": ...} (with "epoch", "accuracy"/"best_acc" or "opt"), teacher-free
+# KD {"state_dict": ...} (with "epoch", "optim_dict")
+STATE_ENTRIES = ("model", "state_dict")
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file, or from a torch file through weights_only=True (no code runs)."""
+    """A state dict from a .safetensors file, or from a torch file through weights_only=True (no code runs).
+
+    A torch file may hold the state dict itself or a dict with it under ``model`` or ``state_dict`` (the
+    reference implementations' checkpoints). Key names are returned as stored; see
+    ``kdlab.models.reference_keys.adapt`` for the reference implementations' names.
+    """
     path = Path(path)
     if path.name.endswith(".safetensors"):
         return load(path)[0]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # RepDistiller's *_last.pth also stores its argparse options; a Namespace is rebuilt from plain
+        # values by setting attributes, no code of the file runs, so it is allowed next to the tensors
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only raises UnpicklingError for any forbidden global
         raise CheckpointError(f"{path}: refused or unreadable torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    if isinstance(obj, dict):
+        for entry in STATE_ENTRIES:
+            if isinstance(obj.get(entry), dict):
+                obj = obj[entry]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: expected a state dict of tensors (or a dict with one under 'model' or 'state_dict')")
+    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor; expected a state dict "
+                              "(or a dict with one under 'model' or 'state_dict')")
     return obj
 
 

@@ -113,6 +113,9 @@ class TrainConfig(Strict):
     nonfinite: Literal["stop", "skip"] = Field(default="stop", description="what a NaN/Inf loss does: stop the run, or skip the step")
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap on steps per epoch (smoke tests)")
     keep_epochs: list[int] = Field(default_factory=list, description="also keep the weights of these epochs (defective-KD teachers)")
+    keep_best: bool = Field(default=False, description="also keep the weights of the epoch with the best test top-1 "
+                            "(checkpoints/best.safetensors; ties: the later epoch, as the Tf-KD code); set for a teacher "
+                            "whose checkpoint is best")
     teacher_cache: bool = Field(default=False, description="compute the teachers' logits for every crop/flip view once and read "
                                 "them instead of running the teachers (only when every term reads teacher logits alone)")
     fast: FastConfig = FastConfig()
@@ -157,9 +160,13 @@ class TeacherConfig(Strict):
 
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = Field(default=None, description="student.safetensors file, or a finished run directory")
+    weights: str | None = Field(default=None, description="student.safetensors file, a finished run directory, or a reference "
+                                 "implementation's torch checkpoint (RepDistiller/mdistiller/Tf-KD .pth, read with weights_only=True)")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the recipe's train section for this teacher")
     epoch: int | None = Field(default=None, ge=0, description="use the teacher as it was after this epoch (0 = at init): defective KD")
+    checkpoint: Literal["last", "best"] = Field(
+        default="last", description="which weights of a teacher trained here teach: the last epoch's, or those of the epoch "
+        "with the best TEST top-1 (model selection on the test set, as the official Tf-KD code does for every teacher)")
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="default: the run seed + 1 + the teacher's index")
 
     @field_validator("name")
@@ -175,6 +182,9 @@ class TeacherConfig(Strict):
             raise ValueError(f"train.{format_validation_error(e)}") from None
         if self.weights and self.epoch is not None:
             raise ValueError("teacher: 'epoch' picks a checkpoint of a teacher trained here; it cannot be combined with 'weights'")
+        if self.checkpoint == "best" and (self.weights or self.epoch is not None):
+            raise ValueError("teacher: checkpoint: best picks the best epoch of a teacher trained here; it cannot be combined "
+                             f"with '{'weights' if self.weights else 'epoch'}'")
         return self
 
 
@@ -207,6 +217,9 @@ class Recipe(Strict):
         default="fresh", description="each generation starts from a fresh init (BAN) or from the previous generation's weights"
     )
     bane: bool = Field(default=False, description="also evaluate the ensemble of generations 1..G (BAN)")
+    generation_checkpoint: Literal["last", "best"] = Field(
+        default="last", description="sequential methods: which weights of generation g-1 teach generation g: the last "
+        "epoch's, or the best-TEST-top-1 epoch's (the official Tf-KD code's self-training teacher)")
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     cache_dir: str | None = Field(default=None, description="where trained teachers are cached; default <out>/teachers or $KDLAB_CACHE")
@@ -230,6 +243,8 @@ class Recipe(Strict):
             raise ValueError(f"loss term(s) {', '.join(needs_teacher)} need a teacher: add 'teachers' or 'generations'")
         if self.generations and self.teachers:
             raise ValueError("'generations' trains each generation's teacher itself; remove 'teachers'")
+        if self.generation_checkpoint != "last" and not self.generations:
+            raise ValueError("generation_checkpoint applies to sequential methods (generations > 0); a teacher's is teachers.N.checkpoint")
         if self.loss.ce == 0 and not self.loss.terms:
             raise ValueError("loss: ce is 0 and there are no terms: nothing to train")
         for i, teacher in enumerate(self.teachers):
@@ -393,4 +408,6 @@ def teacher_train_config(recipe: Recipe, teacher: TeacherConfig) -> TrainConfig:
     cfg = TrainConfig.model_validate(deep_merge(recipe.train.model_dump(mode="json"), teacher.train))
     if teacher.epoch is not None and teacher.epoch not in cfg.keep_epochs:
         cfg = cfg.model_copy(update={"keep_epochs": sorted({*cfg.keep_epochs, teacher.epoch})})
+    if teacher.checkpoint == "best" and not cfg.keep_best:  # the weights it will be read from
+        cfg = cfg.model_copy(update={"keep_best": True})
     return cfg

@@ -234,8 +234,9 @@ def fmt(mean: float, std: float | None, digits: int = 2) -> str:
 
 
 def teacher_accuracy(t: dict) -> float | None:
-    """A teacher's test top-1 as it taught: at its chosen epoch (defective KD), else after training."""
-    value = t.get("top1_at_epoch", t.get("top1_last"))
+    """A teacher's test top-1 as it taught: at its chosen epoch (defective KD), else of the weights that taught
+    (`top1`: the last or best epoch's, or given weights evaluated before training), else after training."""
+    value = t.get("top1_at_epoch", t.get("top1", t.get("top1_last")))
     return float(value) if isinstance(value, (int, float)) else None
 
 

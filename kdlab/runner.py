@@ -28,8 +28,9 @@ from kdlab.distiller import Distiller
 from kdlab.errors import CheckpointError, ConfigError, KdlabError
 from kdlab.lock import LOCK_NAME, RunLock
 from kdlab.methods import check_recipe
+from kdlab.models import reference_keys
 from kdlab.stages import StageContext
-from kdlab.train import autocast_factory, check_device_options, evaluate, fit, resolve_device
+from kdlab.train import CKPT_BEST, autocast_factory, check_device_options, evaluate, fit, resolve_device
 
 RESULT = "result.json"
 EVAL_BATCH = 256
@@ -76,8 +77,12 @@ class Data:
         shard = (distributed.rank(), distributed.world_size())
         train = DeviceLoader(self.train, distributed.per_rank_batch(batch_size), train=True, augment=aug, device=device,
                              seed=seed, shard=shard)
-        test = DeviceLoader(self.test, EVAL_BATCH, train=False, device=device, seed=seed, shard=shard)
-        return train, test
+        return train, self.test_loader(device, seed)
+
+    def test_loader(self, device: torch.device, seed: int):
+        distributed.check_device(device)
+        shard = (distributed.rank(), distributed.world_size())
+        return DeviceLoader(self.test, EVAL_BATCH, train=False, device=device, seed=seed, shard=shard)
 
 
 def check_protocol(recipe: Recipe, data: Data, cfg: TrainConfig, seed: int, what: str) -> None:
@@ -275,10 +280,13 @@ def cache_root(recipe: Recipe, out: Path) -> Path:
 
 
 def load_model_weights(model: nn.Module, path: Path, what: str) -> None:
+    """Weights from a run directory, a .safetensors file or a reference implementation's torch checkpoint
+    (read with weights_only=True, its key names mapped to the zoo's: kdlab.models.reference_keys)."""
     path = Path(path)
     if path.is_dir():
         path = path / "student.safetensors"
-    checkpoint.load_state_into(model, checkpoint.load_weights(path), f"{what} {path}")
+    source = f"{what} {path}"
+    checkpoint.load_state_into(model, reference_keys.adapt(model, checkpoint.load_weights(path), source), source)
 
 
 def teacher_seed(recipe: Recipe, index: int, teacher: TeacherConfig) -> int:
@@ -303,7 +311,8 @@ def trained_teachers(recipe: Recipe) -> list[tuple[int, TeacherConfig]]:
 def generation_zero(recipe: Recipe) -> TeacherConfig:
     # a vanilla student with the run's protocol and seed: cached like a teacher, so every sequential
     # recipe of the same student and protocol shares it
-    return TeacherConfig(name=recipe.student.name, kwargs=recipe.student.kwargs, seed=recipe.seed)
+    return TeacherConfig(name=recipe.student.name, kwargs=recipe.student.kwargs, seed=recipe.seed,
+                         checkpoint=recipe.generation_checkpoint)
 
 
 def train_teacher(recipe: Recipe, index: int, teacher: TeacherConfig, data: Data, out: Path, log: Log) -> tuple[Path, dict]:
@@ -321,25 +330,50 @@ def train_teacher(recipe: Recipe, index: int, teacher: TeacherConfig, data: Data
     return run_dir, result
 
 
+def best_weights(run_dir: Path, result: dict, what: str) -> Path:
+    """The best-test-epoch weights of a finished run (train.keep_best), checked against its result.json."""
+    path = Path(run_dir) / "checkpoints" / CKPT_BEST
+    if not path.exists():
+        raise CheckpointError(f"{what}: {run_dir} holds no best-epoch weights ({path.name}); it was trained without "
+                              "train.keep_best: move the folder away to retrain it")
+    _, meta = checkpoint.load(path)
+    if meta.get("epoch") != result.get("best_epoch"):
+        raise CheckpointError(f"{what}: {path} holds epoch {meta.get('epoch')} but {run_dir / RESULT} says the best epoch "
+                              f"is {result.get('best_epoch')}; move the folder away to retrain it")
+    return path
+
+
+def teacher_top1(model: nn.Module, data: Data, train_cfg: TrainConfig, seed: int) -> float:
+    device = resolve_device(train_cfg.device)
+    return evaluate(model.to(device), data.test_loader(device, seed), autocast_factory(train_cfg, device))["top1"]
+
+
 def prepare_teacher(recipe: Recipe, index: int, teacher: TeacherConfig, data: Data, out: Path, log: Log) -> tuple[nn.Module, dict]:
-    model = build_model(teacher.name, teacher.kwargs, data, teacher_seed(recipe, index, teacher))
+    """The teacher's model with the weights that teach, and what result.json records of it; `top1` is the
+    test top-1 of exactly those weights."""
+    seed = teacher_seed(recipe, index, teacher)
+    model = build_model(teacher.name, teacher.kwargs, data, seed)
     info = {"name": teacher.name, "params": param_count(model)}
     if teacher.weights:
         load_model_weights(model, Path(teacher.weights), f"teacher {index}")
         info["source"] = teacher.weights
+        # evaluated once before the student trains, so a wrong, mismatched or random teacher shows at once
+        info["top1"] = teacher_top1(model, data, recipe.train, seed)
+        log(f"teacher {index} ({teacher.name}, {teacher.weights}): test top-1 {info['top1']:.2f}")
+        return model, info
+    run_dir, result = train_teacher(recipe, index, teacher, data, out, log)
+    info.update(source=str(run_dir), top1_last=result["top1_last"], top1_best=result["top1_best"], checkpoint=teacher.checkpoint)
+    if teacher.epoch is not None:
+        path = run_dir / "checkpoints" / f"epoch_{teacher.epoch}.safetensors"
+        load_model_weights(model, path, f"teacher {index} (epoch {teacher.epoch})")
+        info["epoch"] = teacher.epoch
+        info["top1_at_epoch"] = info["top1"] = teacher_top1(model, data, teacher_train_config(recipe, teacher), seed)
+    elif teacher.checkpoint == "best":
+        load_model_weights(model, best_weights(run_dir, result, f"teacher {index}"), f"teacher {index} (best epoch)")
+        info.update(best_epoch=result["best_epoch"], top1=result["top1_best"])
     else:
-        run_dir, result = train_teacher(recipe, index, teacher, data, out, log)
-        info.update(source=str(run_dir), top1_last=result["top1_last"], top1_best=result["top1_best"])
-        if teacher.epoch is not None:
-            path = run_dir / "checkpoints" / f"epoch_{teacher.epoch}.safetensors"
-            load_model_weights(model, path, f"teacher {index} (epoch {teacher.epoch})")
-            info["epoch"] = teacher.epoch
-            cfg = teacher_train_config(recipe, teacher)
-            device = resolve_device(cfg.device)
-            _, test_loader = data.loaders(recipe, cfg.batch_size, device, teacher_seed(recipe, index, teacher))
-            info["top1_at_epoch"] = evaluate(model.to(device), test_loader)["top1"]
-        else:
-            load_model_weights(model, run_dir / "student.safetensors", f"teacher {index}")
+        load_model_weights(model, run_dir / "student.safetensors", f"teacher {index}")
+        info["top1"] = result["top1_last"]
     return model, info
 
 
@@ -479,19 +513,24 @@ def describe_teachers(recipe: Recipe, out: Path, log: Log) -> None:
 def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
     """Generation 0 trained on labels; generation g learns from generation g-1; the last one is `out` itself."""
     gens = recipe.generations
+    best = recipe.generation_checkpoint == "best"
     _, info = prepare_teacher(recipe, 0, generation_zero(recipe), data, out, log)
     gen_dirs = [Path(info["source"])] + [out / "generations" / f"gen{g}" for g in range(1, gens)] + [out]
     results = [read_result(gen_dirs[0])]
     for g in range(1, gens + 1):
         teacher = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
-        load_model_weights(teacher, gen_dirs[g - 1], f"generation {g - 1}")
+        source = best_weights(gen_dirs[g - 1], results[-1], f"generation {g - 1}") if best else gen_dirs[g - 1]
+        load_model_weights(teacher, source, f"generation {g - 1}")
         history = [{"generation": i, "top1_last": r["top1_last"], "top1_best": r["top1_best"]} for i, r in enumerate(results)]
-        extra = {"generation": g, "generations": history, "teachers": [{"name": recipe.student.name, "source": str(gen_dirs[g - 1]),
-                                                                         "top1_last": results[-1]["top1_last"]}]}
+        extra = {"generation": g, "generations": history, "teachers": [{
+            "name": recipe.student.name, "source": str(gen_dirs[g - 1]), "top1_last": results[-1]["top1_last"],
+            "checkpoint": recipe.generation_checkpoint, "top1": results[-1]["top1_best" if best else "top1_last"]}]}
         glog = log if g == gens else log.child(gen_dirs[g] / "log.txt", f"[gen {g}] ")
+        # a generation that teaches the next one keeps its best weights when those are the ones that teach
+        train_cfg = recipe.train.model_copy(update={"keep_best": True}) if best and g < gens else recipe.train
         results.append(train_run(gen_dirs[g], recipe, recipe.student.name, recipe.student.kwargs, [teacher], recipe.loss,
-                                 recipe.train, recipe.seed + g, data, glog, extra=extra,
-                                 init_from=gen_dirs[g - 1] if recipe.generation_init == "previous" else None))
+                                 train_cfg, recipe.seed + g, data, glog, extra=extra,
+                                 init_from=source if recipe.generation_init == "previous" else None))
     final = dict(results[-1])
     final["generations"] = [{"generation": i, "top1_last": r["top1_last"], "top1_best": r["top1_best"]} for i, r in enumerate(results)]
     if recipe.bane and gens >= 1:

@@ -1,9 +1,11 @@
 """Features taken by forward hooks on module names, so any nn.Module can be distilled unedited.
 
 A layer spec is either a dotted module name (as in `named_modules()`) or, for models that declare
-`feature_info`, an alias: `stage3` (post-activation output of stage 3), `stage3:pre` (its
+`feature_info`, an alias: `stage3` (the map of stage 3, as the next layer sees it), `stage3:pre` (its
 pre-activation output), `last` / `last:pre` (the deepest stage) and `embedding` (the penultimate
-vector fed to the classifier).
+vector fed to the classifier). For the zoo's models a stage is one of the maps the reference
+implementation returns between stem and pooled embedding (RepDistiller's `feat[1:-1]`; see
+`kdlab.models`), so `all`, `middle` and `last` tap what the reference's losses tap.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def stage_names(model: nn.Module) -> list[str]:
 
 
 def default_layers(model: nn.Module, which: str, role: str) -> list[str]:
-    """Sensible defaults per method: 'all' stages, the 'last' stage, 'middle' (FitNet's hint), 'embedding';
-    a ':pre' suffix ('all:pre') names the same stages' pre-activation outputs."""
+    """Defaults per method: 'all' stages (RepDistiller's feat[1:-1]), the 'last' stage (feat[-2]), 'middle'
+    (the second stage, feat[2]: RepDistiller's default FitNet hint layer), 'embedding'; a ':pre' suffix
+    ('all:pre') names the same stages' pre-activation outputs."""
     if which.endswith(":pre"):  # the same stages before their final ReLU (AB, OFD)
         return [spec + ":pre" for spec in default_layers(model, which[: -len(":pre")], role)]
     stages = stage_names(model)

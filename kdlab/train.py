@@ -162,6 +162,7 @@ class TrainState:
 
 CKPT_LAST = "last.safetensors"
 CKPT_PREV = "prev.safetensors"
+CKPT_BEST = "best.safetensors"  # the student's weights at its best test top-1 epoch (train.keep_best)
 
 
 def save_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimizer, state: TrainState,
@@ -383,11 +384,13 @@ def fit(
             row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch + 1 - 1e-9), "train_loss": avg[0]}
             row.update({f"train_{n}": v for n, v in zip(names, avg[1:-1])})
             row["train_top1"] = 100 * sums[-1].item() / max(seen, 1)
+            new_best = False
             if test_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 ev = evaluate(distiller.student, test_loader, autocast, channels_last)
                 row.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
-                if ev["top1"] > state.best_top1:
+                if ev["top1"] >= state.best_top1:  # ties: the later epoch, as the Tf-KD code's `val_acc >= best_val_acc`
                     state.best_top1, state.best_epoch = ev["top1"], epoch + 1
+                    new_best = True
             row["seconds"] = round(time.perf_counter() - t0, 3)
             state.epoch = epoch + 1
             state.history.append(row)
@@ -399,6 +402,10 @@ def fit(
                     if k != "epoch" and isinstance(v, (int, float)):
                         writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
                 writer.flush()
+                if new_best and cfg.keep_best:
+                    # before the epoch's checkpoint: a kill in between reruns this epoch, which writes it again
+                    checkpoint.save(run_dir / "checkpoints" / CKPT_BEST, distiller.student.state_dict(),
+                                    {"epoch": epoch + 1, "top1": state.best_top1})
                 save_checkpoint(run_dir, distiller, opt, state, device)
                 if epoch + 1 in cfg.keep_epochs:
                     keep_weights(run_dir, distiller.student, epoch + 1)

@@ -306,8 +306,8 @@ def randomise_bn(model: nn.Module, seed: int) -> None:
     ("resnet20", "stage2:pre", "layer2.2.bn2"),  # basic block: bn2, before the shortcut add
     ("resnet8x4", "stage3:pre", "layer3.0.bn2"),  # one block per stage: the downsample branch is skipped
     ("resnet50", "stage4:pre", "layer4.2.bn3"),  # bottleneck: bn3
-    ("vgg8", "stage2:pre", "block1.bn1"),
-    ("vgg13", "stage5:pre", "block4.bn2"),
+    ("vgg8", "stage1:pre", "block1.bn1"),  # VGG's block 0 is the stem: stage1 is block 1
+    ("vgg13", "stage4:pre", "block4.bn2"),
     ("wrn_16_2", "stage3:pre", "bn"),  # pre-activation WRN: the tapped module is the BN itself
     ("smallcnn", "stage1:pre", "stage1.bn"),
 ])

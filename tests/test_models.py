@@ -130,8 +130,13 @@ def test_forward_backward_and_taps(name):
         if s["preact_module"] is not None:
             (pre, _), = seen[s["preact_module"]]
             assert pre.shape == expected, (name, s)
-            # the stage output is the ReLU of the pre-activation
-            assert torch.equal(F.relu(pre), post), (name, s)
+            if name.startswith("wrn"):
+                # pre-activation net: the stage is the raw group output and `pre` the BN that follows it
+                bn = modules[s["preact_module"]]
+                assert isinstance(bn, nn.BatchNorm2d) and s["module"].startswith("group"), (name, s)
+            else:
+                # the stage output is the ReLU of the pre-activation
+                assert torch.equal(F.relu(pre), post), (name, s)
             assert (pre < 0).any(), (name, s)
 
     fc = modules[model.classifier_module]
@@ -139,6 +144,73 @@ def test_forward_backward_and_taps(name):
     (emb, _), = seen[model.embedding_module]
     assert emb.shape == (n, fc.in_features)
     torch.testing.assert_close(fc(emb), logits)
+
+
+# RepDistiller's `forward(x, is_feat=True)` feature list without its stem and pooled vector, i.e. the
+# maps its AT/NST losses take (`feat[1:-1]`), as (C, H, W) for a 32x32 input (models/*.py there)
+REFERENCE_STAGES = {
+    "resnet56": [(16, 32, 32), (32, 16, 16), (64, 8, 8)],
+    "resnet8x4": [(64, 32, 32), (128, 16, 16), (256, 8, 8)],
+    "resnet32x4": [(64, 32, 32), (128, 16, 16), (256, 8, 8)],
+    "wrn_40_2": [(32, 32, 32), (64, 16, 16), (128, 8, 8)],
+    "vgg8": [(128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)],
+    "vgg13": [(128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)],
+    "resnet18": [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)],
+    "resnet50": [(256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)],
+    "mobilenetv2_half": [(12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2)],
+    "shufflev1": [(240, 16, 16), (480, 8, 8), (960, 4, 4)],
+    "shufflev2": [(116, 16, 16), (232, 8, 8), (464, 4, 4)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_STAGES))
+def test_stages_are_the_reference_feature_list(name):
+    """`all` = feat[1:-1], `middle` = feat[2] (FitNet's default hint layer), `last` = feat[-2] (FT)."""
+    from kdlab.taps import FeatureTaps, default_layers
+
+    torch.manual_seed(0)
+    model = models.create(name, num_classes=100).eval()
+    layers = default_layers(model, "all", "model")
+    taps = FeatureTaps(model, layers)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    shapes = [tuple(taps[spec].shape[1:]) for spec in layers]
+    assert shapes == REFERENCE_STAGES[name]
+    assert default_layers(model, "middle", "model") == [layers[1]]  # feat[2]: the second entry of feat[1:-1]
+    assert default_layers(model, "last", "model") == [layers[-1]]
+
+
+def test_vgg_block0_is_the_stem_and_wrn_stages_are_raw_group_outputs():
+    vgg = models.create("vgg13")
+    assert [s["module"] for s in vgg.feature_info] == ["block1", "block2", "block3", "block4"]
+    wrn = models.create("wrn_16_2")
+    assert [s["module"] for s in wrn.feature_info] == ["group1", "group2", "group3"]
+
+
+# PyTorch's default init draws every conv weight from U(-b, b) with b = 1/sqrt(fan_in) (kaiming_uniform
+# with a = sqrt(5)); a Kaiming-normal fan_out init exceeds that bound somewhere in any of these nets
+DEFAULT_INIT = ["mobilenetv2", "shufflenetv2", "googlenet", "densenet121", "resnet18", "resnet50", "shufflev1", "shufflev2"]
+KAIMING_INIT = ["resnext29_8x64d", "resnet20", "vgg8", "wrn_16_2", "mobilenetv2_half"]
+
+
+def _within_default_bound(model: nn.Module) -> bool:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            if m.weight.abs().max() > 1 / fan_in**0.5 + 1e-7:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("name", DEFAULT_INIT + KAIMING_INIT)
+def test_init_is_the_reference_init(name):
+    """Teacher-free KD's nets (pytorch-cifar100, kuangliu) and RepDistiller's ShuffleNets have no init code:
+    PyTorch's default; RepDistiller's ResNets/VGG/WRN/MobileNetV2 and ResNeXt init Kaiming-normal fan_out."""
+    torch.manual_seed(0)
+    model = models.create(name, num_classes=100)
+    assert _within_default_bound(model) == (name in DEFAULT_INIT)
+    if name in ("resnet18", "resnet50"):  # RepDistiller's resnetv2 init on request
+        assert not _within_default_bound(models.create(name, num_classes=100, init="kaiming"))
 
 
 def test_hooked_output_equals_recomputation_after_backward():

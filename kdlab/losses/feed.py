@@ -32,7 +32,10 @@ class FeedOptions(TermOptions):
     translator_bn: bool = Field(default=False, description="BN in the translator (RepDistiller) or not (official)")
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
-    pool: bool = False
+    pool: bool = Field(default=False, description="when the spatial sizes differ, average-pool the larger of the translator "
+                       "output and the teacher's factor (or map) to the smaller one, after the translator and the "
+                       "paraphraser's encoder, as RepDistiller's FactorTransfer does; the paraphraser trains on the "
+                       "unpooled teacher map")
 
 
 @register
@@ -51,8 +54,7 @@ class FEED(Term):
         self.paraphrasers = nn.ModuleList()
         self.translators = nn.ModuleList()
         for i, t_layers in enumerate(self.teacher_layers):
-            fs, ft = pool_to_match(probe.feats[s_spec], probe.teacher_feats[i][t_layers[0]], self.opts.pool, f"{self.name} teacher {i}")
-            ct = ft.shape[1]
+            ct = probe.teacher_feats[i][t_layers[0]].shape[1]
             out_ch = factor_channels(ct, self.opts.rate) if self.opts.paraphraser else ct
             self.translators.append(translator(cs, out_ch, bn=self.opts.translator_bn))
             if self.opts.paraphraser:
@@ -75,8 +77,11 @@ class FEED(Term):
         total = out.logits.new_zeros((), dtype=torch.float32)
         fs_all = out.feats[self.student_layers[0]]
         for i, t_layers in enumerate(self.teacher_layers):
-            fs, ft = pool_to_match(fs_all, out.teacher_feats[i][t_layers[0]], self.opts.pool, f"{self.name} teacher {i}")
-            total = total + self.distance(self.translators[i](fs), self.target(i, ft))
+            # pool the factors, not the maps: the translator and the paraphraser (trained on the teacher's
+            # unpooled map) see full-size inputs, as in RepDistiller's FactorTransfer.factor_loss
+            fs, ft = pool_to_match(self.translators[i](fs_all), self.target(i, out.teacher_feats[i][t_layers[0]]),
+                                   self.opts.pool, f"{self.name} teacher {i}")
+            total = total + self.distance(fs, ft)
         return total
 
     def pre_stage(self, ctx) -> None:

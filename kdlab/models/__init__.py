@@ -4,11 +4,22 @@
 returns logits.  Every model also carries:
 
 * ``feature_info``: one dict per stage, shallow to deep, with ``name``, ``module`` (the
-  dotted name, as in ``named_modules()``, of the module whose output is the stage's
-  post-activation map), ``preact_module`` (the module whose output is that map before its
-  final ReLU, or None), ``channels`` and ``reduction`` (32 / map size for a 32x32 input);
+  dotted name, as in ``named_modules()``, of the module whose output is the stage's map),
+  ``preact_module`` (the module whose output is that map before its final ReLU, or None;
+  for the pre-activation WRNs, the BN that follows the stage: RepDistiller's ``preact``
+  feature), ``channels`` and ``reduction`` (32 / map size for a 32x32 input);
 * ``embedding_module``: the module whose output is the (N, D) vector fed to the classifier;
 * ``classifier_module``: the final ``nn.Linear``.
+
+What a stage is.  Where the architecture's reference implementation returns a feature list
+(RepDistiller's ``forward(x, is_feat=True)``: ``[stem, f1, ..., fK, pooled]`` for the CIFAR
+ResNets, WRNs, VGGs, ResNet18/50, MobileNetV2 (``mobilenetv2_half``) and ShuffleNets), the
+stages are exactly its ``f1 .. fK``, i.e. ``feat[1:-1]``, the maps its AT and NST losses sum
+over; the stem (``feat[0]``: the first conv(-BN-ReLU), or VGG's block 0) is never a stage.  So
+a term's default layers match the reference: ``all`` is ``feat[1:-1]``, ``middle`` (the
+second stage) is ``feat[2]``, FitNet's default hint layer, and ``last`` is ``feat[-2]``, where
+FT's paraphraser sits.  Nets without such a list (the teacher-free KD nets, the ImageNet
+ResNets, the digits nets) have one stage per resolution group, deepest map last.
 
 No zoo model computes anything in place, so tensors captured by forward hooks stay valid.
 """

@@ -12,6 +12,10 @@ Both nets have seven groups ``blocks.0`` .. ``blocks.6`` of inverted residual bl
 (expansion t, width c, n blocks, first stride s).  The stage taps are ``blocks.1``,
 ``blocks.2``, ``blocks.4`` and ``blocks.6`` (RepDistiller's feature list).  A block
 ends in a linear 1x1 projection (no activation), so the stages have no pre-activation tap.
+
+Initialisation follows each reference: ``mobilenetv2_half`` RepDistiller's (Kaiming-normal fan_out
+convolutions, N(0, 0.01) classifier), ``mobilenetv2`` PyTorch's default (pytorch-cifar100 has no
+init code).
 """
 
 from __future__ import annotations
@@ -134,7 +138,5 @@ def mobilenetv2_half(num_classes: int = 100, in_chans: int = 3) -> MobileNetV2:
 
 @register("mobilenetv2")
 def mobilenetv2(num_classes: int = 100, in_chans: int = 3) -> MobileNetV2:
-    """Width-1.0 MobileNetV2 of pytorch-cifar100 (teacher-free KD)."""
-    model = MobileNetV2(_SETTINGS_CIFAR100, 1.0, 1, 1, True, nn.ReLU6, num_classes, in_chans)
-    init_weights(model)
-    return model
+    """Width-1.0 MobileNetV2 of pytorch-cifar100 (teacher-free KD); PyTorch's default init, as the reference."""
+    return MobileNetV2(_SETTINGS_CIFAR100, 1.0, 1, 1, True, nn.ReLU6, num_classes, in_chans)

@@ -6,11 +6,23 @@
 * ``resnet18`` and ``resnet50``: the four-stage CIFAR ResNets (3x3 stride-1 stem of 64
   channels, stages of 64/128/256/512 planes) of kuangliu/pytorch-cifar, used by
   RepDistiller (resnetv2) and by the teacher-free KD paper.
+
+Stages: ``layer1``..``layer3`` (``layer4`` for the four-stage nets), RepDistiller's ``feat[1:-1]``;
+the stem (conv-BN-ReLU) is not a stage.
+
+Initialisation: RepDistiller's (Kaiming-normal fan_out convolutions, PyTorch's default classifier)
+for the CIFAR ResNets.  ``resnet18`` / ``resnet50`` default to PyTorch's default init, as the
+teacher-free KD code (kuangliu's nets, no init code), their only users among kdlab's recipes;
+``init="kaiming"`` gives RepDistiller's resnetv2 init.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
+
+from kdlab.errors import ConfigError
 
 from .common import head, init_weights, set_taps, stage
 from .registry import register
@@ -88,6 +100,7 @@ class ResNet(nn.Module):
         depths: list[int],
         num_classes: int = 100,
         in_chans: int = 3,
+        init: Literal["kaiming", "torch"] = "kaiming",
     ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
@@ -109,7 +122,10 @@ class ResNet(nn.Module):
             self.add_module(key, module)
         self.num_stages = len(widths)
         set_taps(self, info)
-        init_weights(self)
+        if init == "kaiming":
+            init_weights(self)
+        elif init != "torch":  # "torch": the modules' own default init, left as constructed
+            raise ConfigError(f"model option init must be 'kaiming' or 'torch', got {init!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -145,12 +161,12 @@ _register_cifar("resnet32x4", 32, _X4)
 
 
 @register("resnet18")
-def resnet18(num_classes: int = 100, in_chans: int = 3) -> ResNet:
-    """CIFAR ResNet-18 (basic blocks 2-2-2-2, 64-512 planes)."""
-    return ResNet(BasicBlock, 64, [64, 128, 256, 512], [2, 2, 2, 2], num_classes, in_chans)
+def resnet18(num_classes: int = 100, in_chans: int = 3, init: Literal["torch", "kaiming"] = "torch") -> ResNet:
+    """CIFAR ResNet-18 (basic blocks 2-2-2-2, 64-512 planes); init: torch (Tf-KD) or kaiming (RepDistiller)."""
+    return ResNet(BasicBlock, 64, [64, 128, 256, 512], [2, 2, 2, 2], num_classes, in_chans, init)
 
 
 @register("resnet50")
-def resnet50(num_classes: int = 100, in_chans: int = 3) -> ResNet:
-    """CIFAR ResNet-50 (bottlenecks 3-4-6-3, 256-2048 output channels)."""
-    return ResNet(Bottleneck, 64, [64, 128, 256, 512], [3, 4, 6, 3], num_classes, in_chans)
+def resnet50(num_classes: int = 100, in_chans: int = 3, init: Literal["torch", "kaiming"] = "torch") -> ResNet:
+    """CIFAR ResNet-50 (bottlenecks 3-4-6-3, 256-2048 output channels); init: torch (Tf-KD) or kaiming (RepDistiller)."""
+    return ResNet(Bottleneck, 64, [64, 128, 256, 512], [3, 4, 6, 3], num_classes, in_chans, init)

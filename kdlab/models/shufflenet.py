@@ -13,7 +13,10 @@ The published nets pool with a fixed 4x4 window; here pooling is adaptive (same 
 tensor its final ReLU sees, then ``relu``.  In ShuffleNetV2 units only the branches end in
 a ReLU; the units here concatenate and shuffle the branches *before* the ReLU, which gives
 exactly the same output because the pass-through half is already non-negative (it is the
-output of an earlier ReLU).  The stage taps are the three stages.
+output of an earlier ReLU).  The stage taps are the three stages (RepDistiller's ``feat[1:-1]``).
+
+Initialisation: PyTorch's default for every layer, as all three references (RepDistiller's
+ShuffleV1/ShuffleV2, pytorch-cifar100's ShuffleNetV2) leave it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from .common import ChannelShuffle, head, init_weights, set_taps, stage
+from .common import ChannelShuffle, head, set_taps, stage
 from .registry import register
 
 
@@ -104,7 +107,7 @@ class ShuffleNetV1(nn.Module):
         for key, module in head(in_planes, num_classes).items():
             self.add_module(key, module)
         set_taps(self, info)
-        init_weights(self)
+        # no init_weights: the references keep PyTorch's default init
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -202,7 +205,7 @@ class ShuffleNetV2(nn.Module):
         for key, module in head(last, num_classes).items():
             self.add_module(key, module)
         set_taps(self, info)
-        init_weights(self)
+        # no init_weights: the references keep PyTorch's default init
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)

@@ -15,6 +15,10 @@
 * ``resnext29_8x64d``: the CIFAR ResNeXt-29 (8x64d, widen factor 4) of prlz77/ResNeXt.pytorch
   used by the paper: a 3x3 stem of 64 channels, three stages of three bottlenecks with 256/512/1024
   outputs and grouped 3x3 convolutions of 512/1024/2048 channels in 8 groups.
+
+Initialisation follows each reference: PyTorch's default for GoogLeNet and DenseNet (no init code in
+pytorch-cifar100), and ResNeXt's own (Kaiming-normal fan_out convolutions, Kaiming-normal classifier,
+zero biases).
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ class GoogLeNet(nn.Module):
                 stage("stage3", "body.b5", "body.b5.preact", 1024, 4),
             ],
         )
-        init_weights(self)
+        # no init_weights: pytorch-cifar100's GoogLeNet keeps PyTorch's default init
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.body(self.prelayer(x))
@@ -163,7 +167,7 @@ class DenseNet(nn.Module):
         for key, module in head(ch, num_classes).items():
             self.add_module(key, module)
         set_taps(self, info)
-        init_weights(self)
+        # no init_weights: pytorch-cifar100's DenseNet keeps PyTorch's default init
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(x)

@@ -3,7 +3,13 @@
 Five blocks of 3x3 conv(bias)-BN-ReLU layers; 2x2 max pooling after blocks 0-2 (the
 pooling after block 3 only fires for 64x64 inputs in RepDistiller and is left out here),
 global average pooling after block 4, then one linear layer 512 -> classes.
-Stages: the five blocks, each ending in a ``preact`` tap and a ``relu``.
+
+Stages: blocks 1-4, each ending in a ``preact`` tap and a ``relu``. Block 0 is the stem, not
+a stage: RepDistiller's VGG returns ``[f0, f1, f2, f3, f4, pooled]`` with ``f0`` the block-0
+output, and its AT/NST losses take ``feat[1:-1]`` (blocks 1-4) and FitNet's default hint layer
+is ``feat[2]`` (block 2, 256x8x8), so ``stage1``..``stage4`` are blocks 1-4, the default ``all``
+taps are exactly ``feat[1:-1]`` and the default ``middle`` (``stage2``) is the hint layer, as for
+every other zoo model. Block 0 stays reachable by its module name ``block0``.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ class VGG(nn.Module):
         reduction = 1
         for i, widths in enumerate(cfg):
             self.add_module(f"block{i}", _block(in_ch, widths))
-            info.append(stage(f"stage{i + 1}", f"block{i}", f"block{i}.preact", widths[-1], reduction))
+            if i > 0:  # block 0 is the stem (RepDistiller's f0, never tapped by its losses)
+                info.append(stage(f"stage{i}", f"block{i}", f"block{i}.preact", widths[-1], reduction))
             if i < 3:
                 self.add_module(f"pool{i}", nn.MaxPool2d(kernel_size=2, stride=2))
                 reduction *= 2

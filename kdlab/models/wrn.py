@@ -5,10 +5,12 @@ channels (strides 1, 2, 2), then BN-ReLU, global pooling and the classifier.  A 
 BN-ReLU-conv3x3-BN-ReLU-conv3x3; when its width or stride changes, the shortcut is a 1x1
 convolution applied to the block's BN-ReLU'd input, otherwise the raw input is added.
 
-A group's output is a raw residual sum; its activation is the BN-ReLU that opens the next
-group (or the final BN-ReLU).  So stage ``i`` taps that ReLU as its post-activation output
-and that BN as its pre-activation (the same tensor RepDistiller returns for ``preact``).
-The raw group outputs remain reachable as ``group1``..``group3``.
+Stages: the three groups' outputs, raw residual sums (``group1``..``group3``), which is what
+RepDistiller's WRN returns as ``feat[1:-1]`` (and the official AT code's group outputs ``g0``..``g2``),
+so AT/NST/FitNet on a WRN tap what the reference taps.  A pre-activation network has no ReLU
+of its own at a group's end: the BN-ReLU that opens the next group (or the final BN-ReLU) acts
+on it.  ``stage i:pre`` is that BN's output, the tensor RepDistiller returns for ``preact=True``;
+unlike the post-activation nets, ``stage i`` is not the ReLU of ``stage i:pre`` here.
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ class WideResNet(nn.Module):
         set_taps(
             self,
             [
-                stage("stage1", "group2.0.relu1", "group2.0.bn1", widths[1], 1),
-                stage("stage2", "group3.0.relu1", "group3.0.bn1", widths[2], 2),
-                stage("stage3", "relu", "bn", widths[3], 4),
+                stage("stage1", "group1", "group2.0.bn1", widths[1], 1),
+                stage("stage2", "group2", "group3.0.bn1", widths[2], 2),
+                stage("stage3", "group3", "bn", widths[3], 4),
             ],
         )
         init_weights(self, linear="zero_bias")
