@@ -23,7 +23,7 @@ def test_recon_error_matches_a_recomputation_and_is_reused(tmp_path, capsys):
     assert result["layer"] == "stage3" and result["loss"] == "l2" and result["recon_error"] > 0
 
     # recompute on the test set in float64 with the saved autoencoder, sample by sample
-    net = create("smallcnn", num_classes=10, in_chans=1)
+    net = create("smallcnn_narrow", num_classes=10, in_chans=1)
     net.load_state_dict(checkpoint.load(run / "student.safetensors")[0])
     net.eval().double()
     ae = Paraphraser(result["channels"], result["rate"])

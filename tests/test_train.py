@@ -43,7 +43,7 @@ def test_run_directory_holds_everything(tmp_path):
     assert saved == result
     assert saved["top1_last"] == rows[-1]["test_top1"]
     assert saved["top1_best"] == max(r["test_top1"] for r in rows)
-    plain = models.create("smallcnn", num_classes=10, in_chans=1)
+    plain = models.create("smallcnn_narrow", num_classes=10, in_chans=1)  # the digits recipes' student
     assert saved["params"] == sum(p.numel() for p in plain.parameters())
     weights = student_weights(out)
     assert set(weights) == set(plain.state_dict())  # the plain model's state dict, nothing else
@@ -80,7 +80,8 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path):
 
 
 def test_learns_well_above_chance(tmp_path):
-    result = runner.run(load_recipe(RECIPES / "vanilla.yaml", ["train.epochs=4"]), tmp_path / "v", quiet=True)
+    # the digits student (smallcnn_narrow, 4,370 parameters) reached 56% after 4 epochs, 96% after 12
+    result = runner.run(load_recipe(RECIPES / "vanilla.yaml", ["train.epochs=6"]), tmp_path / "v", quiet=True)
     assert result["top1_last"] > 60.0  # chance is 10%
 
 

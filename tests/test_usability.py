@@ -62,9 +62,9 @@ def test_table_groups_seeds_of_a_recipe_into_mean_and_std(runs, capsys):
     assert main(["table", str(runs)]) == 0
     out = capsys.readouterr().out
     rows = {r[0]: r for r in md_rows(out)}
-    assert set(rows) == {"vanilla smallcnn", "kd smallcnn <- smallcnn_wide"}  # teacher caches below are skipped
-    params = sum(p.numel() for p in models.create("smallcnn", num_classes=10, in_chans=1).parameters())
-    for label, prefix in (("vanilla smallcnn", "vanilla"), ("kd smallcnn <- smallcnn_wide", "kd")):
+    assert set(rows) == {"vanilla smallcnn_narrow", "kd smallcnn_narrow <- smallcnn_wide"}  # teacher caches below are skipped
+    params = sum(p.numel() for p in models.create("smallcnn_narrow", num_classes=10, in_chans=1).parameters())
+    for label, prefix in (("vanilla smallcnn_narrow", "vanilla"), ("kd smallcnn_narrow <- smallcnn_wide", "kd")):
         res = results_of(runs, prefix)
         seeds, last, best, par, teacher, epochs = rows[label][1:7]
         assert seeds == "2" and epochs == "2" and par == f"{params:,}"
@@ -100,10 +100,10 @@ def test_table_all_takes_teacher_caches_and_labels_split_recipes_by_what_differs
     tiny_run(tmp_path / "kd-T8", "kd.yaml", 0, "loss.terms.kd.T=8")
     assert main(["table", str(runs / "kd-s0"), str(tmp_path / "kd-T8")]) == 0
     labels = [r[0] for r in md_rows(capsys.readouterr().out)]
-    assert labels == ["kd smallcnn <- smallcnn_wide (loss.terms.kd.T=4)", "kd smallcnn <- smallcnn_wide (loss.terms.kd.T=8)"]
+    assert labels == ["kd smallcnn_narrow <- smallcnn_wide (loss.terms.kd.T=4)", "kd smallcnn_narrow <- smallcnn_wide (loss.terms.kd.T=8)"]
     assert main(["table", str(runs / "kd-s0"), str(tmp_path / "kd-T8"), "--ignore", "loss.terms.kd.T"]) == 0
     (row,) = md_rows(capsys.readouterr().out)
-    assert row[0] == "kd smallcnn <- smallcnn_wide" and row[1] == "2"
+    assert row[0] == "kd smallcnn_narrow <- smallcnn_wide" and row[1] == "2"
 
 
 def test_table_without_runs_or_with_a_bad_path_is_one_line_error(tmp_path, capsys):
@@ -175,7 +175,7 @@ def test_plot_recon_needs_recon_json_then_draws_bars(runs, tmp_path, capsys):
 # kdlab export
 
 
-def plain(name="smallcnn"):
+def plain(name="smallcnn_narrow"):  # the digits recipes' student
     return models.create(name, num_classes=10, in_chans=1)
 
 
@@ -188,7 +188,7 @@ def test_export_safetensors_is_the_plain_student_and_evaluates_like_the_run(runs
     assert set(tensors) == set(reference.state_dict())
     assert sum(t.numel() for k, t in tensors.items() if k in dict(reference.named_parameters())) == sum(
         p.numel() for p in reference.parameters())
-    assert meta["model"] == "smallcnn" and meta["num_classes"] == 10 and meta["in_chans"] == 1
+    assert meta["model"] == "smallcnn_narrow" and meta["num_classes"] == 10 and meta["in_chans"] == 1
     assert main(["eval", str(out)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["top1"] == pytest.approx(json.loads((runs / "kd-s0" / "result.json").read_text())["top1_last"])
