@@ -259,6 +259,7 @@ class HandCRD:
         stdv = 1.0 / (CRD_DIM / 3) ** 0.5
         self.banks = [torch.rand(len(labels), CRD_DIM, device=device).mul_(2 * stdv).add_(-stdv) for _ in range(2)]
         self.labels, self.z = labels.to(device), None
+        self.sampler: torch.Generator | None = None  # None: the global random stream
 
     def parameters(self):
         return [*self.embed_s.parameters(), *self.embed_t.parameters()]
@@ -269,7 +270,7 @@ class HandCRD:
         f_s = nnf.normalize(self.embed_s(s_feat.flatten(1).float()), dim=1)
         f_t = nnf.normalize(self.embed_t(t_feat.flatten(1).float()), dim=1)
         with torch.no_grad():
-            sample = sample_contrast(idx, self.labels, CRD_K)
+            sample = sample_contrast(idx, self.labels, CRD_K, generator=self.sampler)
         out_s = contrast_scores(f_s, self.banks[1], sample, CRD_T)
         out_t = contrast_scores(f_t, self.banks[0], sample, CRD_T)
         if self.z is None:

@@ -330,3 +330,22 @@ def test_imagenet_recipes_smoke(tmp_path):
     kd = runner.run(load_recipe(RECIPES / "imagenet" / "kd.yaml", small), tmp_path / "kd", quiet=True)
     assert kd["teachers"][0]["source"] == at["teachers"][0]["source"]
     assert kd["params"] == sum(p.numel() for p in models.create("resnet18_imagenet", num_classes=3).parameters())
+
+
+def test_crd_two_ranks_train_like_one_process(tmp_path, cache):
+    """CRD's bank is updated with every rank's samples and its negatives are drawn for the global batch from
+    its own random stream, so two ranks of 32 keep the bank and the weights of one process of 64."""
+    crd = [f"train.epochs=2", "train.max_steps_per_epoch=3", "train.batch_size=64", "train.sync_bn=true",
+           "train.channels_last=off", "loss.terms.crd.nce_k=256", f"cache_dir={cache}"]
+    out = tmp_path / "ddp"
+    proc = torchrun("train", str(RECIPES / "digits" / "crd.yaml"), "--out", str(out), "--quiet", *sets(crd))
+    text = finish(proc)
+    assert proc.returncode == 0, text
+    single = tmp_path / "single"
+    runner.run(load_recipe(RECIPES / "digits" / "crd.yaml", crd), single, quiet=True)
+    for d, s in zip(metrics(out), metrics(single)):
+        assert abs(d["train_crd"] - s["train_crd"]) < 1e-4, (d, s)
+    assert max_diff(weights(out / "student.safetensors"), weights(single / "student.safetensors")) < 1e-4
+    banks = [checkpoint.load(p / "checkpoints" / "last.safetensors")[0] for p in (out, single)]
+    for key in ("model.terms.crd.memory_s", "model.terms.crd.memory_t"):
+        assert (banks[0][key] - banks[1][key]).abs().max().item() < 1e-4, key

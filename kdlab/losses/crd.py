@@ -50,17 +50,18 @@ def contrast_scores(v: Tensor, bank: Tensor, sample_idx: Tensor, T: float) -> Te
     return torch.exp(torch.bmm(weight, v.unsqueeze(2)).squeeze(2) / T)
 
 
-def sample_contrast(indices: Tensor, labels: Tensor, k: int, mode: str = "exact") -> Tensor:
+def sample_contrast(indices: Tensor, labels: Tensor, k: int, mode: str = "exact", generator: torch.Generator | None = None) -> Tensor:
     """(N, 1+K) bank rows to score: the positive (the sample itself, or in 'relax' mode a random sample of its
     class), then K samples of other classes drawn without replacement (random keys, the K smallest)."""
     y = labels[indices]
-    keys = torch.rand(len(indices), len(labels), device=indices.device)
+    keys = torch.rand(len(indices), len(labels), device=indices.device, generator=generator)
     keys.masked_fill_(labels[None, :] == y[:, None], 2.0)  # same class: never among the K smallest
     negatives = keys.topk(k, dim=1, largest=False).indices
     if mode == "exact":
         positive = indices
     else:
-        positive = torch.rand(len(indices), len(labels), device=indices.device).masked_fill_(labels[None, :] != y[:, None], 2.0).argmin(1)
+        positive = torch.rand(len(indices), len(labels), device=indices.device, generator=generator)
+        positive = positive.masked_fill_(labels[None, :] != y[:, None], 2.0).argmin(1)
     return torch.cat([positive[:, None], negatives], dim=1)
 
 
@@ -118,14 +119,30 @@ class CRD(Term):
         self.register_buffer("z_s", torch.full((), -1.0, device=device))  # < 0: not yet fixed by the first batch
         self.register_buffer("z_t", torch.full((), -1.0, device=device))
         self.register_buffer("labels", labels.to(device=device, dtype=torch.int64), persistent=False)
+        # the negatives' own random stream: seeded from the (rank-independent) state at attach time, advanced
+        # the same on every rank, saved in checkpoints (get_extra_state), so that torchrun ranks draw what one
+        # process draws and a resumed run draws what the uninterrupted one did
+        self.sampler = torch.Generator(device=device)
+        self.sampler.manual_seed(int(torch.randint(0, 2**62, (), generator=None)))
 
     @property
     def n_data(self) -> int:
         return self.memory_s.shape[0]
 
     def sample(self, indices: Tensor) -> Tensor:
-        """(N, 1+K): each sample's positive, then K negatives of other classes drawn without replacement."""
-        return sample_contrast(indices, self.labels, self.opts.nce_k, self.opts.mode)
+        """(N, 1+K): each sample's positive, then K negatives of other classes drawn without replacement; under
+        torchrun drawn for the global batch on every rank, each rank keeping its own rows."""
+        everyone = distributed.gather_batch(indices)
+        rows = sample_contrast(everyone, self.labels, self.opts.nce_k, self.opts.mode, self.sampler)
+        start = distributed.rank() * len(indices) if distributed.world_size() > 1 else 0
+        return rows[start:start + len(indices)]
+
+    def get_extra_state(self) -> Tensor:
+        return self.sampler.get_state() if hasattr(self, "sampler") else torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        if hasattr(self, "sampler") and state.numel():
+            self.sampler.set_state(state.cpu())
 
     def forward(self, out: Outputs) -> Tensor:
         if out.indices is None:
