@@ -71,10 +71,23 @@ def probe_arm(lp: dict | None, teacher: torch.nn.Module, train, test, steps: int
     return {"trace": trace, "test_top1": test_top1}
 
 
+def load_teacher(teacher: torch.nn.Module, path: Path) -> None:
+    """A finished run, its student.safetensors, or a training checkpoint of a run still going (its student part)."""
+    from kdlab import checkpoint
+
+    if path.suffix == ".safetensors" and path.parent.name == "checkpoints":
+        tensors, _ = checkpoint.load(path)
+        prefix = "model.student."
+        checkpoint.load_state_into(teacher, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, str(path))
+    else:
+        runner.load_model_weights(teacher, path, "teacher")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", required=True)
-    ap.add_argument("--teacher", required=True, help="a finished resnet20 run folder or its student.safetensors")
+    ap.add_argument("--teacher", required=True, help="a finished resnet20 run folder, its student.safetensors, or a "
+                    "checkpoints/last.safetensors of a teacher still training")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
@@ -84,7 +97,7 @@ def main() -> None:
     train = load_dataset("cifar100", args.data_root, split="train")
     test = load_dataset("cifar100", args.data_root, split="test")
     teacher = models.create("resnet20", num_classes=100)
-    runner.load_model_weights(teacher, Path(args.teacher), "teacher")
+    load_teacher(teacher, Path(args.teacher))
     teacher.eval().requires_grad_(False)
     teacher_top1 = evaluate(teacher, DeviceLoader(test, 256, train=False))["top1"]
     print(f"teacher resnet20 test top-1 {teacher_top1:.2f}")
