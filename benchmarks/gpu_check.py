@@ -227,7 +227,7 @@ def bf16_vs_fp32(device: torch.device, sizes: Sizes, ctx: dict) -> dict:
 
 def fast_recipe(device: torch.device, sizes: Sizes, train_set, test_set, name: str, tmp: Path) -> dict:
     from kdlab.fast.teachers import prepare_teachers
-    from kdlab.runner import Data
+    from kdlab.student import Data
 
     overrides = [f"train.device={device.type}"]
     if device.type != "cuda":  # RerunGraphs stands in for the capture, which needs the table in "device" memory

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from kdlab import models, runner
+from kdlab import models
+from kdlab.teachers import load_model_weights
 from kdlab.config import LossConfig
 from kdlab.data import DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
@@ -84,7 +85,7 @@ def main() -> None:
     train = load_dataset("cifar100", args.data_root, split="train")
     test = load_dataset("cifar100", args.data_root, split="test")
     teacher = models.create("resnet20", num_classes=100)
-    runner.load_model_weights(teacher, Path(args.teacher), "teacher")
+    load_model_weights(teacher, Path(args.teacher), "teacher")
     teacher.eval().requires_grad_(False)
     teacher_top1 = evaluate(teacher, DeviceLoader(test, 256, train=False))["top1"]
     print(f"teacher resnet20 test top-1 {teacher_top1:.2f}")

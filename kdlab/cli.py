@@ -78,7 +78,7 @@ def command_modules() -> list:
 
 
 def cmd_train(args) -> int:
-    from kdlab import runner
+    from kdlab import pipeline
     from kdlab.config import load_recipe
 
     from kdlab.config import find_recipe
@@ -90,14 +90,14 @@ def cmd_train(args) -> int:
         if args.resume:
             if args.recipe or args.overrides or args.seed is not None:
                 raise KdlabError("--resume DIR continues a run as it was configured; drop the recipe, --set and --seed")
-            result = runner.run(None, out, resume=True, quiet=args.quiet)
+            result = pipeline.run(None, out, resume=True, quiet=args.quiet)
         else:
             if not args.recipe or not args.out:
                 raise KdlabError("train needs RECIPE.yaml and --out DIR (or --resume DIR)")
             recipe = load_recipe(find_recipe(args.recipe), args.overrides, args.seed)
-            result = runner.run(recipe, out, quiet=args.quiet)
+            result = pipeline.run(recipe, out, quiet=args.quiet)
     except NonFiniteLoss as e:  # how a remedy is applied depends on what the run left behind
-        if runner.has_progress(out):
+        if pipeline.has_progress(out):
             how = f"--resume keeps the run's recipe, so apply it in a new run (another --out than {out})"
         else:
             how = f"nothing to resume, so rerun with --set and the same --out {out}"
@@ -117,7 +117,7 @@ def cmd_eval(args) -> int:
     from kdlab import checkpoint, models
     from kdlab.config import DataConfig, read_yaml
     from kdlab.data import DeviceLoader, load_dataset
-    from kdlab.runner import resolve_weights
+    from kdlab.student import resolve_weights
     from kdlab.train import evaluate, resolve_device
 
     path, meta = resolve_weights(Path(args.weights))

@@ -13,7 +13,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from kdlab import runner
+from kdlab import pipeline
 from kdlab.checkpoint import atomic_write_text
 from kdlab.config import load_recipe
 
@@ -124,8 +124,8 @@ def run_demo(out: Path, only: list[str] | None = None, quiet: bool = False, over
             run_dir = out / name if seed == 0 else out / f"{name}_seed{seed}"
             t0 = time.perf_counter()
             print(f"== {name}{f' seed {seed}' if seed else ''}: {recipe.method} ({path.name})", flush=True)
-            resume = runner.resumable(run_dir)  # a folder left by a failed first epoch starts afresh
-            result = runner.run(None if resume else recipe, run_dir, resume=resume, quiet=quiet)
+            resume = pipeline.resumable(run_dir)  # a folder left by a failed first epoch starts afresh
+            result = pipeline.run(None if resume else recipe, run_dir, resume=resume, quiet=quiet)
             rows.append({"recipe": name, "run": run_dir.name, **result, "seconds": result.get("wall_seconds", time.perf_counter() - t0)})
     total = time.perf_counter() - t_all
     base = add_deltas(rows)

@@ -230,7 +230,7 @@ class Invocation:
 
 def run_job(job: Job, quiet: bool) -> dict:
     """Train one (cell, seed), resuming it when an earlier invocation started it."""
-    from kdlab import runner
+    from kdlab import pipeline
 
     resume = (job.run_dir / "config.yaml").exists()
-    return runner.run(None if resume else job.recipe, job.run_dir, resume=resume, quiet=quiet)
+    return pipeline.run(None if resume else job.recipe, job.run_dir, resume=resume, quiet=quiet)

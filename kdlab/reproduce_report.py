@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kdlab.checkpoint import atomic_write_text
 from kdlab.reproduce import Invocation, Table, run_dir_of
-from kdlab.runner import read_result
+from kdlab.student import read_result
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:

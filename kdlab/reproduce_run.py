@@ -54,14 +54,14 @@ class Task:
 
 def tasks_of(jobs: list[Job]) -> list[Task]:
     """Teachers first (each cache folder once, in the order the cells need them), then the cells."""
-    from kdlab import runner
+    from kdlab.teachers import teacher_run_dir, trained_teachers
 
     teachers: dict[Path, Task] = {}
     cells = []
     for job in jobs:
         needs = set()
-        for index, spec in runner.trained_teachers(job.recipe):
-            folder = runner.teacher_run_dir(job.recipe, index, spec, job.run_dir).resolve()
+        for index, spec in trained_teachers(job.recipe):
+            folder = teacher_run_dir(job.recipe, index, spec, job.run_dir).resolve()
             needs.add(folder)
             teachers.setdefault(folder, Task(job.cell.name, job.seed, index, folder))
         cells.append(Task(job.cell.name, job.seed, None, job.run_dir, needs))
@@ -69,7 +69,7 @@ def tasks_of(jobs: list[Job]) -> list[Task]:
 
 
 def is_finished(task: Task) -> bool:
-    from kdlab.runner import read_result
+    from kdlab.student import read_result
 
     return read_result(task.folder) is not None
 
@@ -101,7 +101,7 @@ def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None,
     """Run (or continue) every cell x seed of the table into `out`, then write the comparison.
 
     `jobs` > 1: independent runs in that many worker processes."""
-    from kdlab import runner
+    from kdlab.student import read_result
 
     inv = Invocation(str(table_path), str(out), seeds, list(only) if only else None, list(sets), data_root,
                      str(cache_dir) if cache_dir else None, jobs, quiet)
@@ -119,7 +119,7 @@ def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None,
         failures = {}
         for i, job in enumerate(planned, 1):
             tag = f"[{i}/{len(planned)}] {job.label}"
-            done = runner.read_result(job.run_dir)
+            done = read_result(job.run_dir)
             if done is not None:
                 say(f"{tag}: finished earlier (top-1 last {done['top1_last']:.2f}), skipped")
                 continue
@@ -228,7 +228,7 @@ def interruptible() -> None:
 
 
 def result_text(task: Task) -> str:
-    from kdlab.runner import read_result
+    from kdlab.student import read_result
 
     result = read_result(task.folder) or {}
     return f" (top-1 last {result['top1_last']:.2f})" if "top1_last" in result else ""
@@ -270,7 +270,8 @@ def stop_workers(running: dict[int, tuple], say: Callable[[str], None]) -> None:
 
 def work(spec: dict) -> None:
     """One task, in a worker process."""
-    from kdlab import runner
+    from kdlab.student import Log, load_data
+    from kdlab.teachers import train_teacher, trained_teachers
 
     inv = Invocation(**spec["invocation"])
     table = load_table(inv.table)
@@ -280,9 +281,9 @@ def work(spec: dict) -> None:
         run_job(job, inv.quiet)
         return
     index = spec["teacher_index"]
-    teacher = dict(runner.trained_teachers(job.recipe))[index]
-    data = runner.load_data(job.recipe)
-    runner.train_teacher(job.recipe, index, teacher, data, job.run_dir, runner.Log(None, inv.quiet))
+    teacher = dict(trained_teachers(job.recipe))[index]
+    data = load_data(job.recipe)
+    train_teacher(job.recipe, index, teacher, data, job.run_dir, Log(None, inv.quiet))
 
 
 def main(argv: list[str]) -> int:

@@ -27,7 +27,9 @@ import yaml
 from pydantic import ConfigDict
 from torch import nn
 
-from kdlab import checkpoint, runner
+from kdlab import checkpoint, pipeline
+from kdlab.config import dump
+from kdlab.teachers import teacher_run_dir
 from kdlab.cli import main
 from kdlab.config import TrainConfig, load_recipe
 from kdlab.losses import TERMS, Term, TermOptions
@@ -156,7 +158,7 @@ def test_fresh_start_with_another_recipe_drops_the_old_stages(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     old = load_recipe(DIGITS / "ft.yaml", ["loss.terms.ft.rate=0.25"])
-    (out / "config.yaml").write_text(runner.dump(old))
+    (out / "config.yaml").write_text(dump(old))
     (out / "stages").mkdir()
     (out / "stages" / "ft_paraphraser0.safetensors").write_bytes(b"a paraphraser of the old recipe")
     ok(capsys, ["train", str(DIGITS / "ft.yaml"), "--out", str(out), *QUICK, *sets("loss.terms.ft.paraphraser_epochs=1")])
@@ -252,7 +254,7 @@ def test_ctrl_c_advice_names_the_run_folder(tmp_path, capsys, monkeypatch):
         (tmp_path / "run" / "config.yaml").write_text("x")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run", interrupted)
+    monkeypatch.setattr(pipeline, "run", interrupted)
     assert main(["train", KD, "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert f"kdlab train --resume {tmp_path / 'run'}" in err and "DIR" not in err
@@ -393,7 +395,7 @@ def test_second_run_waits_for_a_shared_teacher_with_a_message_even_when_quiet(tm
     first = ["--set", f"cache_dir={cache}", *QUICK]
     ok(capsys, ["train", KD, "--out", str(tmp_path / "a"), *first])
     recipe = load_recipe(KD, [f"cache_dir={cache}", "train.epochs=2", "train.max_steps_per_epoch=2"])
-    teacher_dir = runner.teacher_run_dir(recipe, 0, recipe.teachers[0], tmp_path / "b")
+    teacher_dir = teacher_run_dir(recipe, 0, recipe.teachers[0], tmp_path / "b")
     assert (teacher_dir / "result.json").exists()
     with RunLock(teacher_dir):  # as if another run were training it right now
         proc = subprocess.Popen([sys.executable, "-m", "kdlab", "train", KD, "--out", str(tmp_path / "b"), *first],
