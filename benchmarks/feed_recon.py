@@ -18,7 +18,7 @@ from kdlab import pipeline
 from kdlab.analysis.recon import analyze
 from kdlab.checkpoint import atomic_write_text
 from kdlab.config import load_recipe
-from kdlab.demo import recipe_dir
+from kdlab.tools.demo import recipe_dir
 
 METHODS = ("vanilla", "kd", "ft", "pfeed", "sfeed")
 

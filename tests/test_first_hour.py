@@ -261,12 +261,12 @@ def test_ctrl_c_advice_names_the_run_folder(tmp_path, capsys, monkeypatch):
 
 
 def test_ctrl_c_of_the_demo_says_to_rerun_the_demo(tmp_path, capsys, monkeypatch):
-    import kdlab.demo
+    import kdlab.tools.demo
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kdlab.demo, "run_demo", interrupted)
+    monkeypatch.setattr(kdlab.tools.demo, "run_demo", interrupted)
     assert main(["demo", "--out", str(tmp_path / "d"), "--only", "kd"]) == 130
     err = capsys.readouterr().err
     assert f"kdlab demo --out {tmp_path / 'd'} --only kd" in err and "--resume" not in err
@@ -464,7 +464,7 @@ def test_progress_interval_defaults_to_half_a_minute(monkeypatch):
 
 
 def _captured_figures(monkeypatch) -> list:
-    from kdlab import plots
+    from kdlab.tools import plots
 
     figures = []
     real = plots._save
@@ -478,7 +478,7 @@ def _captured_figures(monkeypatch) -> list:
 
 
 def test_curves_of_twenty_runs_are_distinguishable_and_labelled(tmp_path, monkeypatch):
-    from kdlab import plots
+    from kdlab.tools import plots
 
     runs = []
     for i in range(20):
@@ -497,7 +497,7 @@ def test_curves_of_twenty_runs_are_distinguishable_and_labelled(tmp_path, monkey
 
 
 def test_recon_plot_title_is_inside_the_figure(tmp_path, monkeypatch):
-    from kdlab import plots
+    from kdlab.tools import plots
 
     figures = _captured_figures(monkeypatch)
     title = "test reconstruction error (l1, layer stage3:pre, k=0.5, 10 epochs) of every recipe in this table"
@@ -516,7 +516,7 @@ def test_recon_plot_title_is_inside_the_figure(tmp_path, monkeypatch):
 
 
 def test_cli_reference_expands_help_defaults():
-    from kdlab import docgen
+    from kdlab.tools import docgen
 
     text = docgen.cli_markdown()
     assert "%(" not in text and "TEACHER:STUDENT,... (default: resnet56:resnet20,resnet32x4:resnet8x4)" in text

@@ -20,7 +20,7 @@ from kdlab.student import Data, build_model
 from kdlab.config import Recipe, load_recipe
 from kdlab.data import ArrayDataset
 from kdlab.distiller import Distiller
-from kdlab.reproduce import build_recipe, load_table
+from kdlab.tools.reproduce import build_recipe, load_table
 from kdlab.stages import StageContext
 from kdlab.train import lr_at, make_optimizer
 

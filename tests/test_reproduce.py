@@ -16,7 +16,7 @@ import yaml
 
 from kdlab import cli
 from kdlab.errors import ConfigError
-from kdlab.reproduce import load_table, plan
+from kdlab.tools.reproduce import load_table, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = sorted((ROOT / "recipes" / "tables").glob("*.yaml"))

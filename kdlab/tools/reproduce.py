@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdlab.config import Recipe, apply_overrides, format_validation_error, read_yaml, validate
 from kdlab.errors import ConfigError, KdlabError
 
-RECIPES_ROOT = Path(__file__).resolve().parent / "recipes"
+RECIPES_ROOT = Path(__file__).resolve().parents[1] / "recipes"
 CELL_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
 # keys that say where things are, not what is trained: a moved data set or output folder still resumes
 LOCATION_KEYS = (("data", "root"), ("cache_dir",), ("note",))

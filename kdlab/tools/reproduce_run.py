@@ -1,7 +1,7 @@
 """Running a reproduction table: every run in this process, or (`jobs` > 1) in N worker processes.
 
 Each task (a teacher to train, or one cell x seed) runs in its own process started as
-`python -m kdlab.reproduce_run TASK-JSON`; the worker re-plans the table from the same invocation
+`python -m kdlab.tools.reproduce_run TASK-JSON`; the worker re-plans the table from the same invocation
 and runs exactly that task, so it trains what a one-process run would train, in the same folders.
 Teachers come first and each one is trained by one worker only (tasks are keyed by the teacher's
 cache folder); a cell starts once every teacher it needs is finished. A worker that dies, however it
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from kdlab.errors import KdlabError
-from kdlab.reproduce import Invocation, Job, Table, load_table, run_job
-from kdlab.reproduce_report import write_report
+from kdlab.tools.reproduce import Invocation, Job, Table, load_table, run_job
+from kdlab.tools.reproduce_report import write_report
 
 HEARTBEAT_SECONDS = 300.0
 POLL_SECONDS = 1.0
@@ -166,7 +166,7 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
         spec = json.dumps({"invocation": asdict(inv), "cell": tasks[i].cell, "seed": tasks[i].seed,
                            "teacher_index": tasks[i].teacher_index})
         log = open(logs / f"{tasks[i].slug}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "kdlab.reproduce_run", spec], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "kdlab.tools.reproduce_run", spec], stdout=log, stderr=subprocess.STDOUT,
                                 env=worker_env(slot))
         log.close()
         running[i] = (proc, slot, time.time())
@@ -288,7 +288,7 @@ def work(spec: dict) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m kdlab.reproduce_run TASK-JSON (started by kdlab reproduce --jobs)\n")
+        sys.stderr.write("usage: python -m kdlab.tools.reproduce_run TASK-JSON (started by kdlab reproduce --jobs)\n")
         return 2
     import torch
 

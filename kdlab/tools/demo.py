@@ -133,7 +133,7 @@ def run_demo(out: Path, only: list[str] | None = None, quiet: bool = False, over
     atomic_write_text(out / "table.md", markdown_table(rows, base) + f"\nTotal wall time: {total:.1f} s\n")
     print_table(rows, base, f"kdlab demo: digits (sklearn), {len(recipes)} recipes, {total:.0f} s")
     try:
-        from kdlab.plots import plot_runs
+        from kdlab.tools.plots import plot_runs
 
         plot_runs([out / r["run"] for r in rows], out / "curves.png", labels=[r["run"] for r in rows])
         print(f"table: {out / 'table.md'}  plot: {out / 'curves.png'}")

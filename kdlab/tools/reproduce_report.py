@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from kdlab.checkpoint import atomic_write_text
-from kdlab.reproduce import Invocation, Table, run_dir_of
+from kdlab.tools.reproduce import Invocation, Table, run_dir_of
 from kdlab.student import read_result
 
 
