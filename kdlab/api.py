@@ -30,6 +30,7 @@ from torch import nn
 
 from kdlab.config import LossConfig, TrainConfig, format_validation_error
 from kdlab.data import ArrayDataset, AugmentSpec, DeviceLoader, channel_stats, default_augment
+from kdlab.data_names import FIXED
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError, DataError
 from kdlab.student import EVAL_BATCH, train_student
@@ -37,7 +38,6 @@ from kdlab.train import evaluate, resolve_device
 
 __all__ = ["Distill", "distill", "as_dataset"]
 
-KNOWN_AUGMENT = ("cifar10", "cifar100", "digits")
 
 
 def as_dataset(data, like: ArrayDataset | None = None, name: str = "arrays") -> ArrayDataset:
@@ -207,7 +207,7 @@ def _warnings_only(msg: str) -> None:
 
 def _augment_spec(augment, ds: ArrayDataset) -> AugmentSpec | None:
     if augment == "auto":
-        return default_augment(ds.name) if ds.name in KNOWN_AUGMENT else None
+        return default_augment(ds.name) if ds.name in FIXED else None
     if augment is None or isinstance(augment, AugmentSpec):
         return augment
     if isinstance(augment, dict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kdlab.data_names import DATASETS
+
 NAME = "eval"
 HELP = "evaluate a run directory or a student.safetensors file"
 ORDER = 1
@@ -9,7 +11,7 @@ ORDER = 1
 
 def add_arguments(p) -> None:
     p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
-    p.add_argument("--data", choices=["digits", "cifar10", "cifar100", "imagefolder"], help="default: the run's data set")
+    p.add_argument("--data", choices=DATASETS, help="default: the run's data set")
     p.add_argument("--data-root", help="default: the run's data.root")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")

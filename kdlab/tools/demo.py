@@ -8,7 +8,6 @@ states its own noise, and every other recipe is shown as its delta to vanilla's 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from importlib import resources
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from kdlab import pipeline
 from kdlab.checkpoint import atomic_write_text
 from kdlab.config import load_recipe
+from kdlab.tools.results import mean_std
 
 
 def recipe_dir(family: str = "digits") -> Path:
@@ -42,7 +42,8 @@ def add_deltas(rows: list[dict]) -> dict | None:
     if not runs:
         return None
     values = [r["top1_last"] for r in runs]
-    base = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    mean, std = mean_std(values)
+    base = {"mean": mean, "std": 0.0 if std is None else std, "n": len(values)}
     for r in rows:
         if r["student"] == runs[0]["student"]:
             r["delta_vs_vanilla"] = r["top1_last"] - base["mean"]

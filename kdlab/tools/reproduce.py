@@ -19,24 +19,20 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdlab.config import Recipe, apply_overrides, format_validation_error, read_yaml, validate
-from kdlab.errors import ConfigError, KdlabError
+from kdlab.errors import ConfigError
+from kdlab.strict import Strict
 
 RECIPES_ROOT = Path(__file__).resolve().parents[1] / "recipes"
 CELL_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
 # keys that say where things are, not what is trained: a moved data set or output folder still resumes
 LOCATION_KEYS = (("data", "root"), ("cache_dir",), ("note",))
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Cell(Strict):
