@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kd.py [kdlab bench options...] [--json FILE]
 
-The same as `kdlab bench` (see `kdlab bench --help` and kdlab/bench.py for the modes), with the JSON
+The same as `kdlab bench` (see `kdlab bench --help` and kdlab/tools/bench.py for the modes), with the JSON
 written to benchmarks/results/bench_kd-<device>-<date>.json unless --json is given. Examples:
 
     python benchmarks/bench_kd.py --device cpu --pairs resnet56:resnet20 --methods kd --repeats 3

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab import runner
+from kdlab import pipeline
 from kdlab.checkpoint import atomic_write_text
 from kdlab.config import load_recipe
 
@@ -61,7 +61,7 @@ def main() -> None:
             run_dir = out / arm.split(" (")[0].replace(" ", "_") / f"seed{seed}"
             started = time.perf_counter()
             resume = (run_dir / "config.yaml").exists()
-            result = runner.run(None if resume else recipe, run_dir, resume=resume, quiet=True)
+            result = pipeline.run(None if resume else recipe, run_dir, resume=resume, quiet=True)
             rows.append({"arm": arm, "seed": seed, "top1_last": result["top1_last"], "top1_best": result["top1_best"],
                          "wall_seconds": result.get("wall_seconds", round(time.perf_counter() - started, 1))})
             print(f"{arm:<26} seed {seed}: top-1 last {result['top1_last']:.2f}")

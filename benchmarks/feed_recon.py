@@ -14,11 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from kdlab import runner
+from kdlab import pipeline
 from kdlab.analysis.recon import analyze
 from kdlab.checkpoint import atomic_write_text
 from kdlab.config import load_recipe
-from kdlab.demo import recipe_dir
+from kdlab.tools.demo import recipe_dir
 
 METHODS = ("vanilla", "kd", "ft", "pfeed", "sfeed")
 
@@ -38,7 +38,7 @@ def main() -> None:
         recipe = load_recipe(recipe_dir("digits") / f"{name}.yaml", overrides)
         run_dir = out / name
         resume = (run_dir / "config.yaml").exists()
-        result = runner.run(None if resume else recipe, run_dir, resume=resume, quiet=True)
+        result = pipeline.run(None if resume else recipe, run_dir, resume=resume, quiet=True)
         recon = analyze(run_dir, epochs=args.ae_epochs, log=lambda m: None)
         rows.append({"method": name, "top1_last": result["top1_last"], "recon_error": recon["recon_error"], "layer": recon["layer"]})
     print(f"{'method':<8} {'top-1':>7} {'recon error (L1, test)':>24}")

@@ -18,7 +18,7 @@ Sections (each one is timed and reported; a failing one is recorded and the othe
                      live teacher on training batches, then ``fit`` with the recipe's train section on
                      that subset for a few epochs; the time of one full 240-epoch run is extrapolated
                      from the measured epochs (plus the cache build and one evaluation per epoch).
-``bench``            ``kdlab bench`` (kdlab.bench.run_bench) for resnet56:resnet20 and
+``bench``            ``kdlab bench`` (kdlab.tools.bench.run_bench) for resnet56:resnet20 and
                      resnet32x4:resnet8x4, KD, modes reference / kdlab / kdlab-fast, with
                      max_memory_allocated and max_memory_reserved.
 ``torchrun_nccl``    a 2-process torchrun job (NCCL, global-batch BatchNorm, the eager graph step)
@@ -52,7 +52,8 @@ from pathlib import Path
 
 import torch
 
-from kdlab import __version__, bench, models, train
+from kdlab import __version__, models, train
+from kdlab.tools import bench
 from kdlab.config import FastConfig, LossConfig, TrainConfig, load_recipe
 from kdlab.data import DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
@@ -227,7 +228,7 @@ def bf16_vs_fp32(device: torch.device, sizes: Sizes, ctx: dict) -> dict:
 
 def fast_recipe(device: torch.device, sizes: Sizes, train_set, test_set, name: str, tmp: Path) -> dict:
     from kdlab.fast.teachers import prepare_teachers
-    from kdlab.runner import Data
+    from kdlab.student import Data
 
     overrides = [f"train.device={device.type}"]
     if device.type != "cuda":  # RerunGraphs stands in for the capture, which needs the table in "device" memory

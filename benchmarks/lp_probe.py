@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from kdlab import models, runner
+from kdlab import models
+from kdlab.teachers import load_model_weights
 from kdlab.config import LossConfig
 from kdlab.data import DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
@@ -80,7 +81,7 @@ def load_teacher(teacher: torch.nn.Module, path: Path) -> None:
         prefix = "model.student."
         checkpoint.load_state_into(teacher, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, str(path))
     else:
-        runner.load_model_weights(teacher, path, "teacher")
+        load_model_weights(teacher, path, "teacher")
 
 
 def main() -> None:

@@ -30,15 +30,14 @@ from torch import nn
 
 from kdlab.config import LossConfig, TrainConfig, format_validation_error
 from kdlab.data import ArrayDataset, AugmentSpec, DeviceLoader, channel_stats, default_augment
+from kdlab.data_names import FIXED
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError, DataError
-from kdlab.stages import StageContext
-from kdlab.train import autocast_factory, evaluate, fit, resolve_device
+from kdlab.student import EVAL_BATCH, train_student
+from kdlab.train import evaluate, resolve_device
 
 __all__ = ["Distill", "distill", "as_dataset"]
 
-EVAL_BATCH = 256
-KNOWN_AUGMENT = ("cifar10", "cifar100", "digits")
 
 
 def as_dataset(data, like: ArrayDataset | None = None, name: str = "arrays") -> ArrayDataset:
@@ -175,26 +174,12 @@ class Distill:
         torch.manual_seed(seed)  # the side modules' initialisation
         train_loader, num_classes = self._loader(train_data, cfg.batch_size, True, dev, seed, augment, cfg.max_steps_per_epoch)
         test_loader = self._loader(test_data, EVAL_BATCH, False, dev, seed, None)[0] if test_data is not None else None
-        self.distiller.to(dev)
-        if not self.distiller.built:
-            x, y = next(iter(test_loader if test_loader is not None else train_loader))
-            self.distiller.build(x[:8], y[:8])
-            _check_classes(self.student, x[:2], num_classes)
-        if self.distiller.needs_indices and not self.distiller.attached:
-            labels = getattr(train_loader, "labels", None)
-            if labels is None:
-                raise ConfigError("fit: a loss term that reads each sample's index (crd) needs kdlab's array data "
-                                  "(images and labels), not a DataLoader, so that the index names one sample")
-            self.distiller.attach_training_set(labels)
         log = print if verbose else _warnings_only
         with _run_folder(run_dir) as folder:
-            ctx = StageContext(student=self.student, teachers=self.teachers, train_loader=train_loader, device=dev, run_dir=folder,
-                               autocast=autocast_factory(cfg, dev), log=log, forward=self.distiller.outputs,
-                               max_steps=cfg.max_steps_per_epoch, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            for term in self.distiller.terms.values():
-                term.pre_stage(ctx)
-            state = fit(self.distiller, train_loader, test_loader, cfg, folder, log, resume=resume,
-                        keeps_checkpoints=run_dir is not None)
+            state = train_student(self.distiller, train_loader, test_loader, cfg, folder, log, dev,
+                                  train_set=self._train_set if isinstance(train_loader, DeviceLoader) else None, resume=resume,
+                                  keeps_checkpoints=run_dir is not None,
+                                  on_probe=lambda x: _check_classes(self.student, x[:2], num_classes))
         self.history = state.history
         return self.history
 
@@ -222,7 +207,7 @@ def _warnings_only(msg: str) -> None:
 
 def _augment_spec(augment, ds: ArrayDataset) -> AugmentSpec | None:
     if augment == "auto":
-        return default_augment(ds.name) if ds.name in KNOWN_AUGMENT else None
+        return default_augment(ds.name) if ds.name in FIXED else None
     if augment is None or isinstance(augment, AugmentSpec):
         return augment
     if isinstance(augment, dict):

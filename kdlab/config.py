@@ -16,10 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from kdlab.data_names import DATASETS
 from kdlab.errors import ConfigError
 from kdlab.strict import Strict
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 # torch.manual_seed takes at most 2**64 - 1 and the data order needs a non-negative seed; 2**63 - 1 leaves
 # room for the seeds derived from it (teachers: seed + 1 + index, generations: seed + g)
 SEED_MAX = 2**63 - 1
@@ -45,7 +45,7 @@ class AugmentConfig(Strict):
 
 
 class DataConfig(Strict):
-    name: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    name: Literal[DATASETS] = "digits"
     root: str | None = None
     image_size: int = Field(default=32, ge=8, description="imagefolder only: images are resized to this")
     skip_unreadable: bool = Field(default=False, description="imagefolder only: leave out files that cannot be decoded "

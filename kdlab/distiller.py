@@ -57,7 +57,7 @@ class Distiller(nn.Module):
         return self
 
     def term_names(self) -> list[str]:
-        return (["ce"] if self.ce_weight > 0 else []) + [n for n, t in self.terms.items() if getattr(t, "active_in_main", True)]
+        return (["ce"] if self.ce_weight > 0 else []) + [n for n, t in self.terms.items() if t.active_in_main]
 
     def outputs(self, x: torch.Tensor, y: torch.Tensor, student: bool = True,
                 teacher_logits: list[torch.Tensor] | None = None, progress: torch.Tensor | float | None = None,
@@ -116,7 +116,7 @@ class Distiller(nn.Module):
         if self.ce_weight > 0:
             values["ce"] = self.ce_weight * nnf.cross_entropy(out.logits.float(), y)
         for name, term in self.terms.items():
-            if getattr(term, "active_in_main", True):
+            if term.active_in_main:
                 values[name] = term.weight * term(out).float()
         total = torch.stack([v.float() for v in values.values()]).sum()
         return total, out.logits, values

@@ -413,7 +413,7 @@ def idle_parameters(distiller: nn.Module) -> list[str]:
     terms = getattr(distiller, "terms", {})
     return [
         f"terms.{name}.{pname}"
-        for name, term in terms.items() if not getattr(term, "active_in_main", True)
+        for name, term in terms.items() if not term.active_in_main
         for pname, p in term.named_parameters() if p.requires_grad
     ]
 

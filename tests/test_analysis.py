@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from kdlab import checkpoint, runner
+from kdlab import checkpoint, pipeline
 from kdlab.cli import main
 from kdlab.config import load_recipe
 from kdlab.data import DeviceLoader, load_dataset
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_recon_error_matches_a_recomputation_and_is_reused(tmp_path, capsys):
     run = tmp_path / "v"
-    runner.run(load_recipe(ROOT / "recipes/digits/vanilla.yaml", ["train.epochs=1", "train.max_steps_per_epoch=3"]), run, quiet=True)
+    pipeline.run(load_recipe(ROOT / "recipes/digits/vanilla.yaml", ["train.epochs=1", "train.max_steps_per_epoch=3"]), run, quiet=True)
     assert main(["analyze", "recon", str(run), "--epochs", "1", "--loss", "l2"]) == 0
     result = json.loads((run / "recon.json").read_text())
     assert result["layer"] == "stage3" and result["loss"] == "l2" and result["recon_error"] > 0
@@ -58,7 +58,7 @@ def test_recon_curve_has_a_point_per_kept_epoch_and_generation(tmp_path, capsys)
 
     run = tmp_path / "s"
     sets = ["train.epochs=2", "train.max_steps_per_epoch=2", "train.keep_epochs=[1]", "generations=2", f"cache_dir={tmp_path / 'cache'}"]
-    runner.run(load_recipe(ROOT / "recipes/digits/sfeed.yaml", sets), run, quiet=True)
+    pipeline.run(load_recipe(ROOT / "recipes/digits/sfeed.yaml", sets), run, quiet=True)
     assert main(["analyze", "recon", str(run), "--epochs", "1", "--curve"]) == 0
     result = json.loads((run / "recon.json").read_text())
     where = [(p["generation"], p["epoch"]) for p in result["curve"]]

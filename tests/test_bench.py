@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kdlab import bench
+from kdlab.tools import bench
 from kdlab.cli import main
 from kdlab.data import DeviceLoader, default_augment
 

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from kdlab import distributed, models, runner, train
+from kdlab import distributed, models, pipeline, train
 from kdlab.config import LossConfig, TrainConfig, load_recipe
 from kdlab.data import AugmentSpec, DeviceLoader, load_dataset
 from kdlab.distiller import Distiller
@@ -137,13 +137,13 @@ def test_cuda_graph_under_torchrun_is_refused_before_training():
     train.check_device_options(cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"cuda_graph": False})}), "cuda", 2)
 
     fast = load_recipe(RECIPES.parent / "cifar100" / "fast" / "resnet32x4_resnet8x4_kd_b512.yaml")
-    runner.check_run_options(fast, world=1, cuda=True)
-    runner.check_run_options(fast, world=2, cuda=False)
+    pipeline.check_run_options(fast, world=1, cuda=True)
+    pipeline.check_run_options(fast, world=2, cuda=False)
     with pytest.raises(ConfigError, match=r"^train\.fast\.cuda_graph: "):
-        runner.check_run_options(fast, world=2, cuda=True)
+        pipeline.check_run_options(fast, world=2, cuda=True)
     teacher_graph = load_recipe(RECIPES / "kd.yaml", ["teachers.0.train={fast: {graph_step: true}}"])
     with pytest.raises(ConfigError, match=r"^teachers\.0\.train\.fast\.cuda_graph: "):  # before the teacher trains
-        runner.check_run_options(teacher_graph, world=2, cuda=True)
+        pipeline.check_run_options(teacher_graph, world=2, cuda=True)
 
 
 def test_a_disk_teacher_cache_inside_a_capture_is_refused(digits, tmp_path):

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import yaml
 
-from kdlab.demo import run_demo
+from kdlab.tools.demo import run_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FLOOR = 90.0  # top-1 every digits recipe reaches in the demo; vanilla is ~96 %, its teacher ~99 %

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kdlab import checkpoint, distributed, models, runner
+from kdlab import checkpoint, distributed, models, pipeline
 from kdlab.config import load_recipe
 from kdlab.errors import ConfigError
 
@@ -97,7 +97,7 @@ def ddp_run(tmp_path_factory, cache):
 def test_two_ranks_train_like_one_process_at_the_global_batch(ddp_run, tmp_path):
     out, text, seconds = ddp_run
     single_dir = tmp_path / "single"
-    runner.run(load_recipe(RECIPES / "digits" / "lp.yaml", EQUIVALENT), single_dir, quiet=True)  # its own teacher
+    pipeline.run(load_recipe(RECIPES / "digits" / "lp.yaml", EQUIVALENT), single_dir, quiet=True)  # its own teacher
 
     # the teacher was trained inside the torchrun job, distributed too (same cache key, same weights)
     (ddp_teacher,) = Path(json.loads((out / "result.json").read_text())["teachers"][0]["source"]).glob("student.safetensors")
@@ -327,7 +327,7 @@ def test_imagenet_recipes_smoke(tmp_path):
     assert at["world_size"] == 2 and 0 <= at["top1_last"] <= 100
     assert "train_at" in metrics(tmp_path / "at")[-1]
     # KD in one process, its teacher taken from the cache the torchrun job filled
-    kd = runner.run(load_recipe(RECIPES / "imagenet" / "kd.yaml", small), tmp_path / "kd", quiet=True)
+    kd = pipeline.run(load_recipe(RECIPES / "imagenet" / "kd.yaml", small), tmp_path / "kd", quiet=True)
     assert kd["teachers"][0]["source"] == at["teachers"][0]["source"]
     assert kd["params"] == sum(p.numel() for p in models.create("resnet18_imagenet", num_classes=3).parameters())
 
@@ -342,7 +342,7 @@ def test_crd_two_ranks_train_like_one_process(tmp_path, cache):
     text = finish(proc)
     assert proc.returncode == 0, text
     single = tmp_path / "single"
-    runner.run(load_recipe(RECIPES / "digits" / "crd.yaml", crd), single, quiet=True)
+    pipeline.run(load_recipe(RECIPES / "digits" / "crd.yaml", crd), single, quiet=True)
     for d, s in zip(metrics(out), metrics(single)):
         assert abs(d["train_crd"] - s["train_crd"]) < 1e-4, (d, s)
     assert max_diff(weights(out / "student.safetensors"), weights(single / "student.safetensors")) < 1e-4

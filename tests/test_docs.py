@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlab import docgen
+from kdlab.tools import docgen
 from kdlab.cli import build_parser
 from kdlab.methods import METHODS
 
@@ -26,7 +26,7 @@ def all_docs() -> list[Path]:
 
 
 def test_cli_reference_is_generated_from_the_current_parser():
-    assert (DOCS / "cli.md").read_text() == docgen.cli_markdown(), "docs/cli.md is stale: python -m kdlab.docgen --write"
+    assert (DOCS / "cli.md").read_text() == docgen.cli_markdown(), "docs/cli.md is stale: python -m kdlab.tools.docgen --write"
 
 
 def test_every_method_has_a_current_card():
@@ -37,7 +37,7 @@ def test_every_method_has_a_current_card():
         for section in CARD_SECTIONS:
             assert section in text, f"{card.name} lacks {section}"
         assert "<!-- BEGIN generated:options -->" in text and "<!-- BEGIN generated:recipe -->" in text
-        assert docgen.refresh_card(text, name) == text, f"{card.name}: generated blocks stale: python -m kdlab.docgen --write"
+        assert docgen.refresh_card(text, name) == text, f"{card.name}: generated blocks stale: python -m kdlab.tools.docgen --write"
     assert docgen.main(["--check"]) == 0
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab import models, runner
+from kdlab import models, pipeline
 from kdlab.config import LossConfig, TrainConfig, load_recipe
 from kdlab.data import AugmentSpec, DeviceLoader, load_dataset
 from kdlab.distiller import Distiller
@@ -218,13 +218,13 @@ def quick_kd(*extra: str):
 def plain_kd_run(tmp_path_factory):
     """A short default KD run on digits and its teacher cache directory, shared by the comparisons below."""
     root = tmp_path_factory.mktemp("kd")
-    runner.run(quick_kd(f"cache_dir={root / 'cache'}"), root / "plain", quiet=True)
+    pipeline.run(quick_kd(f"cache_dir={root / 'cache'}"), root / "plain", quiet=True)
     return root / "cache", root / "plain"
 
 
 def test_cached_kd_run_gives_the_same_weights_as_an_uncached_run(plain_kd_run, tmp_path):
     cache, plain_dir = plain_kd_run
-    runner.run(quick_kd(f"cache_dir={cache}", "train.teacher_cache=true"), tmp_path / "cached", quiet=True)
+    pipeline.run(quick_kd(f"cache_dir={cache}", "train.teacher_cache=true"), tmp_path / "cached", quiet=True)
     assert list((cache / "logits").glob("*.logits")), "the cached run did not use a table"
     assert "teacher cache: computing" in (tmp_path / "cached" / "log.txt").read_text()
     plain, cached = student_weights(plain_dir), student_weights(tmp_path / "cached")
@@ -282,7 +282,7 @@ def test_graph_step_with_the_teacher_cache_matches_the_plain_trainer(digits_smal
 def test_default_folded_teacher_trains_close_to_an_unfolded_one(plain_kd_run, tmp_path):
     cache, plain_dir = plain_kd_run  # the default: the teacher's BN folded
     assert "BatchNorm layers folded" in (plain_dir / "log.txt").read_text()
-    runner.run(quick_kd(f"cache_dir={cache}", "train.fast.fold_teacher=false"), tmp_path / "unfolded", quiet=True)
+    pipeline.run(quick_kd(f"cache_dir={cache}", "train.fast.fold_teacher=false"), tmp_path / "unfolded", quiet=True)
     assert "BatchNorm layers folded" not in (tmp_path / "unfolded" / "log.txt").read_text()
     folded, unfolded = student_weights(plain_dir), student_weights(tmp_path / "unfolded")
     for k in folded:

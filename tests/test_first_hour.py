@@ -27,7 +27,9 @@ import yaml
 from pydantic import ConfigDict
 from torch import nn
 
-from kdlab import checkpoint, runner
+from kdlab import checkpoint, pipeline
+from kdlab.config import dump
+from kdlab.teachers import teacher_run_dir
 from kdlab.cli import main
 from kdlab.config import TrainConfig, load_recipe
 from kdlab.losses import TERMS, Term, TermOptions
@@ -156,7 +158,7 @@ def test_fresh_start_with_another_recipe_drops_the_old_stages(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     old = load_recipe(DIGITS / "ft.yaml", ["loss.terms.ft.rate=0.25"])
-    (out / "config.yaml").write_text(runner.dump(old))
+    (out / "config.yaml").write_text(dump(old))
     (out / "stages").mkdir()
     (out / "stages" / "ft_paraphraser0.safetensors").write_bytes(b"a paraphraser of the old recipe")
     ok(capsys, ["train", str(DIGITS / "ft.yaml"), "--out", str(out), *QUICK, *sets("loss.terms.ft.paraphraser_epochs=1")])
@@ -252,19 +254,19 @@ def test_ctrl_c_advice_names_the_run_folder(tmp_path, capsys, monkeypatch):
         (tmp_path / "run" / "config.yaml").write_text("x")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run", interrupted)
+    monkeypatch.setattr(pipeline, "run", interrupted)
     assert main(["train", KD, "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert f"kdlab train --resume {tmp_path / 'run'}" in err and "DIR" not in err
 
 
 def test_ctrl_c_of_the_demo_says_to_rerun_the_demo(tmp_path, capsys, monkeypatch):
-    import kdlab.demo
+    import kdlab.tools.demo
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kdlab.demo, "run_demo", interrupted)
+    monkeypatch.setattr(kdlab.tools.demo, "run_demo", interrupted)
     assert main(["demo", "--out", str(tmp_path / "d"), "--only", "kd"]) == 130
     err = capsys.readouterr().err
     assert f"kdlab demo --out {tmp_path / 'd'} --only kd" in err and "--resume" not in err
@@ -393,7 +395,7 @@ def test_second_run_waits_for_a_shared_teacher_with_a_message_even_when_quiet(tm
     first = ["--set", f"cache_dir={cache}", *QUICK]
     ok(capsys, ["train", KD, "--out", str(tmp_path / "a"), *first])
     recipe = load_recipe(KD, [f"cache_dir={cache}", "train.epochs=2", "train.max_steps_per_epoch=2"])
-    teacher_dir = runner.teacher_run_dir(recipe, 0, recipe.teachers[0], tmp_path / "b")
+    teacher_dir = teacher_run_dir(recipe, 0, recipe.teachers[0], tmp_path / "b")
     assert (teacher_dir / "result.json").exists()
     with RunLock(teacher_dir):  # as if another run were training it right now
         proc = subprocess.Popen([sys.executable, "-m", "kdlab", "train", KD, "--out", str(tmp_path / "b"), *first],
@@ -462,7 +464,7 @@ def test_progress_interval_defaults_to_half_a_minute(monkeypatch):
 
 
 def _captured_figures(monkeypatch) -> list:
-    from kdlab import plots
+    from kdlab.tools import plots
 
     figures = []
     real = plots._save
@@ -476,7 +478,7 @@ def _captured_figures(monkeypatch) -> list:
 
 
 def test_curves_of_twenty_runs_are_distinguishable_and_labelled(tmp_path, monkeypatch):
-    from kdlab import plots
+    from kdlab.tools import plots
 
     runs = []
     for i in range(20):
@@ -495,7 +497,7 @@ def test_curves_of_twenty_runs_are_distinguishable_and_labelled(tmp_path, monkey
 
 
 def test_recon_plot_title_is_inside_the_figure(tmp_path, monkeypatch):
-    from kdlab import plots
+    from kdlab.tools import plots
 
     figures = _captured_figures(monkeypatch)
     title = "test reconstruction error (l1, layer stage3:pre, k=0.5, 10 epochs) of every recipe in this table"
@@ -514,7 +516,7 @@ def test_recon_plot_title_is_inside_the_figure(tmp_path, monkeypatch):
 
 
 def test_cli_reference_expands_help_defaults():
-    from kdlab import docgen
+    from kdlab.tools import docgen
 
     text = docgen.cli_markdown()
     assert "%(" not in text and "TEACHER:STUDENT,... (default: resnet56:resnet20,resnet32x4:resnet8x4)" in text

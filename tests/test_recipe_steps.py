@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab import runner
+from kdlab.student import Data, build_model
 from kdlab.config import Recipe, load_recipe
 from kdlab.data import ArrayDataset
 from kdlab.distiller import Distiller
-from kdlab.reproduce import build_recipe, load_table
+from kdlab.tools.reproduce import build_recipe, load_table
 from kdlab.stages import StageContext
 from kdlab.train import lr_at, make_optimizer
 
@@ -73,7 +73,7 @@ GROUPS = _grouped()
 TRAIN_SIZES = {"digits": 1437, "cifar10": 50_000, "cifar100": 50_000}  # the real training sets' sizes
 
 
-def random_data(recipe: Recipe, n: int, n_train: int | None = None) -> runner.Data:
+def random_data(recipe: Recipe, n: int, n_train: int | None = None) -> Data:
     """Random train and test images of the recipe's data set shape (the real files are not needed for one step):
     `n` of each, or `n_train` training images for a term that keeps state per training sample."""
     name = recipe.data.name
@@ -85,11 +85,11 @@ def random_data(recipe: Recipe, n: int, n_train: int | None = None) -> runner.Da
                             torch.randint(0, k, (count,), generator=g), k, (0.5,) * c, (0.25,) * c,
                             [str(i) for i in range(k)], name, source=f"random {which}")
 
-    return runner.Data(split("train", n_train or n), split("test", n), k, c)
+    return Data(split("train", n_train or n), split("test", n), k, c)
 
 
 @torch.no_grad()
-def calibrated(teacher: torch.nn.Module, data: runner.Data) -> torch.nn.Module:
+def calibrated(teacher: torch.nn.Module, data: Data) -> torch.nn.Module:
     """The teacher with BatchNorm statistics of the data, as training leaves them: a freshly initialised deep net
     in eval mode (running variance 1) blows its maps up block after block (resnet110's last map reaches 1e9 and
     FT's paraphraser overflows), which no trained teacher does."""
@@ -118,9 +118,9 @@ def one_step(recipe: Recipe, tmp_path: Path) -> dict[str, float]:
     # CRD's memory bank holds one entry per training sample and draws its negatives among them: a real-size set
     data = random_data(recipe, batch, TRAIN_SIZES[recipe.data.name] if "crd" in terms else None)
     device = torch.device("cpu")
-    student = runner.build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
+    student = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
     specs = recipe.teachers or ([recipe.student] if recipe.generations else [])
-    teachers = [calibrated(runner.build_model(t.name, t.kwargs, data, recipe.seed), data) for t in specs]
+    teachers = [calibrated(build_model(t.name, t.kwargs, data, recipe.seed), data) for t in specs]
     distiller = Distiller(student, teachers, loss_cfg).to(device)
     train_loader, test_loader = data.loaders(recipe, batch, device, recipe.seed)
     x, y = next(iter(test_loader))

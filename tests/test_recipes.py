@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlab import runner
+from kdlab import pipeline
 from kdlab.config import load_recipe
 from kdlab.methods import METHODS, check_recipe
 
@@ -34,7 +34,7 @@ def test_digits_recipe_trains_a_few_steps(path, tmp_path_factory):
                                 "loss.terms.fitnet.hint_epochs=1" if "fitnet" in path.stem else "note=",
                                 "loss.terms.ft.paraphraser_epochs=1" if path.stem == "ft" else "note="])
     out = tmp_path_factory.mktemp(path.stem)
-    result = runner.run(recipe, out / "run", quiet=True)
+    result = pipeline.run(recipe, out / "run", quiet=True)
     assert 0 <= result["top1_last"] <= 100
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     for name, opts in recipe.loss.terms.items():

@@ -26,7 +26,7 @@ from kdlab import models, taps
 from kdlab.config import Recipe, teacher_train_config
 from kdlab.distiller import Distiller
 from kdlab.losses import TERMS
-from kdlab.reproduce import build_recipe, load_table
+from kdlab.tools.reproduce import build_recipe, load_table
 from kdlab.train import lr_at
 
 TABLES = Path(__file__).resolve().parents[1] / "kdlab" / "recipes" / "tables"

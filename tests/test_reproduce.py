@@ -16,7 +16,7 @@ import yaml
 
 from kdlab import cli
 from kdlab.errors import ConfigError
-from kdlab.reproduce import load_table, plan
+from kdlab.tools.reproduce import load_table, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = sorted((ROOT / "recipes" / "tables").glob("*.yaml"))
@@ -168,6 +168,10 @@ def test_changed_table_is_refused_for_an_existing_run(tmp_path):
     (lambda t: t["cells"][0].update(colour="red"), "cells.0.colour: unknown key"),
     (lambda t: t["cells"][0].update(recipe="missing.yaml"), "recipe 'missing.yaml' not found"),
     (lambda t: t["cells"][0]["overrides"].update({"train.lr": -1}), "train.lr"),
+    (lambda t: t.update(tolerance=float("inf")), "tolerance"),  # YAML .inf
+    (lambda t: t["cells"][0].update(tolerance=float("inf")), "cells.0.tolerance"),
+    (lambda t: t.update(seeds=True), "seeds"),  # YAML yes
+    (lambda t: t["cells"][1].update(seeds=True), "cells.1.seeds"),
 ])
 def test_bad_table_is_one_clear_line(tmp_path, capsys, edit, message):
     path = write_table(tmp_path / "t")
@@ -178,6 +182,15 @@ def test_bad_table_is_one_clear_line(tmp_path, capsys, edit, message):
     err = capsys.readouterr().err
     assert err.startswith("kdlab: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_table_refuses_an_infinite_tolerance_and_yes_as_a_number(tmp_path):
+    """The table is validated by kdlab.strict.Strict, as recipes are: no inf/NaN, no boolean where a number goes."""
+    for text in ("tolerance: .inf", "seeds: yes"):
+        path = tmp_path / "t.yaml"
+        path.write_text(f"title: t\n{text}\ncells: [{{name: a, recipe: kd.yaml}}]\n")
+        with pytest.raises(ConfigError, match=text.split(":")[0]):
+            load_table(path)
 
 
 @pytest.mark.parametrize("path", TABLES, ids=lambda p: p.stem)

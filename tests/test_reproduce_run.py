@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from kdlab.checkpoint import load_weights
-from kdlab.reproduce import load_table, plan
-from kdlab.reproduce_run import tasks_of
+from kdlab.tools.reproduce import load_table, plan
+from kdlab.tools.reproduce_run import tasks_of
 from test_reproduce import RECIPE, write_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]

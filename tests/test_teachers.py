@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab import checkpoint, models, runner
-from kdlab.config import load_recipe, validate
+from kdlab import checkpoint, models, pipeline
+from kdlab.student import Log, load_data
+from kdlab.teachers import load_model_weights, prepare_teacher, teacher_key, teacher_run_dir, teacher_seed, trained_teachers
+from kdlab.config import load_recipe, teacher_train_config, validate
 from kdlab.errors import CheckpointError
 from kdlab.train import evaluate
 
@@ -118,7 +120,7 @@ def test_reference_teacher_checkpoint_loads(name, layout, tmp_path):
     else:  # Tf-KD's utils.save_checkpoint of an nn.DataParallel model
         torch.save({"epoch": 200, "state_dict": {f"module.{k}": v for k, v in state.items()}, "optim_dict": {}}, path)
     target = models.create(name, num_classes=100)
-    runner.load_model_weights(target, path, "teacher 0")
+    load_model_weights(target, path, "teacher 0")
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
     x = torch.randn(2, 3, 32, 32)
@@ -130,13 +132,13 @@ def test_reference_file_of_another_architecture_names_the_first_key_that_does_no
     path = tmp_path / "vgg13.pth"
     torch.save({"model": reference_state("vgg13", trained_like("vgg13"))}, path)
     with pytest.raises(CheckpointError) as err:
-        runner.load_model_weights(models.create("vgg8", num_classes=100), path, "teacher 0")
+        load_model_weights(models.create("vgg8", num_classes=100), path, "teacher 0")
     msg = str(err.value)
     assert "\n" not in msg and "'block0.3.weight'" in msg and "VGG" in msg  # vgg13's second conv of block 0
     path = tmp_path / "resnet56.pth"
     torch.save({"model": reference_state("resnet56", trained_like("resnet56"))}, path)
     with pytest.raises(CheckpointError, match=r"key 'conv1.weight' does not fit ResNet: shape \(16, 3, 3, 3\) in the file, \(32, 3, 3, 3\)"):
-        runner.load_model_weights(models.create("resnet32x4", num_classes=100), path, "teacher 0")
+        load_model_weights(models.create("resnet32x4", num_classes=100), path, "teacher 0")
 
 
 def test_reference_checkpoint_with_code_is_refused(tmp_path):
@@ -149,7 +151,7 @@ def test_reference_checkpoint_with_code_is_refused(tmp_path):
     path = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"epoch": 240, "model": {"conv1.weight": Payload()}}, path)
     with pytest.raises(CheckpointError, match="refused or unreadable torch file"):
-        runner.load_model_weights(models.create("resnet56", num_classes=100), path, "teacher 0")
+        load_model_weights(models.create("resnet56", num_classes=100), path, "teacher 0")
     assert not marker.exists()
 
 
@@ -158,7 +160,7 @@ def test_reference_checkpoint_with_code_is_refused(tmp_path):
 
 def test_a_teacher_given_by_weights_is_evaluated_before_the_student_trains(tmp_path, capsys):
     teacher_run = tmp_path / "teacher"
-    runner.run(load_recipe(DIGITS / "vanilla.yaml", ["student.name=smallcnn_wide", "train.epochs=1",
+    pipeline.run(load_recipe(DIGITS / "vanilla.yaml", ["student.name=smallcnn_wide", "train.epochs=1",
                                                     "train.max_steps_per_epoch=5"]), teacher_run, quiet=True)
     # the same teacher in RepDistiller's file layout
     state, _ = checkpoint.load(teacher_run / "student.safetensors")
@@ -166,7 +168,7 @@ def test_a_teacher_given_by_weights_is_evaluated_before_the_student_trains(tmp_p
     recipe = load_recipe(DIGITS / "kd.yaml", ["train.epochs=1", "train.max_steps_per_epoch=2",
                                               f"teachers=[{{name: smallcnn_wide, weights: {tmp_path / 'teacher.pth'}}}]"])
     capsys.readouterr()
-    result = runner.run(recipe, tmp_path / "kd", quiet=False)
+    result = pipeline.run(recipe, tmp_path / "kd", quiet=False)
     printed = capsys.readouterr().out
     line = next(ln for ln in printed.splitlines() if ln.startswith("teacher 0 (smallcnn_wide"))
     top1 = result["teachers"][0]["top1"]
@@ -174,7 +176,7 @@ def test_a_teacher_given_by_weights_is_evaluated_before_the_student_trains(tmp_p
     log = (tmp_path / "kd" / "log.txt").read_text()
     assert log.index("test top-1") < log.index("epoch 1")  # before the student's first epoch
     # it is the test top-1 of exactly these weights
-    data = runner.load_data(recipe)
+    data = load_data(recipe)
     model = models.create("smallcnn_wide", num_classes=10, in_chans=1)
     model.load_state_dict(state)
     assert top1 == pytest.approx(evaluate(model, data.test_loader(torch.device("cpu"), 0))["top1"])
@@ -202,8 +204,8 @@ def test_best_teacher_is_the_epoch_with_the_highest_test_top1(tmp_path, monkeypa
     scripted_evaluate(monkeypatch, [30.0, 60.0, 45.0, 60.0, 50.0])  # ties go to the later epoch, as the Tf-KD code's `>=`
     recipe = load_recipe(DIGITS / "kd.yaml", ["train.epochs=5", "train.max_steps_per_epoch=2",
                                               "teachers=[{name: smallcnn_wide, checkpoint: best, train: {keep_epochs: [1, 2, 3, 4, 5]}}]"])
-    data = runner.load_data(recipe)
-    teacher, info = runner.prepare_teacher(recipe, 0, recipe.teachers[0], data, tmp_path, runner.Log(quiet=True))
+    data = load_data(recipe)
+    teacher, info = prepare_teacher(recipe, 0, recipe.teachers[0], data, tmp_path, Log(quiet=True))
     folder = Path(info["source"])
     assert (info["checkpoint"], info["best_epoch"], info["top1"]) == ("best", 4, 60.0)
     assert json.loads((folder / "result.json").read_text())["best_epoch"] == 4
@@ -219,18 +221,18 @@ def test_last_teacher_keeps_its_cache_key_and_best_gets_its_own(tmp_path):
                        "teachers": [{"name": "smallcnn_wide"}], "loss": {"ce": 0.1, "terms": {"kd": {}}}})
     last, best = recipe.teachers[0], recipe.teachers[0].model_copy(update={"checkpoint": "best"})
     # the folder kdlab gave this teacher before `checkpoint` and `keep_best` existed: cached `last` teachers are reused
-    assert runner.teacher_run_dir(recipe, 0, last, tmp_path).name == "smallcnn_wide-8822803e3691"
-    assert runner.teacher_run_dir(recipe, 0, best, tmp_path) != runner.teacher_run_dir(recipe, 0, last, tmp_path)
+    assert teacher_run_dir(recipe, 0, last, tmp_path).name == "smallcnn_wide-8822803e3691"
+    assert teacher_run_dir(recipe, 0, best, tmp_path) != teacher_run_dir(recipe, 0, last, tmp_path)
 
 
 def test_self_training_teacher_is_generation_zeros_best_epoch(tmp_path, monkeypatch):
     scripted_evaluate(monkeypatch, [20.0, 70.0, 40.0])  # generation 0's three epochs
     loaded = []
-    real_load = runner.load_model_weights
-    monkeypatch.setattr(runner, "load_model_weights", lambda m, p, what: (loaded.append((what, Path(p))), real_load(m, p, what)))
+    real_load = load_model_weights
+    monkeypatch.setattr(pipeline, "load_model_weights", lambda m, p, what: (loaded.append((what, Path(p))), real_load(m, p, what)))
     recipe = load_recipe(DIGITS / "tfkd_self.yaml", ["train.epochs=3", "train.max_steps_per_epoch=2", f"cache_dir={tmp_path / 'cache'}",
                                                      "generation_checkpoint=best"])
-    result = runner.run(recipe, tmp_path / "self", quiet=True)
+    result = pipeline.run(recipe, tmp_path / "self", quiet=True)
     (teacher,) = result["teachers"]
     assert (teacher["checkpoint"], teacher["top1"]) == ("best", 70.0)
     what, path = next(item for item in loaded if item[0] == "generation 0")
@@ -242,3 +244,17 @@ def test_best_checkpoint_needs_a_teacher_trained_here():
         load_recipe(DIGITS / "dekd.yaml", ["teachers.0.checkpoint=best"])
     with pytest.raises(Exception, match="generation_checkpoint applies to sequential methods"):
         load_recipe(DIGITS / "kd.yaml", ["generation_checkpoint=best"])
+
+
+@pytest.mark.parametrize("name, sets, key", [
+    ("cifar100/fast/resnet56_resnet20_kd_b512.yaml", [], "9542e85e8423"),
+    ("cifar100/fast/resnet56_resnet20_kd_b512.yaml",
+     ["train.epochs=3", "train.fast.graph_step=true", "train.teacher_cache=true", "seed=7"], "673a9eaaa047"),
+    ("digits/tfkd_self.yaml", [], "ec6a85b2ee10"),
+])
+def test_teacher_key_is_pinned(name, sets, key, tmp_path):
+    """Cached teachers are found again by their key: the values kdlab computed before the pipeline moved out of runner.py."""
+    recipe = load_recipe(DIGITS.parent / name, sets)
+    ((index, teacher),) = trained_teachers(recipe)
+    assert teacher_key(recipe, teacher, teacher_train_config(recipe, teacher), teacher_seed(recipe, index, teacher)) == key
+    assert teacher_run_dir(recipe, index, teacher, tmp_path).name == f"{teacher.name}-{key}"

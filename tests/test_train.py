@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab import checkpoint, models, runner
+from kdlab import checkpoint, models, pipeline
 from kdlab.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_run_directory_holds_everything(tmp_path):
     out = tmp_path / "kd"
-    result = runner.run(quick("kd.yaml"), out, quiet=True)
+    result = pipeline.run(quick("kd.yaml"), out, quiet=True)
     assert (out / "config.yaml").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -53,9 +53,9 @@ def test_run_directory_holds_everything(tmp_path):
 
 
 def test_same_seed_gives_bit_identical_weights_and_other_seed_differs(tmp_path):
-    runner.run(quick("vanilla.yaml"), tmp_path / "a", quiet=True)
-    runner.run(quick("vanilla.yaml"), tmp_path / "b", quiet=True)
-    runner.run(quick("vanilla.yaml", "seed=1"), tmp_path / "c", quiet=True)
+    pipeline.run(quick("vanilla.yaml"), tmp_path / "a", quiet=True)
+    pipeline.run(quick("vanilla.yaml"), tmp_path / "b", quiet=True)
+    pipeline.run(quick("vanilla.yaml", "seed=1"), tmp_path / "c", quiet=True)
     a, b, c = (student_weights(tmp_path / n) for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -63,25 +63,25 @@ def test_same_seed_gives_bit_identical_weights_and_other_seed_differs(tmp_path):
 
 def test_teacher_is_reused_from_the_cache(tmp_path):
     cache = tmp_path / "cache"
-    runner.run(quick("kd.yaml", f"cache_dir={cache}"), tmp_path / "kd", quiet=True)
+    pipeline.run(quick("kd.yaml", f"cache_dir={cache}"), tmp_path / "kd", quiet=True)
     stamp = {p: p.stat().st_mtime_ns for p in cache.rglob("student.safetensors")}
-    runner.run(quick("at.yaml", f"cache_dir={cache}"), tmp_path / "at", quiet=True)
+    pipeline.run(quick("at.yaml", f"cache_dir={cache}"), tmp_path / "at", quiet=True)
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("student.safetensors")} == stamp
 
 
 def test_refuses_to_overwrite_a_finished_run(tmp_path):
     from kdlab.errors import ConfigError
 
-    runner.run(quick("vanilla.yaml", epochs=1, steps=1), tmp_path / "r", quiet=True)
+    pipeline.run(quick("vanilla.yaml", epochs=1, steps=1), tmp_path / "r", quiet=True)
     before = (tmp_path / "r" / "result.json").read_text()
     with pytest.raises(ConfigError, match="finished run"):
-        runner.run(quick("vanilla.yaml", epochs=1, steps=1), tmp_path / "r", quiet=True)
+        pipeline.run(quick("vanilla.yaml", epochs=1, steps=1), tmp_path / "r", quiet=True)
     assert (tmp_path / "r" / "result.json").read_text() == before
 
 
 def test_learns_well_above_chance(tmp_path):
     # the digits student (smallcnn_narrow, 4,370 parameters) reached 56% after 4 epochs, 96% after 12
-    result = runner.run(load_recipe(RECIPES / "vanilla.yaml", ["train.epochs=6"]), tmp_path / "v", quiet=True)
+    result = pipeline.run(load_recipe(RECIPES / "vanilla.yaml", ["train.epochs=6"]), tmp_path / "v", quiet=True)
     assert result["top1_last"] > 60.0  # chance is 10%
 
 
@@ -124,8 +124,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 def test_sequential_methods_share_generation_zero(tmp_path):
     cache = tmp_path / "cache"
-    ban = runner.run(quick("ban.yaml", f"cache_dir={cache}", epochs=1, steps=2), tmp_path / "ban", quiet=True)
-    sfeed = runner.run(quick("sfeed.yaml", f"cache_dir={cache}", epochs=1, steps=2), tmp_path / "sfeed", quiet=True)
+    ban = pipeline.run(quick("ban.yaml", f"cache_dir={cache}", epochs=1, steps=2), tmp_path / "ban", quiet=True)
+    sfeed = pipeline.run(quick("sfeed.yaml", f"cache_dir={cache}", epochs=1, steps=2), tmp_path / "sfeed", quiet=True)
     gen0 = list(cache.glob("smallcnn_narrow-*/result.json"))
     assert len(gen0) == 1  # one vanilla generation 0, trained once
     assert ban["generations"][0] == sfeed["generations"][0]
@@ -136,9 +136,9 @@ def test_sequential_methods_share_generation_zero(tmp_path):
 def test_generation_can_start_from_the_previous_one(tmp_path):
     cache = tmp_path / "cache"
     r = quick("sfeed.yaml", f"cache_dir={cache}", "generations=1", "generation_init=previous", epochs=1, steps=1)
-    runner.run(r, tmp_path / "prev", quiet=True)
+    pipeline.run(r, tmp_path / "prev", quiet=True)
     fresh = quick("sfeed.yaml", f"cache_dir={cache}", "generations=1", epochs=1, steps=1)
-    runner.run(fresh, tmp_path / "fresh", quiet=True)
+    pipeline.run(fresh, tmp_path / "fresh", quiet=True)
     gen0 = checkpoint.load(next(cache.glob("smallcnn_narrow-*/student.safetensors")))[0]
     prev, new = student_weights(tmp_path / "prev"), student_weights(tmp_path / "fresh")
     # one SGD step from generation 0 stays close to it; a fresh init does not

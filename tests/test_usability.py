@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from kdlab import checkpoint, models, runner
+from kdlab import checkpoint, models, pipeline
 from kdlab.cli import main
 from kdlab.config import load_recipe
 from kdlab.data import load_dataset
@@ -27,7 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_run(out: Path, recipe: str, seed: int = 0, *extra: str) -> dict:
-    return runner.run(load_recipe(RECIPES / recipe, [*TINY, *extra], seed=seed), out, quiet=True)
+    return pipeline.run(load_recipe(RECIPES / recipe, [*TINY, *extra], seed=seed), out, quiet=True)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,9 @@ from kdlab import checkpoint
 from kdlab.config import read_yaml, validate
 from kdlab.losses import functional as F
 from kdlab.losses.heads import Paraphraser
-from kdlab.runner import build_model, load_data, load_model_weights, resolve_device
+from kdlab.student import build_model, load_data
+from kdlab.teachers import load_model_weights
+from kdlab.train import resolve_device
 from kdlab.stages import StageContext, run_stage
 from kdlab.taps import FeatureTaps, default_layers
 from kdlab.train import autocast_factory
@@ -61,7 +63,7 @@ def _generation_dirs(recipe, run_dir: Path) -> list[tuple[int, Path]]:
     """(generation, run folder) of every network the run trained, in training order; one entry for a plain run."""
     if not recipe.generations:
         return [(0, run_dir)]
-    from kdlab.runner import generation_zero, teacher_run_dir
+    from kdlab.teachers import generation_zero, teacher_run_dir
 
     gen0 = teacher_run_dir(recipe, 0, generation_zero(recipe), run_dir)
     later = [run_dir / "generations" / f"gen{g}" for g in range(1, recipe.generations)] + [run_dir]

@@ -1,4 +1,4 @@
-"""`kdlab bench`: images/s of kdlab's training paths against a reference loop (see kdlab.bench)."""
+"""`kdlab bench`: images/s of kdlab's training paths against a reference loop (see kdlab.tools.bench)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from kdlab import bench
+    from kdlab.tools import bench
     from kdlab.checkpoint import atomic_write_text
     from kdlab.train import resolve_device
 

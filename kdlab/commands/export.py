@@ -75,7 +75,7 @@ def load_student(source: Path, checkpoint_name: str | None = None):
     """(the plain student module, its metadata) from a run directory or a kdlab student file."""
     from kdlab import checkpoint, models
     from kdlab.errors import CheckpointError, KdlabError
-    from kdlab.runner import resolve_weights
+    from kdlab.student import resolve_weights
 
     source = Path(source)
     if checkpoint_name is not None:
@@ -120,7 +120,7 @@ def _preprocessing_of_data(data: dict) -> dict:
     from kdlab.config import DataConfig
     from kdlab.data import load_dataset
     from kdlab.errors import KdlabError
-    from kdlab.runner import preprocessing
+    from kdlab.student import preprocessing
 
     if not data.get("name"):
         return {}

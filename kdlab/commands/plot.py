@@ -35,7 +35,7 @@ def short_names(paths: list) -> list[str]:
 
 
 def run(args) -> int:
-    from kdlab import plots, results
+    from kdlab.tools import plots, results
     from kdlab.errors import KdlabError
 
     runs, unfinished = results.find_runs(args.runs, include_sub_runs=args.include_sub_runs)

@@ -30,7 +30,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from kdlab.errors import KdlabError
-    from kdlab.reproduce_run import run_table
+    from kdlab.tools.reproduce_run import run_table
 
     # an upper bound too: a mistyped huge count would plan (or start) that many runs, not fail
     if args.seeds is not None and args.seeds < 1:

@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from kdlab import results
+    from kdlab.tools import results
     from kdlab.checkpoint import atomic_write_text
 
     runs, unfinished = results.find_runs(args.runs, include_sub_runs=args.include_sub_runs)

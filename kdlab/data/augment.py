@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kdlab.data_names import DATASETS
 from kdlab.errors import ConfigError
 
 __all__ = [
@@ -129,9 +130,7 @@ def default_augment(name: str, image_size: int = 32) -> AugmentSpec:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ConfigError(f"image_size must be a positive int, got {image_size!r}")
         return AugmentSpec(crop_pad=max(1, image_size // 8), flip=True, rotation=0.0)
-    raise ConfigError(
-        f"unknown data set {name!r}: valid names are cifar10, cifar100, digits, imagefolder"
-    )
+    raise ConfigError(f"unknown data set {name!r}: valid names are {', '.join(DATASETS)}")
 
 
 def num_views(crop_pad: int) -> int:

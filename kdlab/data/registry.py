@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from kdlab.data_names import DATASETS
 from kdlab.errors import ConfigError
 
 from .arrays import ArrayDataset
 
 __all__ = ["DATASETS", "SPLITS", "load_dataset"]
 
-DATASETS = ("cifar10", "cifar100", "digits", "imagefolder")
 SPLITS = ("train", "test")
 _KWARGS = {"cifar10": (), "cifar100": (), "digits": (), "imagefolder": ("image_size", "skip_unreadable")}
 

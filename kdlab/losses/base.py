@@ -56,6 +56,8 @@ class Term(nn.Module):
     default_teacher_layers: ClassVar[str | None] = None
     needs_progress: ClassVar[bool] = False  # reads Outputs.progress (a warm-up, a schedule inside the loss)
     needs_indices: ClassVar[bool] = False  # reads Outputs.indices (a memory bank over the training set)
+    # False: the term trains only in its pre-stage (FitNet, AB, FSP with stages: two) and adds nothing to the main loss
+    active_in_main: bool = True
 
     def __init__(self, opts: TermOptions, student: nn.Module, teachers: list[nn.Module]):
         super().__init__()

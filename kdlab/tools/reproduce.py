@@ -19,24 +19,20 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdlab.config import Recipe, apply_overrides, format_validation_error, read_yaml, validate
-from kdlab.errors import ConfigError, KdlabError
+from kdlab.errors import ConfigError
+from kdlab.strict import Strict
 
-RECIPES_ROOT = Path(__file__).resolve().parent / "recipes"
+RECIPES_ROOT = Path(__file__).resolve().parents[1] / "recipes"
 CELL_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
 # keys that say where things are, not what is trained: a moved data set or output folder still resumes
 LOCATION_KEYS = (("data", "root"), ("cache_dir",), ("note",))
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Cell(Strict):
@@ -230,7 +226,7 @@ class Invocation:
 
 def run_job(job: Job, quiet: bool) -> dict:
     """Train one (cell, seed), resuming it when an earlier invocation started it."""
-    from kdlab import runner
+    from kdlab import pipeline
 
     resume = (job.run_dir / "config.yaml").exists()
-    return runner.run(None if resume else job.recipe, job.run_dir, resume=resume, quiet=quiet)
+    return pipeline.run(None if resume else job.recipe, job.run_dir, resume=resume, quiet=quiet)

@@ -1,7 +1,7 @@
 """Running a reproduction table: every run in this process, or (`jobs` > 1) in N worker processes.
 
 Each task (a teacher to train, or one cell x seed) runs in its own process started as
-`python -m kdlab.reproduce_run TASK-JSON`; the worker re-plans the table from the same invocation
+`python -m kdlab.tools.reproduce_run TASK-JSON`; the worker re-plans the table from the same invocation
 and runs exactly that task, so it trains what a one-process run would train, in the same folders.
 Teachers come first and each one is trained by one worker only (tasks are keyed by the teacher's
 cache folder); a cell starts once every teacher it needs is finished. A worker that dies, however it
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from kdlab.errors import KdlabError
-from kdlab.reproduce import Invocation, Job, Table, load_table, run_job
-from kdlab.reproduce_report import write_report
+from kdlab.tools.reproduce import Invocation, Job, Table, load_table, run_job
+from kdlab.tools.reproduce_report import write_report
 
 HEARTBEAT_SECONDS = 300.0
 POLL_SECONDS = 1.0
@@ -54,14 +54,14 @@ class Task:
 
 def tasks_of(jobs: list[Job]) -> list[Task]:
     """Teachers first (each cache folder once, in the order the cells need them), then the cells."""
-    from kdlab import runner
+    from kdlab.teachers import teacher_run_dir, trained_teachers
 
     teachers: dict[Path, Task] = {}
     cells = []
     for job in jobs:
         needs = set()
-        for index, spec in runner.trained_teachers(job.recipe):
-            folder = runner.teacher_run_dir(job.recipe, index, spec, job.run_dir).resolve()
+        for index, spec in trained_teachers(job.recipe):
+            folder = teacher_run_dir(job.recipe, index, spec, job.run_dir).resolve()
             needs.add(folder)
             teachers.setdefault(folder, Task(job.cell.name, job.seed, index, folder))
         cells.append(Task(job.cell.name, job.seed, None, job.run_dir, needs))
@@ -69,7 +69,7 @@ def tasks_of(jobs: list[Job]) -> list[Task]:
 
 
 def is_finished(task: Task) -> bool:
-    from kdlab.runner import read_result
+    from kdlab.student import read_result
 
     return read_result(task.folder) is not None
 
@@ -101,7 +101,7 @@ def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None,
     """Run (or continue) every cell x seed of the table into `out`, then write the comparison.
 
     `jobs` > 1: independent runs in that many worker processes."""
-    from kdlab import runner
+    from kdlab.student import read_result
 
     inv = Invocation(str(table_path), str(out), seeds, list(only) if only else None, list(sets), data_root,
                      str(cache_dir) if cache_dir else None, jobs, quiet)
@@ -119,7 +119,7 @@ def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None,
         failures = {}
         for i, job in enumerate(planned, 1):
             tag = f"[{i}/{len(planned)}] {job.label}"
-            done = runner.read_result(job.run_dir)
+            done = read_result(job.run_dir)
             if done is not None:
                 say(f"{tag}: finished earlier (top-1 last {done['top1_last']:.2f}), skipped")
                 continue
@@ -166,7 +166,7 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
         spec = json.dumps({"invocation": asdict(inv), "cell": tasks[i].cell, "seed": tasks[i].seed,
                            "teacher_index": tasks[i].teacher_index})
         log = open(logs / f"{tasks[i].slug}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "kdlab.reproduce_run", spec], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "kdlab.tools.reproduce_run", spec], stdout=log, stderr=subprocess.STDOUT,
                                 env=worker_env(slot))
         log.close()
         running[i] = (proc, slot, time.time())
@@ -228,7 +228,7 @@ def interruptible() -> None:
 
 
 def result_text(task: Task) -> str:
-    from kdlab.runner import read_result
+    from kdlab.student import read_result
 
     result = read_result(task.folder) or {}
     return f" (top-1 last {result['top1_last']:.2f})" if "top1_last" in result else ""
@@ -270,7 +270,8 @@ def stop_workers(running: dict[int, tuple], say: Callable[[str], None]) -> None:
 
 def work(spec: dict) -> None:
     """One task, in a worker process."""
-    from kdlab import runner
+    from kdlab.student import Log, load_data
+    from kdlab.teachers import train_teacher, trained_teachers
 
     inv = Invocation(**spec["invocation"])
     table = load_table(inv.table)
@@ -280,14 +281,14 @@ def work(spec: dict) -> None:
         run_job(job, inv.quiet)
         return
     index = spec["teacher_index"]
-    teacher = dict(runner.trained_teachers(job.recipe))[index]
-    data = runner.load_data(job.recipe)
-    runner.train_teacher(job.recipe, index, teacher, data, job.run_dir, runner.Log(None, inv.quiet))
+    teacher = dict(trained_teachers(job.recipe))[index]
+    data = load_data(job.recipe)
+    train_teacher(job.recipe, index, teacher, data, job.run_dir, Log(None, inv.quiet))
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m kdlab.reproduce_run TASK-JSON (started by kdlab reproduce --jobs)\n")
+        sys.stderr.write("usage: python -m kdlab.tools.reproduce_run TASK-JSON (started by kdlab reproduce --jobs)\n")
         return 2
     import torch
 

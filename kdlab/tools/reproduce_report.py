@@ -6,26 +6,13 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 from kdlab.checkpoint import atomic_write_text
-from kdlab.reproduce import Invocation, Table, run_dir_of
-from kdlab.runner import read_result
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def teacher_accuracy(info: dict, metric: str) -> float | None:
-    """A defective teacher is judged at the epoch it was used; a full teacher by the table's metric."""
-    if "top1_at_epoch" in info:
-        return info["top1_at_epoch"]
-    return info.get(f"top1_{metric}", info.get("top1_last"))
+from kdlab.tools.reproduce import Invocation, Table, run_dir_of
+from kdlab.tools.results import mean_std, teacher_accuracy
+from kdlab.student import read_result
 
 
 def relative_to(path: str, base: Path) -> str:

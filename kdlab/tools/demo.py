@@ -8,14 +8,14 @@ states its own noise, and every other recipe is shown as its delta to vanilla's 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from importlib import resources
 from pathlib import Path
 
-from kdlab import runner
+from kdlab import pipeline
 from kdlab.checkpoint import atomic_write_text
 from kdlab.config import load_recipe
+from kdlab.tools.results import mean_std
 
 
 def recipe_dir(family: str = "digits") -> Path:
@@ -42,7 +42,8 @@ def add_deltas(rows: list[dict]) -> dict | None:
     if not runs:
         return None
     values = [r["top1_last"] for r in runs]
-    base = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    mean, std = mean_std(values)
+    base = {"mean": mean, "std": 0.0 if std is None else std, "n": len(values)}
     for r in rows:
         if r["student"] == runs[0]["student"]:
             r["delta_vs_vanilla"] = r["top1_last"] - base["mean"]
@@ -124,8 +125,8 @@ def run_demo(out: Path, only: list[str] | None = None, quiet: bool = False, over
             run_dir = out / name if seed == 0 else out / f"{name}_seed{seed}"
             t0 = time.perf_counter()
             print(f"== {name}{f' seed {seed}' if seed else ''}: {recipe.method} ({path.name})", flush=True)
-            resume = runner.resumable(run_dir)  # a folder left by a failed first epoch starts afresh
-            result = runner.run(None if resume else recipe, run_dir, resume=resume, quiet=quiet)
+            resume = pipeline.resumable(run_dir)  # a folder left by a failed first epoch starts afresh
+            result = pipeline.run(None if resume else recipe, run_dir, resume=resume, quiet=quiet)
             rows.append({"recipe": name, "run": run_dir.name, **result, "seconds": result.get("wall_seconds", time.perf_counter() - t0)})
     total = time.perf_counter() - t_all
     base = add_deltas(rows)
@@ -133,7 +134,7 @@ def run_demo(out: Path, only: list[str] | None = None, quiet: bool = False, over
     atomic_write_text(out / "table.md", markdown_table(rows, base) + f"\nTotal wall time: {total:.1f} s\n")
     print_table(rows, base, f"kdlab demo: digits (sklearn), {len(recipes)} recipes, {total:.0f} s")
     try:
-        from kdlab.plots import plot_runs
+        from kdlab.tools.plots import plot_runs
 
         plot_runs([out / r["run"] for r in rows], out / "curves.png", labels=[r["run"] for r in rows])
         print(f"table: {out / 'table.md'}  plot: {out / 'curves.png'}")

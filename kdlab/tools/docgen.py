@@ -1,7 +1,7 @@
 """The generated parts of the docs: the CLI reference, and each method card's option tables and recipe.
 
-    python -m kdlab.docgen --write     # regenerate docs/cli.md and the marked blocks of docs/methods/*.md
-    python -m kdlab.docgen --check     # exit 1 when a committed document differs from what the code says
+    python -m kdlab.tools.docgen --write     # regenerate docs/cli.md and the marked blocks of docs/methods/*.md
+    python -m kdlab.tools.docgen --check     # exit 1 when a committed document differs from what the code says
 
 A method card keeps its prose by hand; only the text between `<!-- BEGIN generated:KIND -->` and
 `<!-- END generated:KIND -->` is rewritten (KIND: `options`, `recipe`, or `index` in
@@ -17,7 +17,7 @@ import sys
 import typing
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 CLI_DOC = DOCS / "cli.md"
 METHOD_DIR = DOCS / "methods"
@@ -105,7 +105,7 @@ def cli_markdown() -> str:
     lines = [
         "# Command-line reference",
         "",
-        "Generated from kdlab's argument parser by `python -m kdlab.docgen --write`; edit the parser, not this file.",
+        "Generated from kdlab's argument parser by `python -m kdlab.tools.docgen --write`; edit the parser, not this file.",
         "Every command exits with code 2 and one line `kdlab: error: ...` on bad input.",
         "",
         "```text",
@@ -240,7 +240,7 @@ def expected_files() -> dict[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kdlab.docgen", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kdlab.tools.docgen", description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", action="store_true", help="rewrite the generated documents")
     g.add_argument("--check", action="store_true", help="exit 1 listing the documents that are out of date")
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = [path for path, text in expected.items() if not path.exists() or path.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"out of date: {_shown(path)} (regenerate with: python -m kdlab.docgen --write)")
+            print(f"out of date: {_shown(path)} (regenerate with: python -m kdlab.tools.docgen --write)")
         return 1 if stale else 0
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)

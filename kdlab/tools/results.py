@@ -219,24 +219,31 @@ def _short(value) -> str:
 # Statistics and rendering
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (n-1); no std for a single value."""
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n-1); no std for a single value, neither for none. The one
+    definition for `kdlab table` and `kdlab reproduce`'s report."""
     if not values:
-        return math.nan, None
+        return None, None
     m = statistics.fmean(values)
     return m, (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def fmt(mean: float, std: float | None, digits: int = 2) -> str:
-    if math.isnan(mean):
+def fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
+    if mean is None:
         return "-"
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def teacher_accuracy(t: dict) -> float | None:
-    """A teacher's test top-1 as it taught: at its chosen epoch (defective KD), else of the weights that taught
-    (`top1`: the last or best epoch's, or given weights evaluated before training), else after training."""
-    value = t.get("top1_at_epoch", t.get("top1", t.get("top1_last")))
+def teacher_accuracy(t: dict, metric: str | None = None) -> float | None:
+    """A teacher's test top-1 as it taught: at its chosen epoch (defective KD); else, given a table's `metric`
+    ("last" or "best"), that epoch's; else of the weights that taught (`top1`: the last or best epoch's, or
+    given weights evaluated before training); else after training."""
+    if "top1_at_epoch" in t:
+        value = t["top1_at_epoch"]
+    elif metric is not None:
+        value = t.get(f"top1_{metric}", t.get("top1_last"))
+    else:
+        value = t.get("top1", t.get("top1_last"))
     return float(value) if isinstance(value, (int, float)) else None
 
 

@@ -1,0 +1,57 @@
+"""`kdlab eval RUN_DIR_OR_WEIGHTS`: top-1 / top-5 of a trained student on its data set's test split."""
+
+from __future__ import annotations
+
+from kdlab.data_names import DATASETS
+
+NAME = "eval"
+HELP = "evaluate a run directory or a student.safetensors file"
+ORDER = 1
+
+
+def add_arguments(p) -> None:
+    p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
+    p.add_argument("--data", choices=DATASETS, help="default: the run's data set")
+    p.add_argument("--data-root", help="default: the run's data.root")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+
+
+def run(args) -> int:
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from kdlab import checkpoint, models
+    from kdlab.config import DataConfig, read_yaml
+    from kdlab.data import DeviceLoader, load_dataset
+    from kdlab.errors import KdlabError
+    from kdlab.student import EVAL_BATCH, resolve_weights
+    from kdlab.train import evaluate, resolve_device
+
+    path, meta = resolve_weights(Path(args.weights))
+    if "model" not in meta:
+        raise KdlabError(f"{path}: no model name in its metadata; was it written by kdlab?")
+    run_cfg = path.parent / "config.yaml"
+    data = DataConfig.model_validate(read_yaml(run_cfg).get("data", {})) if run_cfg.exists() else DataConfig()
+    name = args.data or data.name
+    root = args.data_root or (data.root if name == data.name else None)
+    kw = {"image_size": data.image_size, "skip_unreadable": data.skip_unreadable} if name == "imagefolder" else {}
+    test = load_dataset(name, root, split="test", **kw)
+    if test.skipped:
+        sys.stderr.write(f"kdlab: {len(test.skipped)} unreadable file(s) left out of the test set; first: {test.skipped[0]}\n")
+    model = models.create(meta["model"], num_classes=meta.get("num_classes", test.num_classes), in_chans=meta.get("in_chans", 3),
+                          **meta.get("kwargs", {}))
+    checkpoint.load_state_into(model, checkpoint.load(path)[0], str(path))
+    if test.num_classes != meta.get("num_classes", test.num_classes) or test.images.shape[1] != meta.get("in_chans", 3):
+        raise KdlabError(f"{path}: model has {meta.get('num_classes')} classes / {meta.get('in_chans')} channels, "
+                         f"data {name} has {test.num_classes} / {test.images.shape[1]}")
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    metrics = evaluate(model.to(device), DeviceLoader(test, EVAL_BATCH, train=False, device=device))
+    metrics.update(model=meta["model"], data=name, images=len(test.labels), seconds=round(time.perf_counter() - t0, 3))
+    print(json.dumps(metrics))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0

@@ -1,0 +1,263 @@
+"""One student trained in one run directory, and the setup sequence every training goes through.
+
+`train_student` is the one place where a Distiller is built on a probe batch, given its training set,
+its cached teacher logits and its pre-stages, and handed to `kdlab.train.fit`: `kdlab train` (through
+`train_run`) and the Python API (`kdlab.api`) both call it. `train_run` adds what a run directory
+holds: reuse of a finished run, resume, student.safetensors and result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kdlab import __version__, checkpoint, distributed, models
+from kdlab.config import LossConfig, Recipe, TrainConfig
+from kdlab.data import ArrayDataset, DeviceLoader, default_augment, load_dataset
+from kdlab.distiller import Distiller
+from kdlab.errors import CheckpointError, ConfigError
+from kdlab.stages import StageContext
+from kdlab.train import TrainState, autocast_factory, evaluate, fit, resolve_device
+
+RESULT = "result.json"
+
+EVAL_BATCH = 256
+
+
+
+class Log:
+    """Prints and appends to the run's log.txt."""
+
+    def __init__(self, path: Path | None = None, quiet: bool = False, prefix: str = ""):
+        self.path, self.quiet, self.prefix = path, quiet, prefix
+
+    def __call__(self, msg: str) -> None:
+        if not distributed.is_main():  # under torchrun rank 0 speaks for the job
+            return
+        line = f"{self.prefix}{msg}"
+        if not self.quiet:
+            print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+    def child(self, path: Path, prefix: str) -> "Log":
+        return Log(path, self.quiet, self.prefix + prefix)
+
+    def notice(self, msg: str) -> None:
+        """Printed even under --quiet: a run that waits for another process must not look hung."""
+        Log(self.path, quiet=False, prefix=self.prefix)(msg)
+
+
+
+@dataclass
+class Data:
+    train: object
+    test: object
+    num_classes: int
+    in_chans: int
+
+    def loaders(self, recipe: Recipe, batch_size: int, device: torch.device, seed: int):
+        aug = default_augment(recipe.data.name, image_size=recipe.data.image_size)
+        for key, value in recipe.data.augment.model_dump().items():
+            if value is not None:
+                setattr(aug, key, value)
+        # batch_size is the global batch; under torchrun each rank takes its share of every step's batch
+        distributed.check_device(device)
+        shard = (distributed.rank(), distributed.world_size())
+        train = DeviceLoader(self.train, distributed.per_rank_batch(batch_size), train=True, augment=aug, device=device,
+                             seed=seed, shard=shard)
+        return train, self.test_loader(device, seed)
+
+    def test_loader(self, device: torch.device, seed: int):
+        distributed.check_device(device)
+        shard = (distributed.rank(), distributed.world_size())
+        return DeviceLoader(self.test, EVAL_BATCH, train=False, device=device, seed=seed, shard=shard)
+
+
+
+def load_data(recipe: Recipe) -> Data:
+    kw = {"image_size": recipe.data.image_size, "skip_unreadable": recipe.data.skip_unreadable} \
+        if recipe.data.name == "imagefolder" else {}
+    train = load_dataset(recipe.data.name, recipe.data.root, split="train", **kw)
+    test = load_dataset(recipe.data.name, recipe.data.root, split="test", **kw)
+    return Data(train, test, train.num_classes, train.images.shape[1])
+
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+
+def build_model(name: str, kwargs: dict, data: Data, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.create(name, num_classes=data.num_classes, in_chans=data.in_chans, **kwargs)
+
+
+
+def read_result(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / RESULT
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+
+def train_student(
+    distiller: Distiller,
+    train_loader,
+    test_loader,
+    cfg: TrainConfig,
+    run_dir: Path,
+    log: Callable[[str], None],
+    device: torch.device,
+    train_set: ArrayDataset | None = None,
+    resume: bool = False,
+    keeps_checkpoints: bool = True,
+    logits_cache: Path | None = None,
+    on_probe: Callable[[torch.Tensor], None] | None = None,
+) -> TrainState:
+    """The setup sequence, written once for `kdlab train` and `kdlab.api`: the distiller on its device, its
+    side modules sized on a probe batch, the training set's labels attached (CRD's memory bank), the
+    teachers' logits cached (`logits_cache`), the terms' pre-stages, then `kdlab.train.fit`.
+
+    `train_set`: the training set behind `train_loader` (None for a user's DataLoader: a term that reads
+    sample indices is then refused, and no teacher logits are cached). `on_probe`: called with the probe batch once the side modules are built."""
+    distiller.to(device)
+    if not distiller.built:
+        probe_x, probe_y = next(iter(test_loader if test_loader is not None else train_loader))
+        distiller.build(probe_x[:8], probe_y[:8])
+        if on_probe is not None:
+            on_probe(probe_x)
+    if not distiller.attached:
+        if train_set is not None:
+            distiller.attach_training_set(train_set.labels.to(device))
+        elif distiller.needs_indices:
+            raise ConfigError("fit: a loss term that reads each sample's index (crd) needs kdlab's array data "
+                              "(images and labels), not a DataLoader, so that the index names one sample")
+    if cfg.sync_bn:  # the side modules built just now (FitNet's regressor has a BatchNorm)
+        distributed.convert_sync_batchnorm(distiller.terms, device)
+    autocast = autocast_factory(cfg, device)
+    teacher_cache = None
+    if distiller.teachers and train_set is not None and logits_cache is not None and (cfg.teacher_cache or cfg.fast.fold_teacher):
+        from kdlab.fast.teachers import prepare_teachers
+
+        teacher_cache = prepare_teachers(distiller, train_set, train_loader, cfg, logits_cache, autocast, log)
+    ctx = StageContext(
+        student=distiller.student, teachers=distiller.teachers, train_loader=train_loader, device=device, run_dir=run_dir,
+        autocast=autocast, log=log, forward=distiller.outputs, max_steps=cfg.max_steps_per_epoch,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
+    for term in distiller.terms.values():
+        term.pre_stage(ctx)
+    return fit(distiller, train_loader, test_loader, cfg, run_dir, log, resume=resume, teacher_cache=teacher_cache,
+               keeps_checkpoints=keeps_checkpoints)
+
+
+def train_run(
+    run_dir: Path,
+    recipe: Recipe,
+    student_name: str,
+    student_kwargs: dict,
+    teachers: list[nn.Module],
+    loss: LossConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+    data: Data,
+    log: Log,
+    extra: dict | None = None,
+    init: Callable[[nn.Module], None] | None = None,
+    logits_cache: Path | None = None,
+) -> dict:
+    """Train (or resume, or reuse) one student in `run_dir`; returns its result.json content.
+
+    `init`: replaces the fresh initialisation (a generation that starts from the previous one's weights).
+    `logits_cache`: where the teachers' logits are cached under train.teacher_cache / train.fast.fold_teacher.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        checkpoint.remove_stale_temps(folder)  # left by a writer that was killed mid-write
+    done = read_result(run_dir)
+    if done is not None:
+        log(f"{run_dir}: finished earlier (top-1 {done['top1_last']:.2f}), reused")
+        return done
+    t_start = time.time()
+    device = resolve_device(train_cfg.device)
+    student = build_model(student_name, student_kwargs, data, seed)
+    if init is not None:
+        init(student)
+    if train_cfg.sync_bn:  # before the Distiller: its taps hook the converted modules
+        student = distributed.convert_sync_batchnorm(student, device)
+    train_loader, test_loader = data.loaders(recipe, train_cfg.batch_size, device, seed)
+    distiller = Distiller(student, teachers, loss)
+    state = train_student(distiller, train_loader, test_loader, train_cfg, run_dir, log, device, train_set=data.train,
+                          resume=(run_dir / "checkpoints").exists(), logits_cache=logits_cache)
+    last = state.history[-1] if state.history else {}
+    if "test_top1" not in last:
+        ev = evaluate(student, test_loader, autocast_factory(train_cfg, device))
+        last = {**last, "test_top1": ev["top1"], "test_top5": ev["top5"]}
+    result = {
+        "top1_last": last["test_top1"],
+        "top1_best": max(state.best_top1, last["test_top1"]),
+        "best_epoch": state.best_epoch,
+        "top5_last": last["test_top5"],
+        "epochs": train_cfg.epochs,
+        "seed": seed,
+        "params": param_count(student),
+        "student": student_name,
+        "method": recipe.method,
+        "data": recipe.data.name,
+        "device": device_name(device),
+        "wall_seconds": round(time.time() - t_start, 2),
+        "kdlab": __version__,
+        "torch": torch.__version__,
+        **({"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}),
+        **(extra or {}),
+    }
+    if distributed.is_main():
+        # the preprocessing travels with the weights, so an export (ONNX metadata) needs no data set at hand
+        checkpoint.save(run_dir / "student.safetensors", student.state_dict(), {
+            "model": student_name, "kwargs": student_kwargs, "num_classes": data.num_classes, "in_chans": data.in_chans,
+            **preprocessing(data.train)})
+        checkpoint.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    distributed.barrier()  # every rank may read these files next (a teacher, a generation)
+    log(f"{run_dir}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({result['params']:,} params)")
+    return result
+
+
+
+def preprocessing(ds) -> dict:
+    """What a deployed model needs to turn pixels into its input: x = (pixels / 255 - mean) / std, per channel."""
+    return {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std], "class_names": list(ds.class_names)}
+
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+
+def resolve_weights(path: Path) -> tuple[Path, dict]:
+    """A run directory or a student.safetensors file -> (weights path, its metadata)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "student.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file (expected a run directory or a .safetensors file)")
+    _, meta = checkpoint.load(path)
+    return path, meta
+
