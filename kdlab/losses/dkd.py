@@ -61,6 +61,16 @@ def warmup_factor(progress: Tensor | float, warmup_epochs: float) -> Tensor | fl
     return min((int(progress) + 1) / warmup_epochs, 1.0)
 
 
+def ramp(term: str, value: Tensor, progress: Tensor | float | None, warmup_epochs: float) -> Tensor:
+    """`value` scaled by the warm-up factor; a term with a warm-up called without the progress is an error."""
+    if warmup_epochs <= 0:
+        return value
+    if progress is None:
+        raise LayerError(f"{term}: its warm-up needs the training progress, which kdlab's trainer passes; "
+                         "call the Distiller with progress=<epochs completed> or set warmup_epochs: 0")
+    return value * warmup_factor(progress, warmup_epochs)
+
+
 class DKDOptions(TermOptions):
     weight: float = Field(default=1.0, ge=0, description="multiplies alpha * TCKD + beta * NCKD (mdistiller: CE 1, DKD 1)")
     alpha: float = Field(default=1.0, ge=0, description="weight of the target-class part (TCKD)")
@@ -86,9 +96,4 @@ class DKD(Term):
 
     def forward(self, out: Outputs) -> Tensor:
         value = dkd(out.logits, out.teacher_logits[self.opts.teacher], out.targets, self.opts.alpha, self.opts.beta, self.opts.T)
-        if self.opts.warmup_epochs > 0:
-            if out.progress is None:
-                raise LayerError("dkd: its warm-up needs the training progress, which kdlab's trainer passes; "
-                                 "call the Distiller with progress=<epochs completed> or set warmup_epochs: 0")
-            value = value * warmup_factor(out.progress, self.opts.warmup_epochs)
-        return value
+        return ramp(self.name, value, out.progress, self.opts.warmup_epochs)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kdlab.errors import ConfigError, LayerError
 from kdlab.losses.base import Outputs, Term, TermOptions, register
-from kdlab.losses.dkd import warmup_factor
+from kdlab.losses.dkd import ramp
 
 
 def hcl(student_maps: list[Tensor], teacher_maps: list[Tensor]) -> Tensor:
@@ -124,10 +124,4 @@ class ReviewKD(Term):
         for x, abf, size in zip(s, self.abfs, self.out_sizes):
             y, deeper = abf(x, deeper, size)
             fused.insert(0, y)
-        value = hcl(fused, t)
-        if self.opts.warmup_epochs > 0:
-            if out.progress is None:
-                raise LayerError("reviewkd: its warm-up needs the training progress, which kdlab's trainer passes; "
-                                 "call the Distiller with progress=<epochs completed> or set warmup_epochs: 0")
-            value = value * warmup_factor(out.progress, self.opts.warmup_epochs)
-        return value
+        return ramp(self.name, hcl(fused, t), out.progress, self.opts.warmup_epochs)
