@@ -48,8 +48,11 @@ class DataConfig(Strict):
     name: Literal[DATASETS] = "digits"
     root: str | None = None
     image_size: int = Field(default=32, ge=8, description="imagefolder only: images are resized to this")
-    skip_unreadable: bool = Field(default=False, description="imagefolder only: leave out files that cannot be decoded "
-                                  "(counted in the log) instead of stopping at the first one")
+    skip_unreadable: bool = Field(
+        default=False,
+        description="imagefolder only: leave out files that cannot be decoded "
+        "(counted in the log) instead of stopping at the first one",
+    )
     augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")
@@ -78,53 +81,86 @@ class ScheduleConfig(Strict):
 class FastConfig(Strict):
     """Speed options (kdlab.fast); each keeps the recipe's maths. Only fold_teacher is on by default."""
 
-    graph_step: bool = Field(default=False, description="each step as one device-side function (foreach SGD with the lr in a "
-                             "device tensor, no host sync), captured as a CUDA graph on CUDA; needs nonfinite=stop")
-    cuda_graph: bool = Field(default=True, description="with graph_step on CUDA: capture the step as a CUDA graph (refused "
-                             "under torchrun: set false there); a batch of another shape runs eagerly")
-    fold_teacher: bool = Field(default=True, description="fold the teachers' BatchNorm into their convolutions: the "
-                               "same outputs within float rounding (the teachers are inference-only), one pass less "
-                               "over every map; false for bit-level comparisons with unfolded teachers")
-    cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="teacher cache: auto = bfloat16 on "
-                                                                "CUDA, float32 (exact) on CPU")
-    cache_storage: Literal["auto", "device", "disk"] = Field(default="auto", description="teacher cache: auto = device memory "
-                                                              "on CUDA, a memory-mapped file on CPU; disk cannot be "
-                                                              "captured in a CUDA graph (a host gather per step)")
+    graph_step: bool = Field(
+        default=False,
+        description="each step as one device-side function (foreach SGD with the lr in a "
+        "device tensor, no host sync), captured as a CUDA graph on CUDA; needs nonfinite=stop",
+    )
+    cuda_graph: bool = Field(
+        default=True,
+        description="with graph_step on CUDA: capture the step as a CUDA graph (refused "
+        "under torchrun: set false there); a batch of another shape runs eagerly",
+    )
+    fold_teacher: bool = Field(
+        default=True,
+        description="fold the teachers' BatchNorm into their convolutions: the "
+        "same outputs within float rounding (the teachers are inference-only), one pass less "
+        "over every map; false for bit-level comparisons with unfolded teachers",
+    )
+    cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="teacher cache: auto = bfloat16 on CUDA, float32 (exact) on CPU"
+    )
+    cache_storage: Literal["auto", "device", "disk"] = Field(
+        default="auto",
+        description="teacher cache: auto = device memory "
+        "on CUDA, a memory-mapped file on CPU; disk cannot be "
+        "captured in a CUDA graph (a host gather per step)",
+    )
 
 
 class TrainConfig(Strict):
     epochs: int = Field(default=240, ge=1)
-    batch_size: int = Field(default=64, ge=1, description="the global batch: under torchrun each of the W ranks "
-                            "takes batch_size / W (must divide), so a run means the same at any W")
+    batch_size: int = Field(
+        default=64,
+        ge=1,
+        description="the global batch: under torchrun each of the W ranks "
+        "takes batch_size / W (must divide), so a run means the same at any W",
+    )
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(default=5e-4, ge=0)
-    decay_norm_and_bias: bool = Field(default=True, description="apply weight decay to BN and bias too (the published recipes do)")
+    decay_norm_and_bias: bool = Field(
+        default=True, description="apply weight decay to BN and bias too (the published recipes do)"
+    )
     schedule: ScheduleConfig = ScheduleConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 autocast on CUDA, off on CPU; off "
-                                                "is fp32, with TF32 turned off on CUDA")
-    channels_last: Literal["auto", "on", "off"] = Field(default="auto", description="NHWC memory format; auto: on for CUDA "
-                                                         "and CPU")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        default="auto", description="auto: bf16 autocast on CUDA, off on CPU; off is fp32, with TF32 turned off on CUDA"
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        default="auto", description="NHWC memory format; auto: on for CUDA and CPU"
+    )
     compile: bool = False
     eval_every: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
-    nonfinite: Literal["stop", "skip"] = Field(default="stop", description="what a NaN/Inf loss does: stop the run, or skip the step")
+    nonfinite: Literal["stop", "skip"] = Field(
+        default="stop", description="what a NaN/Inf loss does: stop the run, or skip the step"
+    )
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap on steps per epoch (smoke tests)")
-    keep_epochs: list[int] = Field(default_factory=list, description="also keep the weights of these epochs (defective-KD teachers)")
-    keep_best: bool = Field(default=False, description="also keep the weights of the epoch with the best test top-1 "
-                            "(checkpoints/best.safetensors; ties: the later epoch, as the Tf-KD code); set for a teacher "
-                            "whose checkpoint is best")
-    teacher_cache: bool = Field(default=False, description="compute the teachers' logits for every crop/flip view once and read "
-                                "them instead of running the teachers (only when every term reads teacher logits alone)")
+    keep_epochs: list[int] = Field(
+        default_factory=list, description="also keep the weights of these epochs (defective-KD teachers)"
+    )
+    keep_best: bool = Field(
+        default=False,
+        description="also keep the weights of the epoch with the best test top-1 "
+        "(checkpoints/best.safetensors; ties: the later epoch, as the Tf-KD code); set for a teacher "
+        "whose checkpoint is best",
+    )
+    teacher_cache: bool = Field(
+        default=False,
+        description="compute the teachers' logits for every crop/flip view once and read "
+        "them instead of running the teachers (only when every term reads teacher logits alone)",
+    )
     fast: FastConfig = FastConfig()
 
     @model_validator(mode="after")
     def _graph_step_stops_on_nonfinite(self):
         if self.fast.graph_step and self.nonfinite == "skip":
-            raise ValueError("fast.graph_step: the step updates the weights on the device before the loss is seen; "
-                             "use nonfinite=stop (or graph_step=false)")
+            raise ValueError(
+                "fast.graph_step: the step updates the weights on the device before the loss is seen; "
+                "use nonfinite=stop (or graph_step=false)"
+            )
         return self
 
     @field_validator("channels_last", mode="before")
@@ -141,8 +177,12 @@ class TrainConfig(Strict):
         if outside:
             raise ValueError(f"{outside} outside 0..{epochs} (the run's epochs)")
         return v
-    sync_bn: bool = Field(default=False, description="under torchrun: the student's BatchNorm uses the statistics of "
-                          "the global batch (kdlab's GlobalBatchNorm on every device), not those of each rank's share")
+
+    sync_bn: bool = Field(
+        default=False,
+        description="under torchrun: the student's BatchNorm uses the statistics of "
+        "the global batch (kdlab's GlobalBatchNorm on every device), not those of each rank's share",
+    )
 
 
 class ModelConfig(Strict):
@@ -160,14 +200,25 @@ class TeacherConfig(Strict):
 
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = Field(default=None, description="student.safetensors file, a finished run directory, or a reference "
-                                 "implementation's torch checkpoint (RepDistiller/mdistiller/Tf-KD .pth, read with weights_only=True)")
-    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the recipe's train section for this teacher")
-    epoch: int | None = Field(default=None, ge=0, description="use the teacher as it was after this epoch (0 = at init): defective KD")
+    weights: str | None = Field(
+        default=None,
+        description="student.safetensors file, a finished run directory, or a reference "
+        "implementation's torch checkpoint (RepDistiller/mdistiller/Tf-KD .pth, read with weights_only=True)",
+    )
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the recipe's train section for this teacher"
+    )
+    epoch: int | None = Field(
+        default=None, ge=0, description="use the teacher as it was after this epoch (0 = at init): defective KD"
+    )
     checkpoint: Literal["last", "best"] = Field(
-        default="last", description="which weights of a teacher trained here teach: the last epoch's, or those of the epoch "
-        "with the best TEST top-1 (model selection on the test set, as the official Tf-KD code does for every teacher)")
-    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="default: the run seed + 1 + the teacher's index")
+        default="last",
+        description="which weights of a teacher trained here teach: the last epoch's, or those of the epoch "
+        "with the best TEST top-1 (model selection on the test set, as the official Tf-KD code does for every teacher)",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=SEED_MAX, description="default: the run seed + 1 + the teacher's index"
+    )
 
     @field_validator("name")
     @classmethod
@@ -181,10 +232,14 @@ class TeacherConfig(Strict):
         except ValidationError as e:
             raise ValueError(f"train.{format_validation_error(e)}") from None
         if self.weights and self.epoch is not None:
-            raise ValueError("teacher: 'epoch' picks a checkpoint of a teacher trained here; it cannot be combined with 'weights'")
+            raise ValueError(
+                "teacher: 'epoch' picks a checkpoint of a teacher trained here; it cannot be combined with 'weights'"
+            )
         if self.checkpoint == "best" and (self.weights or self.epoch is not None):
-            raise ValueError("teacher: checkpoint: best picks the best epoch of a teacher trained here; it cannot be combined "
-                             f"with '{'weights' if self.weights else 'epoch'}'")
+            raise ValueError(
+                "teacher: checkpoint: best picks the best epoch of a teacher trained here; it cannot be combined "
+                f"with '{'weights' if self.weights else 'epoch'}'"
+            )
         return self
 
 
@@ -214,15 +269,20 @@ class Recipe(Strict):
     teachers: list[TeacherConfig] = Field(default_factory=list)
     generations: int = Field(default=0, ge=0, description="sequential methods: student generations after generation 0")
     generation_init: Literal["fresh", "previous"] = Field(
-        default="fresh", description="each generation starts from a fresh init (BAN) or from the previous generation's weights"
+        default="fresh",
+        description="each generation starts from a fresh init (BAN) or from the previous generation's weights",
     )
     bane: bool = Field(default=False, description="also evaluate the ensemble of generations 1..G (BAN)")
     generation_checkpoint: Literal["last", "best"] = Field(
-        default="last", description="sequential methods: which weights of generation g-1 teach generation g: the last "
-        "epoch's, or the best-TEST-top-1 epoch's (the official Tf-KD code's self-training teacher)")
+        default="last",
+        description="sequential methods: which weights of generation g-1 teach generation g: the last "
+        "epoch's, or the best-TEST-top-1 epoch's (the official Tf-KD code's self-training teacher)",
+    )
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
-    cache_dir: str | None = Field(default=None, description="where trained teachers are cached; default <out>/teachers or $KDLAB_CACHE")
+    cache_dir: str | None = Field(
+        default=None, description="where trained teachers are cached; default <out>/teachers or $KDLAB_CACHE"
+    )
     note: str = ""
 
     @field_validator("method")
@@ -244,7 +304,10 @@ class Recipe(Strict):
         if self.generations and self.teachers:
             raise ValueError("'generations' trains each generation's teacher itself; remove 'teachers'")
         if self.generation_checkpoint != "last" and not self.generations:
-            raise ValueError("generation_checkpoint applies to sequential methods (generations > 0); a teacher's is teachers.N.checkpoint")
+            raise ValueError(
+                "generation_checkpoint applies to sequential methods (generations > 0); "
+                "a teacher's is teachers.N.checkpoint"
+            )
         if self.loss.ce == 0 and not self.loss.terms:
             raise ValueError("loss: ce is 0 and there are no terms: nothing to train")
         for i, teacher in enumerate(self.teachers):
@@ -262,11 +325,15 @@ class Recipe(Strict):
 
         readers = [n for n in self.loss.terms if TERMS[n].reads_teacher_features]
         if readers:
-            raise ValueError(f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features and the cache holds "
-                             "logits only; set train.teacher_cache=false")
+            raise ValueError(
+                f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features and the cache holds "
+                "logits only; set train.teacher_cache=false"
+            )
         if self.data.augment.rotation:
-            raise ValueError(f"train.teacher_cache: data.augment.rotation={self.data.augment.rotation:g} makes the views "
-                             "non-enumerable; the cache needs crop/flip augmentation only")
+            raise ValueError(
+                f"train.teacher_cache: data.augment.rotation={self.data.augment.rotation:g} makes the views "
+                "non-enumerable; the cache needs crop/flip augmentation only"
+            )
         return self
 
 

@@ -16,8 +16,9 @@ import contextlib
 import datetime
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,10 +28,31 @@ from torch import nn
 from kdlab.errors import ConfigError, KdlabError
 
 __all__ = [
-    "ENV_TIMEOUT", "DEFAULT_TIMEOUT_S", "launched", "session", "active", "rank", "world_size", "is_main", "barrier",
-    "main_first", "on_main", "all_reduce_sum", "all_true", "per_rank_batch", "local_device", "check_device",
-    "convert_sync_batchnorm", "GlobalBatchNorm", "wrap", "seed_epoch", "reduce_epoch_sums", "average_gradients",
-    "PeerLost", "gather_batch", "sum_over_ranks",
+    "ENV_TIMEOUT",
+    "DEFAULT_TIMEOUT_S",
+    "launched",
+    "session",
+    "active",
+    "rank",
+    "world_size",
+    "is_main",
+    "barrier",
+    "main_first",
+    "on_main",
+    "all_reduce_sum",
+    "all_true",
+    "per_rank_batch",
+    "local_device",
+    "check_device",
+    "convert_sync_batchnorm",
+    "GlobalBatchNorm",
+    "wrap",
+    "seed_epoch",
+    "reduce_epoch_sums",
+    "average_gradients",
+    "PeerLost",
+    "gather_batch",
+    "sum_over_ranks",
 ]
 
 ENV_TIMEOUT = "KDLAB_DIST_TIMEOUT"
@@ -83,7 +105,9 @@ def _env_int(name: str) -> int:
     try:
         return int(os.environ[name])
     except ValueError:
-        raise ConfigError(f"environment variable {name}={os.environ[name]!r} is not an integer (set by torchrun)") from None
+        raise ConfigError(
+            f"environment variable {name}={os.environ[name]!r} is not an integer (set by torchrun)"
+        ) from None
 
 
 def _wants_cuda(device: str) -> bool:
@@ -131,8 +155,10 @@ def session(device: str = "auto", run_dir: str | Path | None = None) -> Iterator
         if not _is_comm_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeerLost(f"rank {global_rank} of {world}: could not join the other ranks ({first[:300]}); "
-                       f"is every node started, and the rendezvous address right?") from None
+        raise PeerLost(
+            f"rank {global_rank} of {world}: could not join the other ranks ({first[:300]}); "
+            f"is every node started, and the rendezvous address right?"
+        ) from None
     if global_rank != 0:
         sys.stdout = open(os.devnull, "w")
     failed = False
@@ -307,7 +333,7 @@ class _GatherRanks(torch.autograd.Function):
         # every rank's loss depends on every rank's rows: this rank's rows get the sum over the ranks
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
+        return grad[rank() * ctx.rows : (rank() + 1) * ctx.rows]
 
 
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -380,8 +406,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def _to_global_bn(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (GlobalBatchNorm, nn.SyncBatchNorm)):
-        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, (GlobalBatchNorm, nn.SyncBatchNorm)
+    ):
+        bn = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:
             bn.weight, bn.bias = module.weight, module.bias  # the same Parameter objects
         if module.track_running_stats:
@@ -413,8 +443,10 @@ def idle_parameters(distiller: nn.Module) -> list[str]:
     terms = getattr(distiller, "terms", {})
     return [
         f"terms.{name}.{pname}"
-        for name, term in terms.items() if not term.active_in_main
-        for pname, p in term.named_parameters() if p.requires_grad
+        for name, term in terms.items()
+        if not term.active_in_main
+        for pname, p in term.named_parameters()
+        if p.requires_grad
     ]
 
 
@@ -430,5 +462,9 @@ def wrap(distiller: nn.Module, device: torch.device) -> nn.Module:
         return distiller
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(distiller, device_ids=device_ids, find_unused_parameters=bool(idle_parameters(distiller)))
+    device_ids = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    )
+    return DistributedDataParallel(
+        distiller, device_ids=device_ids, find_unused_parameters=bool(idle_parameters(distiller))
+    )

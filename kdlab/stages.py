@@ -5,9 +5,9 @@ Each stage's result is saved under `<run>/stages/` and a rerun loads it instead 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ def run_stage(
     if path.exists():
         state, _ = checkpoint.load(path)
         for key, module in modules.items():
-            module.load_state_dict({k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")})
+            module.load_state_dict({k[len(key) + 1 :]: v for k, v in state.items() if k.startswith(key + ".")})
         ctx.log(f"stage {name}: loaded {path}")
         return
     params = [p for p in params if p.requires_grad]
@@ -83,9 +83,11 @@ def run_stage(
             steps += 1
         if int(first_bad) >= 0:
             lower = f"a lower {lr_option} (now {lr:g})" if lr_option else f"a lower learning rate (now {lr:g})"
-            raise NonFiniteLoss(f"non-finite loss in stage {name} at epoch {epoch + 1} step {int(first_bad)}: "
-                                f"loss={float(bad_value):.4g}; nothing of the stage was saved; try {lower}, or check "
-                                "that the network it reads is finite")
+            raise NonFiniteLoss(
+                f"non-finite loss in stage {name} at epoch {epoch + 1} step {int(first_bad)}: "
+                f"loss={float(bad_value):.4g}; nothing of the stage was saved; try {lower}, or check "
+                "that the network it reads is finite"
+            )
         ctx.log(f"stage {name}: epoch {epoch + 1}/{epochs} loss {total.item() / max(steps, 1):.4f}")
     state = {f"{key}.{k}": v for key, module in modules.items() for k, v in module.state_dict().items()}
     if distributed.is_main():

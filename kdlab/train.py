@@ -11,9 +11,9 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -23,7 +23,6 @@ from kdlab.config import TrainConfig
 from kdlab.distiller import Distiller
 from kdlab.errors import CheckpointError, ConfigError, KdlabError, NonFiniteLoss
 from kdlab.progress import Progress
-
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,8 +37,9 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
 
 
-def autocast_factory(cfg: TrainConfig, device: torch.device, cache_enabled: bool = True
-                     ) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_factory(
+    cfg: TrainConfig, device: torch.device, cache_enabled: bool = True
+) -> Callable[[], contextlib.AbstractContextManager]:
     """``cache_enabled=False`` for a step captured as a CUDA graph (PyTorch's CUDA-graphs notes: autocast
     inside a capture must not keep its cast cache); the results are the same either way."""
     if not uses_bf16(cfg, device):
@@ -79,12 +79,16 @@ def check_device_options(cfg: TrainConfig, device_type: str, world: int, where: 
     if capture and world > 1:
         # capturing a DDP step needs NCCL's async error handling off before the process group
         # exists, DDP built on a side stream and 11 eager warm-up steps (PyTorch's CUDA-graphs notes)
-        raise ConfigError(f"{where}.fast.cuda_graph: capturing the step as a CUDA graph under torchrun ({world} ranks) "
-                          f"is not supported; set {where}.fast.cuda_graph=false (the graph step then runs eagerly)")
+        raise ConfigError(
+            f"{where}.fast.cuda_graph: capturing the step as a CUDA graph under torchrun ({world} ranks) "
+            f"is not supported; set {where}.fast.cuda_graph=false (the graph step then runs eagerly)"
+        )
     if capture and cfg.teacher_cache and cfg.fast.cache_storage == "disk":
-        raise ConfigError(f"{where}.fast.cache_storage: a disk table is gathered on the host, a device-to-host wait "
-                          f"that a CUDA graph cannot capture; use cache_storage=device (or auto), or "
-                          f"{where}.fast.cuda_graph=false")
+        raise ConfigError(
+            f"{where}.fast.cache_storage: a disk table is gathered on the host, a device-to-host wait "
+            f"that a CUDA graph cannot capture; use cache_storage=device (or auto), or "
+            f"{where}.fast.cuda_graph=false"
+        )
 
 
 def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
@@ -120,13 +124,18 @@ def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.SGD(
-        param_groups(module, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        param_groups(module, cfg),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
         foreach=True,
     )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, autocast=contextlib.nullcontext, channels_last: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader, autocast=contextlib.nullcontext, channels_last: bool = False
+) -> dict[str, float]:
     """Top-1, top-5 (in %) and mean cross-entropy of a plain classifier over a loader."""
     was_training = model.training
     model.eval()
@@ -142,8 +151,14 @@ def evaluate(model: nn.Module, loader, autocast=contextlib.nullcontext, channels
         topk = logits.topk(k, dim=1).indices
         hit = topk.eq(y[:, None])
         # new_full fills on the device; torch.tensor(n, device=cuda) would copy from the host and wait
-        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), nn.functional.cross_entropy(logits, y, reduction="sum"),
-                             y.new_full((), y.numel())]).double()
+        sums += torch.stack(
+            [
+                hit[:, 0].sum(),
+                hit.any(1).sum(),
+                nn.functional.cross_entropy(logits, y, reduction="sum"),
+                y.new_full((), y.numel()),
+            ]
+        ).double()
     model.train(was_training)
     if getattr(loader, "shard", (0, 1))[1] > 1:  # each rank saw its own slice of the test set
         distributed.all_reduce_sum(sums)
@@ -160,13 +175,20 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
+CPU = torch.device("cpu")  # the default device of the checkpoint functions
+
 CKPT_LAST = "last.safetensors"
 CKPT_PREV = "prev.safetensors"
 CKPT_BEST = "best.safetensors"  # the student's weights at its best test top-1 epoch (train.keep_best)
 
 
-def save_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimizer, state: TrainState,
-                    device: torch.device = torch.device("cpu")) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    distiller: nn.Module,
+    opt: torch.optim.Optimizer,
+    state: TrainState,
+    device: torch.device = CPU,
+) -> None:
     tensors = {f"model.{k}": v for k, v in distiller.state_dict().items()}
     opt_state = opt.state_dict()
     for idx, st in opt_state["state"].items():
@@ -185,8 +207,13 @@ def save_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimi
     checkpoint.save(last, tensors, meta)
 
 
-def load_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimizer, log: Callable[[str], None],
-                    device: torch.device = torch.device("cpu")) -> TrainState | None:
+def load_checkpoint(
+    run_dir: Path,
+    distiller: nn.Module,
+    opt: torch.optim.Optimizer,
+    log: Callable[[str], None],
+    device: torch.device = CPU,
+) -> TrainState | None:
     """The newest readable checkpoint: last, else the previous one; None when there is none."""
     ckdir = run_dir / "checkpoints"
     errors = []
@@ -200,7 +227,7 @@ def load_checkpoint(run_dir: Path, distiller: nn.Module, opt: torch.optim.Optimi
             errors.append(str(e))
             log(f"warning: {e}; trying the previous checkpoint")
             continue
-        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         checkpoint.load_state_into(distiller, model_state, str(path))
         opt_state = opt.state_dict()
         for idx in opt_state["state"].keys() | {i for g in opt_state["param_groups"] for i in g["params"]}:
@@ -293,18 +320,30 @@ def fit(
     if cfg.fast.graph_step:
         from kdlab.fast.graph_step import GraphStep
 
-        fast_step = GraphStep(lambda x, y, tl: step_fn(x, y, teacher_logits=tl), opt, device,
-                              autocast_factory(cfg, device, cache_enabled=False), cfg.grad_clip, teacher_cache,
-                              capture=cfg.fast.cuda_graph and (device.type == "cuda" or graphs is not None), graphs=graphs)
+        fast_step = GraphStep(
+            lambda x, y, tl: step_fn(x, y, teacher_logits=tl),
+            opt,
+            device,
+            autocast_factory(cfg, device, cache_enabled=False),
+            cfg.grad_clip,
+            teacher_cache,
+            capture=cfg.fast.cuda_graph and (device.type == "cuda" or graphs is not None),
+            graphs=graphs,
+        )
     names = distiller.term_names()
     # a term whose value is exactly 0 at every step of an epoch teaches nothing: attention transfer on 1x1 maps
     # (their normalised attention is always 1), a term on identical layers; a zero weight is the user's choice
-    watched = torch.tensor([n != "ce" and n in distiller.terms and distiller.terms[n].weight > 0 for n in names],
-                           device=device)
+    watched = torch.tensor(
+        [n != "ce" and n in distiller.terms and distiller.terms[n].weight > 0 for n in names], device=device
+    )
     warned_zero: set[str] = set()
-    steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
+    steps_per_epoch = (
+        len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
+    )
     if steps_per_epoch == 0:
-        raise KdlabError(f"train.batch_size={cfg.batch_size} is larger than the training set ({train_loader.num_samples} samples)")
+        raise KdlabError(
+            f"train.batch_size={cfg.batch_size} is larger than the training set ({train_loader.num_samples} samples)"
+        )
     progress = Progress(total_epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.batch_size, log=log)
     numerics = contextlib.ExitStack()
     numerics.enter_context(cuda_numerics(cfg, device))
@@ -322,7 +361,9 @@ def fit(
             progress.start_epoch(epoch)
             with_meta = teacher_cache is not None or distiller.needs_indices
             batches = train_loader.iter_batches(with_meta=True) if with_meta else iter(train_loader)
-            for step, (x, y, *meta) in enumerate(batches):  # meta: (index, view) for the teacher cache and indexed terms
+            for step, (x, y, *meta) in enumerate(
+                batches
+            ):  # meta: (index, view) for the teacher cache and indexed terms
                 if step >= steps_per_epoch:
                     break
                 lr = lr_at(cfg, epoch + step / steps_per_epoch)
@@ -334,7 +375,9 @@ def fit(
                     loss, logits, terms = fast_step(x, y, lr, *meta)
                 else:
                     extra = {"teacher_logits": teacher_cache.lookup(*meta)} if teacher_cache is not None else {}
-                    if distiller.needs_progress:  # a device scalar filled in place: no host copy, no recompile per value
+                    if (
+                        distiller.needs_progress
+                    ):  # a device scalar filled in place: no host copy, no recompile per value
                         extra["progress"] = torch.full((), epoch + step / steps_per_epoch, device=device)
                     if distiller.needs_indices:
                         extra["indices"] = meta[0]
@@ -365,12 +408,17 @@ def fit(
             bad = int(first_bad)
             if bad >= 0:
                 last = run_dir / "checkpoints" / CKPT_LAST
-                kept = (f"the last good checkpoint (epoch {state.epoch}) is kept in {last}" if keeps_checkpoints and
-                        state.epoch and last.exists() else "no epoch had finished, so nothing was checkpointed"
-                        if not state.epoch else "")
+                kept = (
+                    f"the last good checkpoint (epoch {state.epoch}) is kept in {last}"
+                    if keeps_checkpoints and state.epoch and last.exists()
+                    else "no epoch had finished, so nothing was checkpointed"
+                    if not state.epoch
+                    else ""
+                )
                 raise NonFiniteLoss(
                     f"non-finite loss at epoch {epoch + 1} step {bad}: {_describe(names, bad_values)}; "
-                    + (f"{kept}; " if kept else "") + f"try {nonfinite_remedies(cfg)}"
+                    + (f"{kept}; " if kept else "")
+                    + f"try {nonfinite_remedies(cfg)}"
                 )
             steps = max(progress.steps_done, 1)
             sums, seen = distributed.reduce_epoch_sums(sums, seen)
@@ -379,8 +427,11 @@ def fit(
             for n, zero in zip(names, all_zero.tolist()):
                 if zero and progress.steps_done and n not in warned_zero:
                     warned_zero.add(n)
-                    log(f"warning: loss term {n} was exactly 0 at every step of epoch {epoch + 1}, so it teaches nothing; "
-                        "check its tapped layers (attention transfer on 1x1 maps is always 0)")
+                    log(
+                        f"warning: loss term {n} was exactly 0 at every step of epoch {epoch + 1}, "
+                        "so it teaches nothing; "
+                        "check its tapped layers (attention transfer on 1x1 maps is always 0)"
+                    )
             row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch + 1 - 1e-9), "train_loss": avg[0]}
             row.update({f"train_{n}": v for n, v in zip(names, avg[1:-1])})
             row["train_top1"] = 100 * sums[-1].item() / max(seen, 1)
@@ -388,7 +439,9 @@ def fit(
             if test_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 ev = evaluate(distiller.student, test_loader, autocast, channels_last)
                 row.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
-                if ev["top1"] >= state.best_top1:  # ties: the later epoch, as the Tf-KD code's `val_acc >= best_val_acc`
+                if (
+                    ev["top1"] >= state.best_top1
+                ):  # ties: the later epoch, as the Tf-KD code's `val_acc >= best_val_acc`
                     state.best_top1, state.best_epoch = ev["top1"], epoch + 1
                     new_best = True
             row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -404,8 +457,11 @@ def fit(
                 writer.flush()
                 if new_best and cfg.keep_best:
                     # before the epoch's checkpoint: a kill in between reruns this epoch, which writes it again
-                    checkpoint.save(run_dir / "checkpoints" / CKPT_BEST, distiller.student.state_dict(),
-                                    {"epoch": epoch + 1, "top1": state.best_top1})
+                    checkpoint.save(
+                        run_dir / "checkpoints" / CKPT_BEST,
+                        distiller.student.state_dict(),
+                        {"epoch": epoch + 1, "top1": state.best_top1},
+                    )
                 save_checkpoint(run_dir, distiller, opt, state, device)
                 if epoch + 1 in cfg.keep_epochs:
                     keep_weights(run_dir, distiller.student, epoch + 1)
@@ -424,7 +480,9 @@ def nonfinite_remedies(cfg: TrainConfig) -> str:
     """Only what applies to this configuration: a clip already set can be tightened, and fast.graph_step
     cannot skip a step (it updates the weights before the loss is seen)."""
     options = [f"a lower train.lr (now {cfg.lr:g})"]
-    options.append("train.grad_clip (e.g. 1.0)" if cfg.grad_clip is None else f"a smaller train.grad_clip (now {cfg.grad_clip:g})")
+    options.append(
+        "train.grad_clip (e.g. 1.0)" if cfg.grad_clip is None else f"a smaller train.grad_clip (now {cfg.grad_clip:g})"
+    )
     if not cfg.fast.graph_step and cfg.nonfinite != "skip":
         options.append("train.nonfinite=skip")
     return ", ".join(options[:-1]) + " or " + options[-1]

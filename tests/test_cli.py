@@ -26,8 +26,22 @@ def test_methods_lists_every_method_of_the_papers(capsys):
     assert main(["methods"]) == 0
     first_column = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert first_column == list(METHODS)
-    for name in ("vanilla", "kd", "ensemble_kd", "fitnet", "at", "nst", "lp", "ft", "pfeed", "sfeed", "ban",
-                 "tfkd_self", "tfkd_reg", "lsr"):
+    for name in (
+        "vanilla",
+        "kd",
+        "ensemble_kd",
+        "fitnet",
+        "at",
+        "nst",
+        "lp",
+        "ft",
+        "pfeed",
+        "sfeed",
+        "ban",
+        "tfkd_self",
+        "tfkd_reg",
+        "lsr",
+    ):
         assert name in first_column
 
 
@@ -77,7 +91,9 @@ def test_method_without_its_term_is_refused(tmp_path, capsys):
 
 def test_wrong_layer_name_is_named_before_training(tmp_path, capsys):
     at = str(ROOT / "recipes" / "digits" / "at.yaml")
-    assert main(["train", at, "--out", str(tmp_path / "r"), *QUICK, "--set", "loss.terms.at.student_layers=[stage7]"]) == 2
+    assert (
+        main(["train", at, "--out", str(tmp_path / "r"), *QUICK, "--set", "loss.terms.at.student_layers=[stage7]"]) == 2
+    )
     err = capsys.readouterr().err
     assert "stage7" in err and "Valid" in err
     assert not (tmp_path / "r" / "result.json").exists()
@@ -107,7 +123,9 @@ def test_console_script_module_entry_runs():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("raw, expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on"), ("no", "off")])
+@pytest.mark.parametrize(
+    "raw, expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on"), ("no", "off")]
+)
 def test_channels_last_takes_yaml_on_off(raw, expected):
     # YAML reads a bare on/off/true/no as a boolean
     assert load_recipe(Path(KD), [f"train.channels_last={raw}"]).train.channels_last == expected

@@ -8,6 +8,9 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_distributed import free_port
+from test_fast import small_teacher
+from test_train import RECIPES
 from torch import nn
 
 from kdlab import distributed, models, pipeline, train
@@ -18,10 +21,6 @@ from kdlab.errors import ConfigError
 from kdlab.fast import teacher_cache as tc
 from kdlab.fast.graph_step import GraphStep, RerunGraphs
 from kdlab.fast.teacher_cache import CacheTooLarge, TeacherCache
-
-from test_distributed import free_port
-from test_fast import small_teacher
-from test_train import RECIPES
 
 KD = LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4}})
 
@@ -55,10 +54,14 @@ def run_steps(digits, sizes: list[int], capture: bool, cache: bool = False):
     """Weights after every step, every step's outputs, and the step and its graphs."""
     cfg = TrainConfig(lr=0.1, device="cpu", nesterov=True, grad_clip=5.0)
     distiller, opt = distiller_and_optimizer(digits, cfg)
-    teacher_cache = TeacherCache.build(distiller.teachers, digits, AugmentSpec(crop_pad=1), "cpu", 16) if cache else None
+    teacher_cache = (
+        TeacherCache.build(distiller.teachers, digits, AugmentSpec(crop_pad=1), "cpu", 16) if cache else None
+    )
     graphs = RerunGraphs([distiller]) if capture else None
     forward = lambda x, y, tl: distiller(x, y, teacher_logits=tl)  # noqa: E731
-    step = GraphStep(forward, opt, "cpu", teacher_cache=teacher_cache, capture=capture, graphs=graphs, grad_clip=cfg.grad_clip)
+    step = GraphStep(
+        forward, opt, "cpu", teacher_cache=teacher_cache, capture=capture, graphs=graphs, grad_clip=cfg.grad_clip
+    )
     weights, outputs = [], []
     for i, (x, y, index, view) in enumerate(batches(digits, sizes)):
         outputs.append(step(x, y, 0.1 / (1 + i), index, view))
@@ -108,11 +111,14 @@ def test_fit_with_a_captured_graph_step_trains_like_the_plain_trainer(digits, tm
 
 
 def test_autocast_cache_is_off_inside_the_graph_step(digits, tmp_path):
-    cfg = TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=2, device="cpu", amp="bf16", fast={"graph_step": True})
+    cfg = TrainConfig(
+        epochs=1, batch_size=32, max_steps_per_epoch=2, device="cpu", amp="bf16", fast={"graph_step": True}
+    )
     distiller, _ = distiller_and_optimizer(digits, cfg)
     seen = []
-    distiller.student.register_forward_pre_hook(lambda *_: seen.append((torch.is_autocast_enabled("cpu"),
-                                                                         torch.is_autocast_cache_enabled())))
+    distiller.student.register_forward_pre_hook(
+        lambda *_: seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+    )
     loader = DeviceLoader(digits, cfg.batch_size, train=True, augment=AugmentSpec(crop_pad=1), seed=0)
     train.fit(distiller, loader, None, cfg, tmp_path, lambda _m: None)
     assert seen and all(seen_ == (True, False) for seen_ in seen), seen
@@ -134,7 +140,9 @@ def test_cuda_graph_under_torchrun_is_refused_before_training():
     assert one_line(e).startswith("train.fast.cuda_graph: capturing the step as a CUDA graph under torchrun")
     train.check_device_options(cfg, "cuda", world=1)
     train.check_device_options(cfg, "cpu", world=2)  # eager on the CPU: nothing is captured
-    train.check_device_options(cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"cuda_graph": False})}), "cuda", 2)
+    train.check_device_options(
+        cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"cuda_graph": False})}), "cuda", 2
+    )
 
     fast = load_recipe(RECIPES.parent / "cifar100" / "fast" / "resnet32x4_resnet8x4_kd_b512.yaml")
     pipeline.check_run_options(fast, world=1, cuda=True)
@@ -156,10 +164,13 @@ def test_a_disk_teacher_cache_inside_a_capture_is_refused(digits, tmp_path):
     train.check_device_options(auto, "cuda", world=1)
 
     distiller, opt = distiller_and_optimizer(digits, cfg)
-    cache = TeacherCache.build(distiller.teachers, digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk",
-                               cache_dir=tmp_path)
+    cache = TeacherCache.build(
+        distiller.teachers, digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk", cache_dir=tmp_path
+    )
     forward = lambda x, y, tl: distiller(x, y, teacher_logits=tl)  # noqa: E731
-    with pytest.raises(ConfigError, match="^train.fast.cache_storage: a CUDA graph needs the teacher cache in device memory"):
+    with pytest.raises(
+        ConfigError, match="^train.fast.cache_storage: a CUDA graph needs the teacher cache in device memory"
+    ):
         GraphStep(forward, opt, "cpu", teacher_cache=cache, capture=True, graphs=RerunGraphs([distiller]))
     GraphStep(forward, opt, "cpu", teacher_cache=cache, capture=False)  # eager: a gather on the host is allowed
 
@@ -171,11 +182,15 @@ def test_a_teacher_cache_that_does_not_fit_is_refused_before_it_is_computed(digi
     monkeypatch.setattr(tc, "build_table", never)
     teacher = small_teacher()
     shape_bytes = 96 * 18 * 10 * 4  # images x views x classes x float32
-    monkeypatch.setattr(tc, "free_bytes", lambda where, device, cache_dir: shape_bytes if where == "device" else 1 << 40)
+    monkeypatch.setattr(
+        tc, "free_bytes", lambda where, device, cache_dir: shape_bytes if where == "device" else 1 << 40
+    )
     with pytest.raises(CacheTooLarge) as e:  # 75% of the free memory at most
         TeacherCache.build([teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="device")
     assert one_line(e).startswith("train.fast.cache_storage: the teacher logit tables need 0.00 GiB of cpu memory")
-    monkeypatch.setattr(tc, "free_bytes", lambda where, device, cache_dir: shape_bytes - 1 if where == "disk" else 1 << 40)
+    monkeypatch.setattr(
+        tc, "free_bytes", lambda where, device, cache_dir: shape_bytes - 1 if where == "disk" else 1 << 40
+    )
     with pytest.raises(CacheTooLarge, match="^train.teacher_cache: the teacher logit tables need .* on disk"):
         TeacherCache.build([teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk", cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())
@@ -193,7 +208,9 @@ def test_a_disk_table_is_computed_straight_into_its_file(digits, tmp_path, monke
 
     monkeypatch.setattr(tc, "build_table", spy)
     teacher = small_teacher()
-    cache = TeacherCache.build([teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk", cache_dir=tmp_path)
+    cache = TeacherCache.build(
+        [teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk", cache_dir=tmp_path
+    )
     assert seen["shares_file"] and seen["file"][0][1] == 96 * 18 * 10 * 4, seen
     monkeypatch.setattr(tc, "build_table", real)
     reference = TeacherCache.build([teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="device")
@@ -201,14 +218,28 @@ def test_a_disk_table_is_computed_straight_into_its_file(digits, tmp_path, monke
 
 
 def _cache_rank(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **{distributed.ENV_TIMEOUT: "60"})
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **{distributed.ENV_TIMEOUT: "60"},
+    )
     torch.set_num_threads(1)
     data = load_dataset("digits", split="train").subset(slice(0, 48))
     lines = []
     with distributed.session("cpu"):
-        cache = TeacherCache.build([small_teacher()], data, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk",
-                                   cache_dir=os.path.join(folder, "logits"), log=lines.append)
+        cache = TeacherCache.build(
+            [small_teacher()],
+            data,
+            AugmentSpec(crop_pad=1),
+            "cpu",
+            16,
+            storage="disk",
+            cache_dir=os.path.join(folder, "logits"),
+            log=lines.append,
+        )
         torch.save(cache.tables[0].logits.clone(), os.path.join(folder, f"table{rank}.pt"))
     with open(os.path.join(folder, f"log{rank}.txt"), "w") as f:
         f.write("\n".join(lines))
@@ -221,7 +252,7 @@ def test_torchrun_ranks_build_the_teacher_cache_once(tmp_path):
     assert torch.equal(torch.load(tmp_path / "table0.pt"), torch.load(tmp_path / "table1.pt"))
 
 
-# ------------------------------------------------------------------------------------------ CUDA-only code made CPU-testable
+# ------------------------------------------------------------------------ CUDA-only code made CPU-testable
 
 
 def test_sync_bn_on_cuda_is_the_global_batchnorm_the_cpu_tests_check():
@@ -293,7 +324,9 @@ def test_evaluation_copies_nothing_from_the_host_per_batch(digits, monkeypatch):
 
     def no_device_copy(*a, **k):
         if "device" in k:
-            raise AssertionError("torch.tensor(..., device=...) in the evaluation loop: a host-to-device copy per batch")
+            raise AssertionError(
+                "torch.tensor(..., device=...) in the evaluation loop: a host-to-device copy per batch"
+            )
         return real(*a, **k)
 
     monkeypatch.setattr(torch, "tensor", no_device_copy)

@@ -82,8 +82,10 @@ def _c10_objects(per_batch=12, seed=1):
         }
     objs["batches.meta"] = {
         b"num_cases_per_batch": per_batch,
-        b"label_names": [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer",
-                                              "dog", "frog", "horse", "ship", "truck")],
+        b"label_names": [
+            n.encode()
+            for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+        ],
         b"num_vis": 3072,
     }
     return objs
@@ -235,8 +237,7 @@ def test_cifar_garbage_pickle(tmp_path):
     del objs["train"]
     root = _write_folder(tmp_path, "cifar-100-python", objs, raw={"train": garbage})
     _raises_data_error(str(root / "train"), load_dataset, "cifar100", root=root)
-    tar = _write_tar(tmp_path / "t" / "cifar-100-python.tar.gz", "cifar-100-python", objs,
-                     raw={"train": garbage})
+    tar = _write_tar(tmp_path / "t" / "cifar-100-python.tar.gz", "cifar-100-python", objs, raw={"train": garbage})
     err = _raises_data_error(str(tar), load_dataset, "cifar100", root=tar)
     assert "cifar-100-python/train" in str(err)
     # A valid pickle cut short is also reported, not raised as EOFError/UnpicklingError.
@@ -286,8 +287,7 @@ def test_cifar_forbidden_global_refused(tmp_path, which, container):
         root = _write_folder(tmp_path, "cifar-100-python", objs, raw={"train": payload})
         name = str(root / "train")
     else:
-        root = _write_tar(tmp_path / "cifar-100-python.tar.gz", "cifar-100-python", objs,
-                          raw={"train": payload})
+        root = _write_tar(tmp_path / "cifar-100-python.tar.gz", "cifar-100-python", objs, raw={"train": payload})
         name = f"{root}:cifar-100-python/train"
     err = _raises_data_error(name, load_dataset, "cifar100", root=root)
     assert which in str(err)
@@ -415,8 +415,11 @@ def _image_tree(root: Path, test_name="test"):
     from PIL import Image
 
     rng = np.random.default_rng(3)
-    spec = {"b_cat": [(".png", (20, 12)), (".jpg", (9, 9))], "a_dog": [(".PNG", (16, 16))],
-            "c_fish": [(".bmp", (30, 18)), (".jpeg", (16, 16)), (".png", (5, 7))]}
+    spec = {
+        "b_cat": [(".png", (20, 12)), (".jpg", (9, 9))],
+        "a_dog": [(".PNG", (16, 16))],
+        "c_fish": [(".bmp", (30, 18)), (".jpeg", (16, 16)), (".png", (5, 7))],
+    }
     arrays = {}
     for split in ("train", test_name):
         for cls, files in spec.items():
@@ -429,7 +432,9 @@ def _image_tree(root: Path, test_name="test"):
                 arrays[p] = arr
             (d / "notes.txt").write_text("not an image")
     # one grey-scale image: converted to RGB
-    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(root / "train" / "a_dog" / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(
+        root / "train" / "a_dog" / "grey.png"
+    )
     return arrays
 
 
@@ -450,7 +455,9 @@ def test_imagefolder_loads_sorted_classes_resized(tmp_path):
     assert torch.equal(ds.images[2], torch.from_numpy(ref).permute(2, 0, 1))
     mean = ds.images.double().div(255).mean(dim=(0, 2, 3))
     assert np.allclose(ds.mean, mean.numpy(), atol=1e-9)
-    assert np.allclose(ds.std, ds.images.double().div(255).permute(1, 0, 2, 3).reshape(3, -1).std(1, correction=0).numpy())
+    assert np.allclose(
+        ds.std, ds.images.double().div(255).permute(1, 0, 2, 3).reshape(3, -1).std(1, correction=0).numpy()
+    )
     test = load_dataset("imagefolder", root=tmp_path, split="test", image_size=16)
     assert test.images.shape == (6, 3, 16, 16) and test.mean == ds.mean and test.std == ds.std
     assert test.labels.tolist() == [0, 1, 1, 2, 2, 2]
@@ -714,7 +721,7 @@ def test_augmented_batches_match_naive_views():
     loader = DeviceLoader(ds, batch_size=16, train=True, augment=spec, seed=7)
     loader.set_epoch(2)
     views_seen = []
-    for x, y, idx, view in loader.iter_batches(with_meta=True):
+    for x, _y, idx, view in loader.iter_batches(with_meta=True):
         dx, dy, flip = view_from_index(view, 2)
         crops = _naive_views(ds.images[idx].numpy(), dx.tolist(), dy.tolist(), flip.tolist(), 2)
         assert np.allclose(x.numpy(), _naive_normalise(crops, ds.mean, ds.std), atol=1e-5)
@@ -773,13 +780,13 @@ def test_shards_disjoint_equal_and_cover_the_epoch():
         # strided per step: rank r's step-i batch is positions [i*G + r*B, i*G + (r+1)*B) of the permutation
         for step, (_, _, bidx, _) in enumerate(got):
             lo = step * glob + rank * per_rank
-            assert bidx.tolist() == order[lo:lo + per_rank].tolist(), (rank, step)
+            assert bidx.tolist() == order[lo : lo + per_rank].tolist(), (rank, step)
         shards.append(got)
     allidx = torch.cat([m[2] for got in shards for m in got])
     assert len(allidx.unique()) == 100  # disjoint
     assert set(allidx.tolist()) == set(order[:100].tolist())  # the epoch's permutation, less its tail
     # the ranks' step-i batches, side by side, are one process's step-i batch of 20: same samples, same pixels
-    for step, (x, y, idx, vi) in enumerate(single):
+    for step, (x, _y, idx, vi) in enumerate(single):
         assert torch.equal(torch.cat([shards[r][step][2] for r in range(world)]), idx)
         assert torch.equal(torch.cat([shards[r][step][0] for r in range(world)]), x)
         assert torch.equal(torch.cat([shards[r][step][3] for r in range(world)]), vi)
@@ -797,11 +804,13 @@ def test_loader_rotation_applied():
     spec = AugmentSpec(rotation=30.0)
     loader = DeviceLoader(ds, batch_size=32, train=True, augment=spec, seed=0)
     order, views = loader.epoch_plan()
-    (x, _), = list(loader)
+    ((x, _),) = list(loader)
     want = rotate_batch(ds.images[order].float(), views.angle)
     want = (want / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(1, 3, 1, 1)
     assert torch.allclose(x, want, atol=1e-5)
-    plain = (ds.images[order].float() / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(1, 3, 1, 1)
+    plain = (ds.images[order].float() / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(
+        1, 3, 1, 1
+    )
     assert not torch.allclose(x, plain)
 
 

@@ -16,30 +16,33 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 import yaml
 from pydantic import ConfigDict
 from torch import nn
 
 from kdlab import checkpoint, pipeline
-from kdlab.config import dump
-from kdlab.teachers import teacher_run_dir
 from kdlab.cli import main
-from kdlab.config import TrainConfig, load_recipe
+from kdlab.config import TrainConfig, dump, load_recipe
 from kdlab.losses import TERMS, Term, TermOptions
+from kdlab.teachers import teacher_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "recipes" / "digits"
 KD = str(DIGITS / "kd.yaml")
 VANILLA = str(DIGITS / "vanilla.yaml")
 QUICK = ["--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=2", "--quiet"]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def sets(*items: str) -> list[str]:
@@ -98,13 +101,16 @@ def test_out_of_range_seed_is_one_line_and_nothing_trains(tmp_path, capsys, seed
     assert not out.exists()  # not even the teacher of kd.yaml
 
 
-@pytest.mark.parametrize("argv", [
-    ["bench", "--workers", "-1"],
-    ["bench", "--steps", "99999999999999999999"],
-    ["analyze", "recon", "run", "--rate", "nan"],
-    ["analyze", "recon", "run", "--lr", "inf"],
-    ["export", "run", "--out", "s.onnx", "--image-size", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--workers", "-1"],
+        ["bench", "--steps", "99999999999999999999"],
+        ["analyze", "recon", "run", "--rate", "nan"],
+        ["analyze", "recon", "run", "--lr", "inf"],
+        ["export", "run", "--out", "s.onnx", "--image-size", "0"],
+    ],
+)
 def test_bad_numbers_of_every_command_are_one_line(capsys, argv):
     rc = main(argv)
     err = capsys.readouterr().err.strip()
@@ -120,15 +126,28 @@ def test_huge_reproduce_counts_are_one_line(tmp_path, capsys, option, value):
 def test_student_protocol_is_checked_before_the_teacher_trains(tmp_path, capsys):
     """The teacher's own batch fits the data; the student's does not: refused before the teacher trains."""
     out = tmp_path / "run"
-    refused(capsys, ["train", KD, "--out", str(out), *QUICK, *sets("train.batch_size=5000", "teachers.0.train={batch_size: 64}")],
-            "batch")
+    refused(
+        capsys,
+        ["train", KD, "--out", str(out), *QUICK, *sets("train.batch_size=5000", "teachers.0.train={batch_size: 64}")],
+        "batch",
+    )
     assert not (out / "teachers").exists()
 
 
 def test_missing_weights_of_a_second_teacher_are_named_before_the_first_trains(tmp_path, capsys):
     out = tmp_path / "run"
-    refused(capsys, ["train", str(DIGITS / "ensemble_kd.yaml"), "--out", str(out), *QUICK,
-                     *sets(f"teachers.1.weights={tmp_path / 'nowhere.safetensors'}")], "nowhere.safetensors")
+    refused(
+        capsys,
+        [
+            "train",
+            str(DIGITS / "ensemble_kd.yaml"),
+            "--out",
+            str(out),
+            *QUICK,
+            *sets(f"teachers.1.weights={tmp_path / 'nowhere.safetensors'}"),
+        ],
+        "nowhere.safetensors",
+    )
     assert not (out / "teachers").exists()
 
 
@@ -138,8 +157,11 @@ def test_missing_weights_of_a_second_teacher_are_named_before_the_first_trains(t
 
 def test_rerun_after_an_error_uses_the_same_folder(tmp_path, capsys):
     out = tmp_path / "run"
-    refused(capsys, ["train", KD, "--out", str(out), *QUICK, *sets(f"teachers.0.weights={tmp_path / 'typo.safetensors'}")],
-            "typo.safetensors")
+    refused(
+        capsys,
+        ["train", KD, "--out", str(out), *QUICK, *sets(f"teachers.0.weights={tmp_path / 'typo.safetensors'}")],
+        "typo.safetensors",
+    )
     assert (out / "config.yaml").exists()  # the attempt left its folder
     ok(capsys, ["train", KD, "--out", str(out), *QUICK])  # corrected: same --out, no deletion needed
     assert (out / "result.json").exists()
@@ -161,7 +183,10 @@ def test_fresh_start_with_another_recipe_drops_the_old_stages(tmp_path, capsys):
     (out / "config.yaml").write_text(dump(old))
     (out / "stages").mkdir()
     (out / "stages" / "ft_paraphraser0.safetensors").write_bytes(b"a paraphraser of the old recipe")
-    ok(capsys, ["train", str(DIGITS / "ft.yaml"), "--out", str(out), *QUICK, *sets("loss.terms.ft.paraphraser_epochs=1")])
+    ok(
+        capsys,
+        ["train", str(DIGITS / "ft.yaml"), "--out", str(out), *QUICK, *sets("loss.terms.ft.paraphraser_epochs=1")],
+    )
     checkpoint.load(out / "stages" / "ft_paraphraser0.safetensors")  # trained anew, not the old bytes
 
 
@@ -184,8 +209,14 @@ def nan_term(monkeypatch):
 
 def test_nan_at_the_first_step_names_no_missing_file_and_the_rerun_works(tmp_path, capsys, nan_term):
     out = tmp_path / "run"
-    line = refused(capsys, ["train", VANILLA, "--out", str(out), *QUICK, *sets(f"loss.terms.{nan_term}={{}}")],
-                   "epoch 1 step 0", "nothing was checkpointed", "train.grad_clip", "same --out")
+    line = refused(
+        capsys,
+        ["train", VANILLA, "--out", str(out), *QUICK, *sets(f"loss.terms.{nan_term}={{}}")],
+        "epoch 1 step 0",
+        "nothing was checkpointed",
+        "train.grad_clip",
+        "same --out",
+    )
     assert "last good checkpoint" not in line and "checkpoints" not in line
     ok(capsys, ["train", VANILLA, "--out", str(out), *QUICK])
     assert (out / "result.json").exists()
@@ -228,8 +259,13 @@ def _read_until(fd: int, proc, needle: bytes, seconds: float) -> bytes:
 def test_sigterm_mid_epoch_restores_the_cursor_and_prints_the_resume_command(tmp_path):
     out = tmp_path / "my run"
     master, slave = pty.openpty()  # a terminal: the live progress bar hides the cursor while it draws
-    proc = subprocess.Popen([sys.executable, "-m", "kdlab", "train", VANILLA, "--out", str(out), "--set", "train.epochs=300"],
-                            stdin=slave, stdout=slave, stderr=slave, env={**ENV, "TERM": "xterm", "COLUMNS": "100"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdlab", "train", VANILLA, "--out", str(out), "--set", "train.epochs=300"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**ENV, "TERM": "xterm", "COLUMNS": "100"},
+    )
     os.close(slave)
     try:
         got = _read_until(master, proc, b"epoch 1 |", 120)  # an epoch is checkpointed; the second is under way
@@ -304,7 +340,9 @@ def test_a_term_that_is_exactly_zero_all_epoch_warns_once():
 
     train = load_dataset("digits", split="train")
     torch.manual_seed(0)
-    d = Distill(_OneByOne(4), _OneByOne(8), terms={"at": {"student_layers": ["squeeze"], "teacher_layers": ["squeeze"]}})
+    d = Distill(
+        _OneByOne(4), _OneByOne(8), terms={"at": {"student_layers": ["squeeze"], "teacher_layers": ["squeeze"]}}
+    )
     with pytest.warns(UserWarning, match="loss term at was exactly 0") as caught:
         d.fit(train, epochs=2, max_steps_per_epoch=2)
     assert len([w for w in caught if "exactly 0" in str(w.message)]) == 1
@@ -316,7 +354,8 @@ def test_a_term_with_a_value_does_not_warn(recwarn):
 
     train = load_dataset("digits", split="train")
     Distill(_OneByOne(4), _OneByOne(8), terms={"at": {"student_layers": ["conv"], "teacher_layers": ["conv"]}}).fit(
-        train, epochs=1, max_steps_per_epoch=2)
+        train, epochs=1, max_steps_per_epoch=2
+    )
     assert not [w for w in recwarn if "exactly 0" in str(w.message)]
 
 
@@ -343,10 +382,14 @@ class _TimmLike(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.layer1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.layer2 = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU()
+        )
         self.fc = nn.Linear(2 * width, 10)
-        self.feature_info = [dict(num_chs=width, reduction=1, module="layer1"),
-                             dict(num_chs=2 * width, reduction=2, module="layer2")]
+        self.feature_info = [
+            dict(num_chs=width, reduction=1, module="layer1"),
+            dict(num_chs=2 * width, reduction=2, module="layer2"),
+        ]
 
     def forward(self, x):
         return self.fc(self.layer2(self.layer1(x)).mean((2, 3)))
@@ -379,9 +422,15 @@ def test_packaged_recipe_by_name_from_another_folder(tmp_path, capsys, monkeypat
 def test_recipes_lists_the_packaged_recipes(capsys):
     out = ok(capsys, ["recipes"])
     names = [line.split()[0] for line in out.splitlines() if line.strip() and not line.startswith("bare")]
-    assert "digits/kd" in names and "cifar100/fast/resnet56_resnet20_kd_b512" in names and not any(n.startswith("tables/") for n in names)
+    assert (
+        "digits/kd" in names
+        and "cifar100/fast/resnet56_resnet20_kd_b512" in names
+        and not any(n.startswith("tables/") for n in names)
+    )
     listed = ok(capsys, ["recipes", "digits"]).split("\n")
-    assert all(line.startswith("digits/") for line in listed if line) and any(line.startswith("digits/kd ") for line in listed)
+    assert all(line.startswith("digits/") for line in listed if line) and any(
+        line.startswith("digits/kd ") for line in listed
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +447,12 @@ def test_second_run_waits_for_a_shared_teacher_with_a_message_even_when_quiet(tm
     teacher_dir = teacher_run_dir(recipe, 0, recipe.teachers[0], tmp_path / "b")
     assert (teacher_dir / "result.json").exists()
     with RunLock(teacher_dir):  # as if another run were training it right now
-        proc = subprocess.Popen([sys.executable, "-m", "kdlab", "train", KD, "--out", str(tmp_path / "b"), *first],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kdlab", "train", KD, "--out", str(tmp_path / "b"), *first],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ENV,
+        )
         try:
             line = _read_until(proc.stdout.fileno(), proc, b"\n", 60).decode()
             assert "waiting for it to finish" in line and str(teacher_dir) in line and f"pid {os.getpid()}" in line
@@ -419,7 +472,10 @@ def test_second_run_waits_for_a_shared_teacher_with_a_message_even_when_quiet(tm
 
 
 def test_the_resolved_teacher_protocol_is_printed(tmp_path, capsys):
-    out = ok(capsys, ["train", KD, "--out", str(tmp_path / "r"), "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=2"])
+    out = ok(
+        capsys,
+        ["train", KD, "--out", str(tmp_path / "r"), "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=2"],
+    )
     line = next(ln for ln in out.splitlines() if ln.startswith("teacher 0:"))
     assert "smallcnn_wide, trained here: 2 epochs, 2 steps/epoch" in line and "seed 1" in line and "cached in" in line
 
@@ -484,7 +540,9 @@ def test_curves_of_twenty_runs_are_distinguishable_and_labelled(tmp_path, monkey
     for i in range(20):
         d = tmp_path / f"r{i}"
         d.mkdir()
-        rows = [{"epoch": e, "train_loss": 1.0 / e + i, "train_ce": 0.5 / e, "test_top1": 10.0 * e + i} for e in (1, 2, 3)]
+        rows = [
+            {"epoch": e, "train_loss": 1.0 / e + i, "train_ce": 0.5 / e, "test_top1": 10.0 * e + i} for e in (1, 2, 3)
+        ]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         runs.append(d)
     figures = _captured_figures(monkeypatch)
@@ -550,8 +608,20 @@ def test_unreadable_images_are_skipped_and_counted_when_asked(tmp_path, capsys):
         load_dataset("imagefolder", root, split="train", image_size=8)
     ds = load_dataset("imagefolder", root, split="train", image_size=8, skip_unreadable=True)
     assert len(ds.labels) == 6 and len(ds.skipped) == 2 and "broken0.png" in ds.skipped[0]
-    out = ok(capsys, ["train", VANILLA, "--out", str(tmp_path / "run"), "--set", "train.epochs=1", "--set", "train.batch_size=2",
-                      *sets("data.name=imagefolder", f"data.root={root}", "data.image_size=8", "data.skip_unreadable=true")])
+    ok(
+        capsys,
+        [
+            "train",
+            VANILLA,
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.batch_size=2",
+            *sets("data.name=imagefolder", f"data.root={root}", "data.image_size=8", "data.skip_unreadable=true"),
+        ],
+    )
     assert "2 unreadable file(s) left out of train" in (tmp_path / "run" / "log.txt").read_text()
 
 
@@ -601,7 +671,9 @@ def test_onnx_export_carries_the_preprocessing(finished_run, tmp_path, capsys):
     ok(capsys, ["export", str(finished_run), "--out", str(tmp_path / "s.onnx")])
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "s.onnx")).metadata_props}
     meta = checkpoint.load(finished_run / "student.safetensors")[1]
-    assert json.loads(props["mean"]) == pytest.approx(meta["mean"]) and json.loads(props["std"]) == pytest.approx(meta["std"])
+    assert json.loads(props["mean"]) == pytest.approx(meta["mean"]) and json.loads(props["std"]) == pytest.approx(
+        meta["std"]
+    )
     assert json.loads(props["input_size"]) == [1, 8, 8] and json.loads(props["class_names"])[3] == "3"
     assert props["model"] == meta["model"] and "255" in props["normalization"]
 
@@ -612,9 +684,19 @@ def test_onnx_export_carries_the_preprocessing(finished_run, tmp_path, capsys):
 
 def test_diverging_paraphraser_stops_in_its_stage_and_saves_nothing(tmp_path, capsys):
     out = tmp_path / "run"
-    line = refused(capsys, ["train", str(DIGITS / "ft.yaml"), "--out", str(out), *QUICK,
-                            *sets("loss.terms.ft.paraphraser_lr=1e30", "loss.terms.ft.paraphraser_epochs=3")],
-                   "non-finite loss in stage ft_paraphraser0 at epoch 1", "loss.terms.ft.paraphraser_lr")
+    line = refused(
+        capsys,
+        [
+            "train",
+            str(DIGITS / "ft.yaml"),
+            "--out",
+            str(out),
+            *QUICK,
+            *sets("loss.terms.ft.paraphraser_lr=1e30", "loss.terms.ft.paraphraser_epochs=3"),
+        ],
+        "non-finite loss in stage ft_paraphraser0 at epoch 1",
+        "loss.terms.ft.paraphraser_lr",
+    )
     assert "epoch 1 step" in line
     assert not (out / "stages" / "ft_paraphraser0.safetensors").exists()
     log = (out / "log.txt").read_text()

@@ -127,10 +127,11 @@ def ref_nst(fs, ft, kernel: str, sigma2=None, teacher_term: bool = True) -> floa
     for n in range(len(s_all)):
         s_vecs = [r_normalize(v) for v in s_all[n]]
         t_vecs = [r_normalize(v) for v in t_all[n]]
+        sig = None
         if kernel == "gaussian":
             sig = ref_nst_sigma2(s_vecs, t_vecs) if sigma2 is None else sigma2
 
-        def k(x, y):
+        def k(x, y, sig=sig):
             if kernel == "linear":
                 return r_dot(x, y)
             if kernel == "poly":

@@ -30,9 +30,16 @@ def test_recipe_validates(path):
 @pytest.mark.parametrize("path", DIGITS, ids=lambda p: p.stem)
 def test_digits_recipe_trains_a_few_steps(path, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "teacher-cache"
-    recipe = load_recipe(path, ["train.epochs=1", "train.max_steps_per_epoch=2", f"cache_dir={cache}",
-                                "loss.terms.fitnet.hint_epochs=1" if "fitnet" in path.stem else "note=",
-                                "loss.terms.ft.paraphraser_epochs=1" if path.stem == "ft" else "note="])
+    recipe = load_recipe(
+        path,
+        [
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            f"cache_dir={cache}",
+            "loss.terms.fitnet.hint_epochs=1" if "fitnet" in path.stem else "note=",
+            "loss.terms.ft.paraphraser_epochs=1" if path.stem == "ft" else "note=",
+        ],
+    )
     out = tmp_path_factory.mktemp(path.stem)
     result = pipeline.run(recipe, out / "run", quiet=True)
     assert 0 <= result["top1_last"] <= 100
@@ -60,8 +67,11 @@ def header(path: Path) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("path", [p for p in ALL if "tables" not in p.parts and p.name not in HEADER_PENDING],
-                         ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+@pytest.mark.parametrize(
+    "path",
+    [p for p in ALL if "tables" not in p.parts and p.name not in HEADER_PENDING],
+    ids=lambda p: str(p.relative_to(ROOT / "recipes")),
+)
 def test_recipe_header_says_what_is_reference_and_what_is_extrapolated(path):
     text = header(path)
     assert re.search(r"^# Reference: \S", text, re.M), f"{path.name}: no '# Reference:' line"

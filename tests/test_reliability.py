@@ -154,8 +154,11 @@ def test_every_corruption_of_a_checkpoint_is_named(runs, tmp_path):
 def test_every_single_bit_flip_of_a_small_checkpoint_is_detected(tmp_path):
     """Exhaustive: each of the file's bits flipped in turn, metadata (epoch, lr) and header included."""
     path = tmp_path / "tiny.safetensors"
-    checkpoint.save(path, {"w": torch.arange(6.0).reshape(2, 3), "rng.torch": torch.arange(5, dtype=torch.uint8)},
-                    {"epoch": 7, "param_groups": [{"lr": 0.05, "momentum": 0.9}]})
+    checkpoint.save(
+        path,
+        {"w": torch.arange(6.0).reshape(2, 3), "rng.torch": torch.arange(5, dtype=torch.uint8)},
+        {"epoch": 7, "param_groups": [{"lr": 0.05, "momentum": 0.9}]},
+    )
     raw = path.read_bytes()
     assert checkpoint.load(path)[1]["epoch"] == 7
     bad = tmp_path / "flipped.safetensors"
@@ -283,7 +286,9 @@ def test_pickled_teacher_weights_are_refused(evil, tmp_path, capsys, form):
     else:
         target = d / "run"
         target.mkdir()
-        (target / "student.safetensors").write_bytes(files["pickle_os_system" if form.endswith("os_system") else "torch_zip"])
+        (target / "student.safetensors").write_bytes(
+            files["pickle_os_system" if form.endswith("os_system") else "torch_zip"]
+        )
         (target / "result.json").write_text("{}")
         named = target / "student.safetensors"
     out = tmp_path / "out"
@@ -327,7 +332,9 @@ class _Poison(Term):
     needs_teacher = False
 
     class Options(TermOptions):
-        model_config = ConfigDict(allow_inf_nan=True)  # real terms refuse NaN/inf options; this one exists to inject them
+        model_config = ConfigDict(
+            allow_inf_nan=True
+        )  # real terms refuse NaN/inf options; this one exists to inject them
         at_call: int = 0
         value: float = math.nan
 
@@ -356,9 +363,20 @@ def poison(monkeypatch):
 @pytest.mark.parametrize("value, call, epoch, step", [(".nan", 4, 3, 0), (".inf", 3, 2, 1), ("-.inf", 0, 1, 0)])
 def test_nonfinite_term_stops_with_epoch_step_term_and_value(poison, tmp_path, capsys, value, call, epoch, step):
     out = tmp_path / "run"
-    line = refused(capsys, ["train", VANILLA, "--out", str(out), *QUICK,
-                            *sets(f"loss.terms.{poison}={{at_call: {call}, value: {value}}}")],
-                   f"epoch {epoch} step {step}", f"term {poison}", f"{poison}={value.replace('.', '')}")
+    line = refused(
+        capsys,
+        [
+            "train",
+            VANILLA,
+            "--out",
+            str(out),
+            *QUICK,
+            *sets(f"loss.terms.{poison}={{at_call: {call}, value: {value}}}"),
+        ],
+        f"epoch {epoch} step {step}",
+        f"term {poison}",
+        f"{poison}={value.replace('.', '')}",
+    )
     last = out / "checkpoints" / "last.safetensors"
     if epoch == 1:  # no checkpoint to name: the message must not point at one
         assert not last.exists() and "nothing was checkpointed" in line and "last good checkpoint" not in line
@@ -370,7 +388,17 @@ def test_nonfinite_term_stops_with_epoch_step_term_and_value(poison, tmp_path, c
 
 def test_nonfinite_skip_skips_the_step_and_finishes(poison, tmp_path, capsys):
     out = tmp_path / "run"
-    ok(capsys, ["train", VANILLA, "--out", str(out), *QUICK, *sets(f"loss.terms.{poison}={{at_call: 4}}", "train.nonfinite=skip")])
+    ok(
+        capsys,
+        [
+            "train",
+            VANILLA,
+            "--out",
+            str(out),
+            *QUICK,
+            *sets(f"loss.terms.{poison}={{at_call: 4}}", "train.nonfinite=skip"),
+        ],
+    )
     log = (out / "log.txt").read_text()
     assert "epoch 3 step 0: non-finite loss, step skipped" in log and f"{poison}=nan" in log
     assert all(torch.isfinite(t).all() for t in weights(out / "student.safetensors").values())
@@ -381,8 +409,14 @@ def test_nonfinite_skip_skips_the_step_and_finishes(poison, tmp_path, capsys):
 def test_grad_clip_bounds_the_step(tmp_path, capsys, clip):
     """One plain SGD step (no momentum, no decay) on a loss scaled by 1e6: |dtheta| = lr * clip exactly."""
     out, lr = tmp_path / "run", 0.1
-    extra = ["loss.ce=1e6", f"train.lr={lr}", "train.momentum=0", "train.weight_decay=0", "train.schedule.type=constant",
-             "train.keep_epochs=[0]"] + ([f"train.grad_clip={clip}"] if clip else [])
+    extra = [
+        "loss.ce=1e6",
+        f"train.lr={lr}",
+        "train.momentum=0",
+        "train.weight_decay=0",
+        "train.schedule.type=constant",
+        "train.keep_epochs=[0]",
+    ] + ([f"train.grad_clip={clip}"] if clip else [])
     ok(capsys, ["train", VANILLA, "--out", str(out), *TINY, *sets(*extra)])
     before, after = weights(out / "checkpoints" / "epoch_0.safetensors"), weights(out / "student.safetensors")
     from kdlab import models
@@ -404,10 +438,16 @@ def _cifar100_objects(n_train=40, n_test=20):
     objs = {}
     for split, n in (("train", n_train), ("test", n_test)):
         fine = [int(v) for v in rng.integers(0, 100, n)]
-        objs[split] = {b"fine_labels": fine, b"coarse_labels": [v // 5 for v in fine],
-                       b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"batch_label": b"x"}
-    objs["meta"] = {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
-                    b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}
+        objs[split] = {
+            b"fine_labels": fine,
+            b"coarse_labels": [v // 5 for v in fine],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"batch_label": b"x",
+        }
+    objs["meta"] = {
+        b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"s{i}".encode() for i in range(20)],
+    }
     return objs
 
 
@@ -433,12 +473,36 @@ def _cifar_tar(path: Path, objs: dict) -> Path:
 def test_cifar_faults_are_named_at_the_cli(tmp_path, capsys):
     def train_on(root, *names):
         out = tmp_path / f"out_{uuid.uuid4().hex[:6]}"
-        refused(capsys, ["train", VANILLA, "--out", str(out), *TINY, *sets("data.name=cifar100", f"data.root={root}", "train.batch_size=16")], *names)
+        refused(
+            capsys,
+            [
+                "train",
+                VANILLA,
+                "--out",
+                str(out),
+                *TINY,
+                *sets("data.name=cifar100", f"data.root={root}", "train.batch_size=16"),
+            ],
+            *names,
+        )
         assert not (out / "result.json").exists()
 
     good = _cifar100_objects()
-    assert main(["train", VANILLA, "--out", str(tmp_path / "control"), *TINY,
-                 *sets("data.name=cifar100", f"data.root={_cifar_folder(tmp_path / 'good', good)}", "train.batch_size=16")]) == 0  # control
+    assert (
+        main(
+            [
+                "train",
+                VANILLA,
+                "--out",
+                str(tmp_path / "control"),
+                *TINY,
+                *sets(
+                    "data.name=cifar100", f"data.root={_cifar_folder(tmp_path / 'good', good)}", "train.batch_size=16"
+                ),
+            ]
+        )
+        == 0
+    )  # control
     capsys.readouterr()
     tar = _cifar_tar(tmp_path / "cut" / "cifar-100-python.tar.gz", good)
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
@@ -463,9 +527,18 @@ def test_empty_class_folder_is_named_at_the_cli(tmp_path, capsys):
                 Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / cls / f"{i}.png")
     (root / "train" / "emu").mkdir()
     out = tmp_path / "out"
-    refused(capsys, ["train", VANILLA, "--out", str(out), *TINY, *sets("data.name=imagefolder", f"data.root={root}",
-                                                                      "data.image_size=8", "train.batch_size=2")],
-            root / "train" / "emu")
+    refused(
+        capsys,
+        [
+            "train",
+            VANILLA,
+            "--out",
+            str(out),
+            *TINY,
+            *sets("data.name=imagefolder", f"data.root={root}", "data.image_size=8", "train.batch_size=2"),
+        ],
+        root / "train" / "emu",
+    )
     assert not (out / "result.json").exists()
 
 
@@ -509,8 +582,12 @@ def _fail_checkpoint_write(monkeypatch, nth: int, exc: BaseException) -> list[Pa
 def test_disk_full_during_a_checkpoint_write(runs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     seen = _fail_checkpoint_write(monkeypatch, 3, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-    refused(capsys, ["train", VANILLA, "--out", str(out), *QUICK], out / "checkpoints" / "last.safetensors",
-            "No space left on device")
+    refused(
+        capsys,
+        ["train", VANILLA, "--out", str(out), *QUICK],
+        out / "checkpoints" / "last.safetensors",
+        "No space left on device",
+    )
     assert len(seen) == 3 and not seen[-1].exists()
     ckdir = out / "checkpoints"
     assert not [p.name for p in ckdir.iterdir() if ".tmp" in p.name]  # no stray temp file
@@ -595,8 +672,12 @@ def _wait_for(paths: list[Path], proc: subprocess.Popen, timeout: float = 120) -
 
 def test_second_writer_is_refused_and_a_killed_owner_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "kdlab", "train", VANILLA, "--out", str(out), *QUICK],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "kdlab", "train", VANILLA, "--out", str(out), *QUICK],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_for([out / ".lock", out / "config.yaml"], first)
         first.send_signal(signal.SIGSTOP)  # alive but frozen: it holds the directory as long as we like

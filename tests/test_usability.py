@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from kdlab import checkpoint, models, pipeline
@@ -62,7 +61,10 @@ def test_table_groups_seeds_of_a_recipe_into_mean_and_std(runs, capsys):
     assert main(["table", str(runs)]) == 0
     out = capsys.readouterr().out
     rows = {r[0]: r for r in md_rows(out)}
-    assert set(rows) == {"vanilla smallcnn_narrow", "kd smallcnn_narrow <- smallcnn_wide"}  # teacher caches below are skipped
+    assert set(rows) == {
+        "vanilla smallcnn_narrow",
+        "kd smallcnn_narrow <- smallcnn_wide",
+    }  # teacher caches below are skipped
     params = sum(p.numel() for p in models.create("smallcnn_narrow", num_classes=10, in_chans=1).parameters())
     for label, prefix in (("vanilla smallcnn_narrow", "vanilla"), ("kd smallcnn_narrow <- smallcnn_wide", "kd")):
         res = results_of(runs, prefix)
@@ -100,7 +102,10 @@ def test_table_all_takes_teacher_caches_and_labels_split_recipes_by_what_differs
     tiny_run(tmp_path / "kd-T8", "kd.yaml", 0, "loss.terms.kd.T=8")
     assert main(["table", str(runs / "kd-s0"), str(tmp_path / "kd-T8")]) == 0
     labels = [r[0] for r in md_rows(capsys.readouterr().out)]
-    assert labels == ["kd smallcnn_narrow <- smallcnn_wide (loss.terms.kd.T=4)", "kd smallcnn_narrow <- smallcnn_wide (loss.terms.kd.T=8)"]
+    assert labels == [
+        "kd smallcnn_narrow <- smallcnn_wide (loss.terms.kd.T=4)",
+        "kd smallcnn_narrow <- smallcnn_wide (loss.terms.kd.T=8)",
+    ]
     assert main(["table", str(runs / "kd-s0"), str(tmp_path / "kd-T8"), "--ignore", "loss.terms.kd.T"]) == 0
     (row,) = md_rows(capsys.readouterr().out)
     assert row[0] == "kd smallcnn_narrow <- smallcnn_wide" and row[1] == "2"
@@ -156,14 +161,31 @@ def test_plot_recon_needs_recon_json_then_draws_bars(runs, tmp_path, capsys):
     try:
         for name, value in (("kd-s0", 0.25), ("kd-s1", 0.35), ("vanilla-s0", 0.5)):
             path = runs / name / "recon.json"
-            path.write_text(json.dumps({"recon_error": value, "loss": "l1", "layer": "stage3", "rate": 0.5, "epochs": 10}))
+            path.write_text(
+                json.dumps({"recon_error": value, "loss": "l1", "layer": "stage3", "rate": 0.5, "epochs": 10})
+            )
             written.append(path)
-        assert main(["plot", "--recon", str(runs / "kd-s0"), str(runs / "kd-s1"), str(runs / "vanilla-s0"), "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "plot",
+                    "--recon",
+                    str(runs / "kd-s0"),
+                    str(runs / "kd-s1"),
+                    str(runs / "vanilla-s0"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         assert out.read_bytes().startswith(PNG_MAGIC)
         # the table shows the recon column too: the mean over the recipe's seeds
         assert main(["table", str(runs / "kd-s0"), str(runs / "kd-s1")]) == 0
         assert md_rows(capsys.readouterr().out)[0][-1] == "0.3000 ± 0.0707"
-        written[-1].write_text(json.dumps({"recon_error": 0.5, "loss": "l2", "layer": "stage3", "rate": 0.5, "epochs": 10}))
+        written[-1].write_text(
+            json.dumps({"recon_error": 0.5, "loss": "l2", "layer": "stage3", "rate": 0.5, "epochs": 10})
+        )
         assert main(["plot", "--recon", str(runs / "kd-s0"), str(runs / "vanilla-s0"), "--out", str(out)]) == 2
         assert "different settings" in capsys.readouterr().err
     finally:
@@ -187,7 +209,8 @@ def test_export_safetensors_is_the_plain_student_and_evaluates_like_the_run(runs
     reference = plain()
     assert set(tensors) == set(reference.state_dict())
     assert sum(t.numel() for k, t in tensors.items() if k in dict(reference.named_parameters())) == sum(
-        p.numel() for p in reference.parameters())
+        p.numel() for p in reference.parameters()
+    )
     assert meta["model"] == "smallcnn_narrow" and meta["num_classes"] == 10 and meta["in_chans"] == 1
     assert main(["eval", str(out)]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -253,7 +276,9 @@ class Tiny(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.block1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.block2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.block2 = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU()
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10))
 
     def forward(self, x):
@@ -286,12 +311,19 @@ def test_api_distils_a_user_model_with_layers_named_by_module(digits):
     teacher, student = Tiny(16), Tiny(4)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    d = Distill(student, [teacher], ce=0.1, terms={
-        "kd": {"weight": 0.9, "T": 4},
-        "at": {"student_layers": ["block1", "block2"], "teacher_layers": ["block1", "block2"]},
-        "fitnet": {"stages": "single", "student_layers": ["block2"], "teacher_layers": ["block2"]},
-    })
-    history = d.fit((train.images, train.labels), epochs=2, lr=0.05, test_data=(test.images, test.labels), max_steps_per_epoch=3)
+    d = Distill(
+        student,
+        [teacher],
+        ce=0.1,
+        terms={
+            "kd": {"weight": 0.9, "T": 4},
+            "at": {"student_layers": ["block1", "block2"], "teacher_layers": ["block1", "block2"]},
+            "fitnet": {"stages": "single", "student_layers": ["block2"], "teacher_layers": ["block2"]},
+        },
+    )
+    history = d.fit(
+        (train.images, train.labels), epochs=2, lr=0.05, test_data=(test.images, test.labels), max_steps_per_epoch=3
+    )
     assert [h["epoch"] for h in history] == [1, 2]
     for key in ("train_ce", "train_kd", "train_at", "train_fitnet", "test_top1"):
         assert all(key in h and math.isfinite(h[key]) for h in history), key
@@ -316,7 +348,9 @@ def test_api_learns_from_a_dataset_and_takes_a_torch_dataloader(digits, tmp_path
     d = Distill(Tiny(8))
     d.fit(train, epochs=3, lr=0.1, test_data=test, run_dir=tmp_path / "run")
     assert d.evaluate(test)["top1"] > 20  # chance is 10 (28.3 when written, deterministic on CPU)
-    assert (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "run" / "checkpoints" / "last.safetensors").exists()
+    assert (tmp_path / "run" / "metrics.jsonl").exists() and (
+        tmp_path / "run" / "checkpoints" / "last.safetensors"
+    ).exists()
 
     class Sampler(torch.utils.data.Sampler):
         def __init__(self, n):
@@ -337,7 +371,9 @@ def test_api_learns_from_a_dataset_and_takes_a_torch_dataloader(digits, tmp_path
     loader = torch.utils.data.DataLoader(ds, batch_size=32, sampler=sampler)
     student = Tiny(4)
     history = Distill(student, d.student, terms={"kd": {"T": 2}}).fit(loader, epochs=2, test_data=loader)
-    assert sampler.epochs[:2] == [0, 1] and len(history) == 2 and "test_top1" in history[-1] and "train_kd" in history[-1]
+    assert (
+        sampler.epochs[:2] == [0, 1] and len(history) == 2 and "test_top1" in history[-1] and "train_kd" in history[-1]
+    )
     assert "test_top1" not in Distill(Tiny(4)).fit(loader, epochs=1)[-1]  # no test data: no evaluation
 
 

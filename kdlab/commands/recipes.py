@@ -22,8 +22,12 @@ def run(args) -> int:
         prefix = args.family.strip("/") + "/"
         recipes = {k: v for k, v in recipes.items() if k.startswith(prefix)}
         if not recipes:
-            families = sorted({"/".join(k.split("/")[:2]) if k.startswith("cifar100/") else k.split("/")[0]
-                               for k in packaged_recipes()})
+            families = sorted(
+                {
+                    "/".join(k.split("/")[:2]) if k.startswith("cifar100/") else k.split("/")[0]
+                    for k in packaged_recipes()
+                }
+            )
             raise KdlabError(f"no packaged recipes under {args.family!r}; families: {', '.join(families)}")
     width = max(map(len, recipes))
     for name, path in recipes.items():

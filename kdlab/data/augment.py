@@ -48,10 +48,10 @@ class Views(NamedTuple):
     flip: torch.Tensor
     angle: torch.Tensor
 
-    def to(self, device) -> "Views":
+    def to(self, device) -> Views:
         return Views(*(t.to(device) for t in self))
 
-    def select(self, index) -> "Views":
+    def select(self, index) -> Views:
         """The views of the samples at ``index`` (slice or int tensor)."""
         return Views(*(t[index] for t in self))
 

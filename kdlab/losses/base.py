@@ -10,13 +10,13 @@ from pydantic import Field
 from torch import nn
 
 from kdlab import taps
-from kdlab.strict import Strict
 from kdlab.errors import LayerError
+from kdlab.strict import Strict
 
-TERMS: dict[str, type["Term"]] = {}
+TERMS: dict[str, type[Term]] = {}
 
 
-def register(cls: type["Term"]) -> type["Term"]:
+def register(cls: type[Term]) -> type[Term]:
     TERMS[cls.name] = cls
     return cls
 
@@ -67,10 +67,19 @@ class Term(nn.Module):
         if self.needs_teacher and not teachers:
             raise LayerError(f"loss term {self.name!r} needs a teacher")
         self.student_layers = self._layers(student, "student_layers", self.default_student_layers, "student")
-        self.teacher_layers = [
-            self._layers(t, "teacher_layers", self.default_teacher_layers, f"teacher {i}") for i, t in enumerate(teachers)
-        ] if self.reads_teacher_features else [[] for _ in teachers]
-        if self.reads_teacher_features and self.student_layers and any(len(tl) != len(self.student_layers) for tl in self.teacher_layers):
+        self.teacher_layers = (
+            [
+                self._layers(t, "teacher_layers", self.default_teacher_layers, f"teacher {i}")
+                for i, t in enumerate(teachers)
+            ]
+            if self.reads_teacher_features
+            else [[] for _ in teachers]
+        )
+        if (
+            self.reads_teacher_features
+            and self.student_layers
+            and any(len(tl) != len(self.student_layers) for tl in self.teacher_layers)
+        ):
             raise LayerError(
                 f"{self.name}: {len(self.student_layers)} student layer(s) {self.student_layers} but teacher layers "
                 f"{self.teacher_layers}; give the same number (student_layers / teacher_layers options)"
@@ -89,7 +98,8 @@ class Term(nn.Module):
         """Create side modules from the shapes of one probe batch (no-op by default)."""
 
     def attach_training_set(self, labels: torch.Tensor) -> None:
-        """Size per-sample state (a memory bank over the training set) from the labels in index order; no-op by default."""
+        """Size per-sample state (a memory bank over the training set) from the labels in index order;
+        no-op by default."""
 
     def pre_stage(self, ctx) -> None:
         """A stage that runs before the main training (FitNet hints, FT paraphraser); no-op by default."""

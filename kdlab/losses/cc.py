@@ -21,12 +21,18 @@ class CCOptions(TermOptions):
         "|e_s - e_t|, batch-order dependent; paper: MSE between the two Taylor-RBF correlation matrices of the batch",
     )
     embed_dim: int | None = Field(
-        default=128, ge=1, description="a linear head on each side maps the embedding to this width, trained with the "
-        "student (RepDistiller's LinearEmbed; the teacher's head is trained too); null: no heads")
+        default=128,
+        ge=1,
+        description="a linear head on each side maps the embedding to this width, trained with the "
+        "student (RepDistiller's LinearEmbed; the teacher's head is trained too); null: no heads",
+    )
     gamma: float = Field(default=0.4, gt=0, description="mode 'paper': RBF kernel exp(-gamma ||x - y||^2)")
     order: int = Field(default=2, ge=0, le=10, description="mode 'paper': order P of the kernel's Taylor series")
-    gather: bool = Field(default=False, description="under torchrun: relate the samples of the global batch (every rank's "
-                         "embeddings (after the heads) gathered, the student's differentiably) instead of each rank's share")
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: relate the samples of the global batch (every rank's "
+        "embeddings (after the heads) gathered, the student's differentiably) instead of each rank's share",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 

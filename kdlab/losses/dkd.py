@@ -18,8 +18,14 @@ from kdlab.losses import functional as F
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
-def dkd(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float = 1.0, beta: float = 8.0,
-        T: float = 4.0) -> Tensor:
+def dkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    T: float = 4.0,
+) -> Tensor:
     r"""``alpha * TCKD + beta * NCKD``, each ``T^2 * (1/N) sum_n KL(teacher || student)``.
 
     .. math::
@@ -66,18 +72,28 @@ def ramp(term: str, value: Tensor, progress: Tensor | float | None, warmup_epoch
     if warmup_epochs <= 0:
         return value
     if progress is None:
-        raise LayerError(f"{term}: its warm-up needs the training progress, which kdlab's trainer passes; "
-                         "call the Distiller with progress=<epochs completed> or set warmup_epochs: 0")
+        raise LayerError(
+            f"{term}: its warm-up needs the training progress, which kdlab's trainer passes; "
+            "call the Distiller with progress=<epochs completed> or set warmup_epochs: 0"
+        )
     return value * warmup_factor(progress, warmup_epochs)
 
 
 class DKDOptions(TermOptions):
-    weight: float = Field(default=1.0, ge=0, description="multiplies alpha * TCKD + beta * NCKD (mdistiller: CE 1, DKD 1)")
+    weight: float = Field(
+        default=1.0, ge=0, description="multiplies alpha * TCKD + beta * NCKD (mdistiller: CE 1, DKD 1)"
+    )
     alpha: float = Field(default=1.0, ge=0, description="weight of the target-class part (TCKD)")
-    beta: float = Field(default=8.0, ge=0, description="weight of the non-target part (NCKD); mdistiller uses 8 by default, "
-                        "2 for resnet56->resnet20 and resnet110->resnet32, 6 for vgg13->vgg8 and vgg13->MobileNetV2")
+    beta: float = Field(
+        default=8.0,
+        ge=0,
+        description="weight of the non-target part (NCKD); mdistiller uses 8 by default, "
+        "2 for resnet56->resnet20 and resnet110->resnet32, 6 for vgg13->vgg8 and vgg13->MobileNetV2",
+    )
     T: float = Field(default=4.0, gt=0)
-    warmup_epochs: float = Field(default=20.0, ge=0, description="linear ramp of the whole term over the first epochs (0: none)")
+    warmup_epochs: float = Field(
+        default=20.0, ge=0, description="linear ramp of the whole term over the first epochs (0: none)"
+    )
     teacher: int = Field(default=0, ge=0, description="which teacher (index in 'teachers')")
 
 
@@ -95,5 +111,7 @@ class DKD(Term):
             raise ConfigError(f"loss.terms.dkd.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)")
 
     def forward(self, out: Outputs) -> Tensor:
-        value = dkd(out.logits, out.teacher_logits[self.opts.teacher], out.targets, self.opts.alpha, self.opts.beta, self.opts.T)
+        value = dkd(
+            out.logits, out.teacher_logits[self.opts.teacher], out.targets, self.opts.alpha, self.opts.beta, self.opts.T
+        )
         return ramp(self.name, value, out.progress, self.opts.warmup_epochs)

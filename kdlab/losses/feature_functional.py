@@ -54,7 +54,9 @@ def vid(pred_mean: Tensor, target: Tensor, log_scale: Tensor, eps: float = 1e-5)
     _check_pair("vid", pred_mean, target, "map", "the regressor must output the teacher's channels and size")
     _require_tensor("vid", "log_scale", log_scale)
     if log_scale.dim() != 1 or log_scale.shape[0] != target.shape[1]:
-        raise LayerError(f"vid: log_scale must hold one value per channel ({target.shape[1]},), got {_shape(log_scale)}")
+        raise LayerError(
+            f"vid: log_scale must hold one value per channel ({target.shape[1]},), got {_shape(log_scale)}"
+        )
     eps = _check_positive("vid", "eps", eps)
     mu, t, alpha = _as_float(pred_mean, target, log_scale)
     var = _channel_view(F.softplus(alpha) + eps, mu)
@@ -100,19 +102,21 @@ def fsp(student_maps: list[Tensor], teacher_maps: list[Tensor]) -> Tensor:
     """
     if len(student_maps) != len(teacher_maps) or len(student_maps) < 2:
         raise LayerError(
-            f"fsp: needs the same number (>= 2) of student and teacher layers, got {len(student_maps)} and {len(teacher_maps)}"
+            f"fsp: needs the same number (>= 2) of student and teacher layers, "
+            f"got {len(student_maps)} and {len(teacher_maps)}"
         )
     maps = _as_float(*student_maps, *teacher_maps)
-    s_maps, t_maps = maps[: len(student_maps)], maps[len(student_maps):]
+    s_maps, t_maps = maps[: len(student_maps)], maps[len(student_maps) :]
     total = maps[0].new_zeros(())
     for i in range(len(s_maps) - 1):
         g_s = fsp_matrix(s_maps[i], s_maps[i + 1])
         g_t = fsp_matrix(t_maps[i], t_maps[i + 1])
         if g_s.shape != g_t.shape:
             raise LayerError(
-                f"fsp: layer pair {i}: student FSP matrix {_shape(g_s)} (maps {_shape(s_maps[i])}, {_shape(s_maps[i + 1])}) vs "
-                f"teacher {_shape(g_t)} (maps {_shape(t_maps[i])}, {_shape(t_maps[i + 1])}); FSP needs equal channel counts "
-                "at every tapped layer (student_layers / teacher_layers options)"
+                f"fsp: layer pair {i}: student FSP matrix {_shape(g_s)} "
+                f"(maps {_shape(s_maps[i])}, {_shape(s_maps[i + 1])}) vs "
+                f"teacher {_shape(g_t)} (maps {_shape(t_maps[i])}, {_shape(t_maps[i + 1])}); "
+                "FSP needs equal channel counts at every tapped layer (student_layers / teacher_layers options)"
             )
         total = total + (g_s - g_t).pow(2).mean()
     return total

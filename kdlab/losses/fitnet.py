@@ -13,7 +13,9 @@ from kdlab.losses.heads import conv_regressor
 
 
 class FitNetOptions(TermOptions):
-    weight: float = Field(default=100.0, ge=0, description="weight of the hint MSE (mean over elements) in single-stage mode")
+    weight: float = Field(
+        default=100.0, ge=0, description="weight of the hint MSE (mean over elements) in single-stage mode"
+    )
     stages: Literal["two", "single"] = Field(
         default="two",
         description="two: the paper's hint stage first (student up to the guided layer + regressor), then the main "
@@ -60,6 +62,12 @@ class FitNet(Term):
         # layer receive gradients (the rest keep grad None, so SGD leaves them and their decay alone).
         params = list(ctx.student.parameters()) + list(self.regressors.parameters())
         run_stage(
-            ctx, "fitnet_hint", {"student": ctx.student, "regressors": self.regressors}, params,
-            lambda x, y: self(ctx.forward(x, y)), self.opts.hint_epochs, self.opts.hint_lr, f"loss.terms.{self.name}.hint_lr",
+            ctx,
+            "fitnet_hint",
+            {"student": ctx.student, "regressors": self.regressors},
+            params,
+            lambda x, y: self(ctx.forward(x, y)),
+            self.opts.hint_epochs,
+            self.opts.hint_lr,
+            f"loss.terms.{self.name}.hint_lr",
         )

@@ -16,23 +16,33 @@ from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class FSPOptions(TermOptions):
-    weight: float = Field(default=50.0, ge=0, description="multiplies the FSP loss in the main stage when stages: single "
-                          "(RepDistiller's -b 50, which its two-stage runs never apply)")
+    weight: float = Field(
+        default=50.0,
+        ge=0,
+        description="multiplies the FSP loss in the main stage when stages: single "
+        "(RepDistiller's -b 50, which its two-stage runs never apply)",
+    )
     stages: Literal["two", "single"] = Field(
         default="two",
         description="two: an initialisation stage on the FSP loss, then the main stage without it (paper and "
         "RepDistiller); single: weight * FSP added to the main loss throughout",
     )
     init_epochs: int = Field(default=30, ge=1, description="epochs of the initialisation stage (RepDistiller's 30)")
-    init_lr: float = Field(default=0.05, gt=0, description="learning rate of the initialisation stage (RepDistiller: the student's)")
-    student_layers: list[str] | None = Field(default=None, description="student layers, shallow to deep: one FSP matrix "
-                                             "per consecutive pair (RepDistiller: the stem and every stage); null: every stage")
+    init_lr: float = Field(
+        default=0.05, gt=0, description="learning rate of the initialisation stage (RepDistiller: the student's)"
+    )
+    student_layers: list[str] | None = Field(
+        default=None,
+        description="student layers, shallow to deep: one FSP matrix "
+        "per consecutive pair (RepDistiller: the stem and every stage); null: every stage",
+    )
     teacher_layers: list[str] | None = None
 
 
 @register
 class FSP(Term):
-    """Sum over consecutive tapped layers of mean (G_s - G_t)^2; channel counts must match the teacher's layer by layer."""
+    """Sum over consecutive tapped layers of mean (G_s - G_t)^2; channel counts must match the teacher's
+    layer by layer."""
 
     name = "fsp"
     Options = FSPOptions
@@ -46,7 +56,9 @@ class FSP(Term):
         if len(self.student_layers) < 2:
             from kdlab.errors import LayerError
 
-            raise LayerError(f"fsp: needs at least two layers (one FSP matrix per consecutive pair), got {self.student_layers}")
+            raise LayerError(
+                f"fsp: needs at least two layers (one FSP matrix per consecutive pair), got {self.student_layers}"
+            )
 
     def build(self, probe: Outputs) -> None:
         with torch.no_grad():  # fail here, before any training, when the channel counts do not match
@@ -61,5 +73,12 @@ class FSP(Term):
             return
         from kdlab.stages import run_stage
 
-        run_stage(ctx, "fsp_init", {"student": ctx.student}, list(ctx.student.parameters()),
-                  lambda x, y: self(ctx.forward(x, y)), self.opts.init_epochs, self.opts.init_lr)
+        run_stage(
+            ctx,
+            "fsp_init",
+            {"student": ctx.student},
+            list(ctx.student.parameters()),
+            lambda x, y: self(ctx.forward(x, y)),
+            self.opts.init_epochs,
+            self.opts.init_lr,
+        )

@@ -105,9 +105,7 @@ def _check_same_shape(name: str, student: Tensor, teacher: Tensor, what: str, fi
     _require_tensor(name, "student input", student)
     _require_tensor(name, "teacher input", teacher)
     if student.shape != teacher.shape:
-        raise LayerError(
-            f"{name}: {what} shapes differ: student {_shape(student)} vs teacher {_shape(teacher)}; {fix}"
-        )
+        raise LayerError(f"{name}: {what} shapes differ: student {_shape(student)} vs teacher {_shape(teacher)}; {fix}")
 
 
 def _check_maps(name: str, fs: Tensor, ft: Tensor) -> None:
@@ -268,7 +266,8 @@ def tfkd_reg_target(targets: Tensor, num_classes: int, a: float = 0.99, *, dtype
 
 @_float_math
 def tfkd_reg(student_logits: Tensor, targets: Tensor, a: float = 0.99, T: float = 20.0, mode: str = "code") -> Tensor:
-    r"""Tf-KD_reg's regularisation term (Yuan et al., CVPR 2020; official code's form), without the CE term and the weights.
+    r"""Tf-KD_reg's regularisation term (Yuan et al., CVPR 2020; official code's form), without the CE term
+    and the weights.
 
     ``p_d = tfkd_reg_target(targets, K, a)`` is the manual **probability** distribution. In both modes
     the virtual teacher is ``softmax(p_d / T)``: the softmax of the *probabilities* divided by ``T``
@@ -520,8 +519,7 @@ def lp(fs: Tensor, ft: Tensor, k: int = 5, sigma2: float | None = None, normaliz
     n = fs.shape[0]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n - 1:
         raise ConfigError(
-            f"lp: k={k!r} neighbours need 1 <= k <= N-1, but the batch has N={n} samples; "
-            "lower k or use a larger batch"
+            f"lp: k={k!r} neighbours need 1 <= k <= N-1, but the batch has N={n} samples; lower k or use a larger batch"
         )
     k = int(k)
     if sigma2 is not None:

@@ -13,16 +13,28 @@ from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class LPOptions(TermOptions):
-    weight: float = Field(default=1.5, ge=0, description="gamma; the third-party implementation's 1.5 with the 1/(N k) scaling")
+    weight: float = Field(
+        default=1.5, ge=0, description="gamma; the third-party implementation's 1.5 with the 1/(N k) scaling"
+    )
     k: int = Field(default=5, ge=1)
-    sigma2: float | None = Field(default=None, gt=0, description="None: the detached mean teacher distance over the kNN pairs")
-    normalize: bool = Field(default=False, description="L2-normalise both features before any distance; without it the "
-                            "loss can be lowered by shrinking the student's features, which stalls a CIFAR student (docs/methods/lp.md)")
+    sigma2: float | None = Field(
+        default=None, gt=0, description="None: the detached mean teacher distance over the kNN pairs"
+    )
+    normalize: bool = Field(
+        default=False,
+        description="L2-normalise both features before any distance; without it the "
+        "loss can be lowered by shrinking the student's features, which stalls a CIFAR student (docs/methods/lp.md)",
+    )
     placement: Literal["embedding", "hint"] = Field(
-        default="embedding", description="default layers when none are named: the penultimate embedding, or FitNet's "
-        "hint layer (the 'middle' stage), where the LP paper places the loss")
-    gather: bool = Field(default=False, description="under torchrun: build the kNN graph over the global batch (every "
-                         "rank's embeddings gathered) instead of within each rank's share of it")
+        default="embedding",
+        description="default layers when none are named: the penultimate embedding, or FitNet's "
+        "hint layer (the 'middle' stage), where the LP paper places the loss",
+    )
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: build the kNN graph over the global batch (every "
+        "rank's embeddings gathered) instead of within each rank's share of it",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 

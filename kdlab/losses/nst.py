@@ -14,11 +14,19 @@ from kdlab.losses.base import Outputs, Term, TermOptions, pool_to_match, registe
 class NSTOptions(TermOptions):
     weight: float = Field(default=50.0, ge=0, description="multiplies MMD^2 (the official code's 50 = lambda/2)")
     kernel: Literal["linear", "poly", "gaussian"] = "poly"
-    sigma2: float | None = Field(default=None, gt=0, description="gaussian bandwidth; None: the detached mean pairwise squared distance per sample")
-    teacher_term: bool = Field(default=True, description="keep the constant teacher-teacher term (true MMD^2 >= 0); the official code drops it")
+    sigma2: float | None = Field(
+        default=None,
+        gt=0,
+        description="gaussian bandwidth; None: the detached mean pairwise squared distance per sample",
+    )
+    teacher_term: bool = Field(
+        default=True, description="keep the constant teacher-teacher term (true MMD^2 >= 0); the official code drops it"
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
-    pool: bool = Field(default=True, description="average-pool the larger map when spatial sizes differ (as RepDistiller)")
+    pool: bool = Field(
+        default=True, description="average-pool the larger map when spatial sizes differ (as RepDistiller)"
+    )
 
 
 @register
@@ -39,5 +47,7 @@ class NST(Term):
         teacher = out.teacher_feats[0]
         for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[0]):
             fs, ft = pool_to_match(out.feats[s_spec], teacher[t_spec], self.opts.pool, f"nst {s_spec}/{t_spec}")
-            total = total + F.nst(fs, ft, kernel=self.opts.kernel, sigma2=self.opts.sigma2, teacher_term=self.opts.teacher_term)
+            total = total + F.nst(
+                fs, ft, kernel=self.opts.kernel, sigma2=self.opts.sigma2, teacher_term=self.opts.teacher_term
+            )
         return total

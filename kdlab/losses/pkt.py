@@ -13,14 +13,19 @@ from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class PKTOptions(TermOptions):
-    weight: float = Field(default=30000.0, ge=0, description="for the mean over the N^2 KL entries (RepDistiller's 30000)")
+    weight: float = Field(
+        default=30000.0, ge=0, description="for the mean over the N^2 KL entries (RepDistiller's 30000)"
+    )
     mode: Literal["code", "paper"] = Field(
         default="code",
         description="code: the authors' code (each sample's self-similarity kept in its distribution, mean over N^2); "
         "paper: conditional distributions over the other samples only (mean over N(N-1))",
     )
-    gather: bool = Field(default=False, description="under torchrun: relate the samples of the global batch (every rank's "
-                         "embeddings gathered, the student's differentiably) instead of each rank's share")
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: relate the samples of the global batch (every rank's "
+        "embeddings gathered, the student's differentiably) instead of each rank's share",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 

@@ -169,7 +169,8 @@ def rkd(fs: Tensor, ft: Tensor, distance_weight: float = 25.0, angle_weight: flo
         \psi_D(i,j) = \frac{\|e_i - e_j\|}{\mu},\ \mu = \mathrm{mean}_{\|e_i-e_j\| > 0}\|e_i-e_j\|,\qquad
         \psi_A(i,j,k) = \Big\langle \tfrac{e_j - e_i}{\|e_j - e_i\|}, \tfrac{e_k - e_i}{\|e_k - e_i\|} \Big\rangle
 
-        L = w_D\, \mathrm{mean}_{i,j}\, \ell_\delta(\psi_D^s - \psi_D^t) + w_A\, \mathrm{mean}_{i,j,k}\, \ell_\delta(\psi_A^s - \psi_A^t)
+        L = w_D\, \mathrm{mean}_{i,j}\, \ell_\delta(\psi_D^s - \psi_D^t)
+            + w_A\, \mathrm{mean}_{i,j,k}\, \ell_\delta(\psi_A^s - \psi_A^t)
 
     ``l_delta`` is the Huber loss with delta 1 (``smooth_l1``). The means run over all N^2 pairs and
     N^3 triplets, the degenerate ones (value 0 on both sides) included, as in the code; the paper

@@ -11,11 +11,20 @@ from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class RKDOptions(TermOptions):
-    weight: float = Field(default=1.0, ge=0, description="multiplies distance_weight * L_D + angle_weight * L_A (RepDistiller's 1)")
-    distance_weight: float = Field(default=25.0, ge=0, description="weight of the distance term inside the loss (RepDistiller's 25)")
-    angle_weight: float = Field(default=50.0, ge=0, description="weight of the angle term inside the loss (RepDistiller's 50)")
-    gather: bool = Field(default=False, description="under torchrun: relate the samples of the global batch (every rank's "
-                         "embeddings gathered, the student's differentiably) instead of each rank's share")
+    weight: float = Field(
+        default=1.0, ge=0, description="multiplies distance_weight * L_D + angle_weight * L_A (RepDistiller's 1)"
+    )
+    distance_weight: float = Field(
+        default=25.0, ge=0, description="weight of the distance term inside the loss (RepDistiller's 25)"
+    )
+    angle_weight: float = Field(
+        default=50.0, ge=0, description="weight of the angle term inside the loss (RepDistiller's 50)"
+    )
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: relate the samples of the global batch (every rank's "
+        "embeddings gathered, the student's differentiably) instead of each rank's share",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
@@ -39,5 +48,7 @@ class RKD(Term):
         total = out.logits.new_zeros((), dtype=torch.float32)
         teacher = out.teacher_feats[0]
         for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[0]):
-            total = total + R.rkd(*self._pair(out.feats[s_spec], teacher[t_spec]), self.opts.distance_weight, self.opts.angle_weight)
+            total = total + R.rkd(
+                *self._pair(out.feats[s_spec], teacher[t_spec]), self.opts.distance_weight, self.opts.angle_weight
+            )
         return total

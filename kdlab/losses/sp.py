@@ -11,9 +11,14 @@ from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class SPOptions(TermOptions):
-    weight: float = Field(default=3000.0, ge=0, description="gamma, for the squared Frobenius norm over N^2 (RepDistiller's 3000)")
-    gather: bool = Field(default=False, description="under torchrun: relate the samples of the global batch (every rank's "
-                         "feature maps gathered, the student's differentiably) instead of each rank's share")
+    weight: float = Field(
+        default=3000.0, ge=0, description="gamma, for the squared Frobenius norm over N^2 (RepDistiller's 3000)"
+    )
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: relate the samples of the global batch (every rank's "
+        "feature maps gathered, the student's differentiably) instead of each rank's share",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 

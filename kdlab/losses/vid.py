@@ -14,14 +14,23 @@ from kdlab.losses.heads import vid_regressor
 
 
 class VIDOptions(TermOptions):
-    weight: float = Field(default=1.0, ge=0, description="for the mean negative log-likelihood per element (RepDistiller's 1)")
-    init_var: float = Field(default=5.0, gt=0, description="initial variance of every channel (RepDistiller's init_pred_var)")
+    weight: float = Field(
+        default=1.0, ge=0, description="for the mean negative log-likelihood per element (RepDistiller's 1)"
+    )
+    init_var: float = Field(
+        default=5.0, gt=0, description="initial variance of every channel (RepDistiller's init_pred_var)"
+    )
     eps: float = Field(default=1e-5, gt=0, description="variance floor: sigma^2 = softplus(alpha) + eps")
-    mid_channels: int | None = Field(default=None, ge=1, description="width of the regressor's hidden 1x1 convs; null: "
-                                      "the teacher's channels (RepDistiller)")
+    mid_channels: int | None = Field(
+        default=None,
+        ge=1,
+        description="width of the regressor's hidden 1x1 convs; null: the teacher's channels (RepDistiller)",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
-    pool: bool = Field(default=True, description="average-pool the larger map when spatial sizes differ (as RepDistiller)")
+    pool: bool = Field(
+        default=True, description="average-pool the larger map when spatial sizes differ (as RepDistiller)"
+    )
 
     @model_validator(mode="after")
     def _var_above_eps(self):
