@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from kdlab import __version__, models, train
+from kdlab import __version__, compute, models, optim, train
 from kdlab.config import LossConfig, TrainConfig, load_recipe
 from kdlab.data import DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
@@ -183,24 +183,24 @@ def graph_vs_eager(device: torch.device, sizes: Sizes, train_set, ctx: dict) -> 
             student, teacher = copy.deepcopy(base_student), copy.deepcopy(base_teacher)
             distiller = Distiller(student, [teacher], KD).to(device)
             distiller.build(data[0][0][:8], data[0][1][:8])
-            channels_last = train.use_channels_last(cfg, device)
+            channels_last = compute.use_channels_last(cfg, device)
             if channels_last:
                 distiller.to(memory_format=torch.channels_last)
-            opt = train.make_optimizer(distiller, cfg, device)
+            opt = optim.make_optimizer(distiller, cfg, device)
             capture = mode == "captured"
             graphs = RerunGraphs([distiller]) if capture and device.type != "cuda" else None
             step = GraphStep(
                 lambda x, y, tl, d=distiller: d(x, y, teacher_logits=tl),
                 opt,
                 device,
-                train.autocast_factory(cfg, device, cache_enabled=False),
+                compute.autocast_factory(cfg, device, cache_enabled=False),
                 None,
                 None,
                 capture=capture,
                 graphs=graphs,
             )
             first = None
-            with train.cuda_numerics(cfg, device):
+            with compute.cuda_numerics(cfg, device):
                 for i, (x, y) in enumerate(data):
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -287,7 +287,7 @@ def fast_recipe(device: torch.device, sizes: Sizes, train_set, test_set, name: s
     distiller = Distiller(student, [teacher], recipe.loss).to(device)
     x0, y0 = next(iter(test_loader))
     distiller.build(x0[:8], y0[:8])
-    autocast = train.autocast_factory(cfg, device)
+    autocast = compute.autocast_factory(cfg, device)
 
     sync(device)
     t0 = time.perf_counter()
@@ -304,7 +304,7 @@ def fast_recipe(device: torch.device, sizes: Sizes, train_set, test_set, name: s
         for i, (x, _y, index, view) in enumerate(train_loader.iter_batches(with_meta=True)):
             if i >= sizes.hit_batches:
                 break
-            if train.use_channels_last(cfg, device):
+            if compute.use_channels_last(cfg, device):
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 live = distiller.teachers[0](x).float()
@@ -328,7 +328,7 @@ def fast_recipe(device: torch.device, sizes: Sizes, train_set, test_set, name: s
     for _ in range(2):  # the second one: cuDNN has picked its kernels for the evaluation shapes
         sync(device)
         t0 = time.perf_counter()
-        train.evaluate(distiller.student, test_loader, autocast, train.use_channels_last(cfg, device))
+        train.evaluate(distiller.student, test_loader, autocast, compute.use_channels_last(cfg, device))
         eval_s = time.perf_counter() - t0
     full_steps = full_n // cfg.batch_size
     full_test = 10_000 if sizes.test_images is not None or test_set.name == "synthetic" else len(test_set)

@@ -29,13 +29,14 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from kdlab.compute import resolve_device
 from kdlab.config import LossConfig, TrainConfig, format_validation_error
 from kdlab.data import ArrayDataset, AugmentSpec, DeviceLoader, channel_stats, default_augment
 from kdlab.data_names import FIXED
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError, DataError
 from kdlab.student import EVAL_BATCH, train_student
-from kdlab.train import evaluate, resolve_device
+from kdlab.train import evaluate
 
 __all__ = ["Distill", "distill", "as_dataset"]
 

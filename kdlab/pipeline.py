@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kdlab import checkpoint, distributed
+from kdlab.compute import check_device_options, resolve_device
 from kdlab.config import Recipe, TrainConfig, dump, teacher_train_config, validate
 from kdlab.data import DeviceLoader
 from kdlab.distiller import Distiller
@@ -35,7 +36,6 @@ from kdlab.teachers import (
     teacher_seed,
     trained_teachers,
 )
-from kdlab.train import check_device_options, resolve_device
 
 
 def check_protocol(recipe: Recipe, data: Data, cfg: TrainConfig, seed: int, what: str) -> None:

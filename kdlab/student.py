@@ -20,12 +20,14 @@ import torch
 from torch import nn
 
 from kdlab import __version__, checkpoint, distributed, models
+from kdlab.compute import autocast_factory, resolve_device
 from kdlab.config import LossConfig, Recipe, TrainConfig
 from kdlab.data import ArrayDataset, DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
 from kdlab.errors import CheckpointError, ConfigError
-from kdlab.stages import StageContext
-from kdlab.train import TrainState, autocast_factory, evaluate, fit, resolve_device
+from kdlab.stages import StageContext, run_stages
+from kdlab.train import evaluate, fit
+from kdlab.train_state import TrainState
 
 RESULT = "result.json"
 
@@ -179,8 +181,7 @@ def train_student(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
-    for term in distiller.terms.values():
-        term.pre_stage(ctx)
+    run_stages(ctx, distiller.terms.values())
     return fit(
         distiller,
         train_loader,

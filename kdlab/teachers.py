@@ -16,12 +16,14 @@ import yaml
 from torch import nn
 
 from kdlab import checkpoint, distributed
+from kdlab.compute import autocast_factory, resolve_device
 from kdlab.config import LossConfig, Recipe, TeacherConfig, TrainConfig, teacher_train_config
 from kdlab.errors import CheckpointError
 from kdlab.lock import RunLock
 from kdlab.models import reference_keys
 from kdlab.student import RESULT, Data, Log, build_model, param_count, read_result, train_run
-from kdlab.train import CKPT_BEST, autocast_factory, evaluate, resolve_device
+from kdlab.train import evaluate
+from kdlab.train_state import CKPT_BEST
 
 
 def teacher_key(recipe: Recipe, teacher: TeacherConfig, train_cfg: TrainConfig, seed: int) -> str:

@@ -13,7 +13,7 @@ from test_fast import small_teacher
 from test_train import RECIPES
 from torch import nn
 
-from kdlab import distributed, models, pipeline, train
+from kdlab import compute, distributed, models, optim, pipeline, train, train_state
 from kdlab.config import LossConfig, TrainConfig, load_recipe
 from kdlab.data import AugmentSpec, DeviceLoader, load_dataset
 from kdlab.distiller import Distiller
@@ -35,7 +35,7 @@ def distiller_and_optimizer(digits, cfg: TrainConfig):
     student = models.create("smallcnn", num_classes=10, in_chans=1)
     distiller = Distiller(student, [small_teacher()], KD)
     distiller.build(digits.images[:4].float() / 255, digits.labels[:4])
-    return distiller, train.make_optimizer(distiller, cfg, torch.device("cpu"))
+    return distiller, optim.make_optimizer(distiller, cfg, torch.device("cpu"))
 
 
 def batches(digits, sizes: list[int]):
@@ -136,11 +136,11 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 def test_cuda_graph_under_torchrun_is_refused_before_training():
     cfg = TrainConfig(fast={"graph_step": True})
     with pytest.raises(ConfigError) as e:
-        train.check_device_options(cfg, "cuda", world=2)
+        compute.check_device_options(cfg, "cuda", world=2)
     assert one_line(e).startswith("train.fast.cuda_graph: capturing the step as a CUDA graph under torchrun")
-    train.check_device_options(cfg, "cuda", world=1)
-    train.check_device_options(cfg, "cpu", world=2)  # eager on the CPU: nothing is captured
-    train.check_device_options(
+    compute.check_device_options(cfg, "cuda", world=1)
+    compute.check_device_options(cfg, "cpu", world=2)  # eager on the CPU: nothing is captured
+    compute.check_device_options(
         cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"cuda_graph": False})}), "cuda", 2
     )
 
@@ -157,11 +157,11 @@ def test_cuda_graph_under_torchrun_is_refused_before_training():
 def test_a_disk_teacher_cache_inside_a_capture_is_refused(digits, tmp_path):
     cfg = TrainConfig(teacher_cache=True, fast={"graph_step": True, "cache_storage": "disk"})
     with pytest.raises(ConfigError) as e:
-        train.check_device_options(cfg, "cuda", world=1)
+        compute.check_device_options(cfg, "cuda", world=1)
     assert one_line(e).startswith("train.fast.cache_storage: a disk table is gathered on the host")
-    train.check_device_options(cfg, "cpu", world=1)
+    compute.check_device_options(cfg, "cpu", world=1)
     auto = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"cache_storage": "auto"})})
-    train.check_device_options(auto, "cuda", world=1)
+    compute.check_device_options(auto, "cuda", world=1)
 
     distiller, opt = distiller_and_optimizer(digits, cfg)
     cache = TeacherCache.build(
@@ -288,13 +288,13 @@ def test_checkpoint_keeps_the_cuda_rng_and_the_parameters_layout(tmp_path, monke
     torch.manual_seed(0)
     model = models.create("resnet8", num_classes=10).to(memory_format=torch.channels_last)
     cfg = TrainConfig(device="cpu")
-    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+    opt = optim.make_optimizer(model, cfg, torch.device("cpu"))
     model(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
     opt.step()
-    train.save_checkpoint(tmp_path, model, opt, train.TrainState(epoch=1), cuda)
+    train_state.save_checkpoint(tmp_path, model, opt, train_state.TrainState(epoch=1), cuda)
 
-    fresh = train.make_optimizer(model, cfg, torch.device("cpu"))
-    assert train.load_checkpoint(tmp_path, model, fresh, lambda _m: None, cuda).epoch == 1
+    fresh = optim.make_optimizer(model, cfg, torch.device("cpu"))
+    assert train_state.load_checkpoint(tmp_path, model, fresh, lambda _m: None, cuda).epoch == 1
     assert len(restored) == 1 and torch.equal(restored[0], cuda_state)  # dropout on CUDA resumes exactly
     convs = [p for p in model.parameters() if p.dim() == 4]
     for p in convs:  # momentum laid out like its channels_last parameter: foreach keeps its fast path
@@ -308,12 +308,12 @@ def test_amp_off_on_cuda_is_fp32_without_tf32_and_cudnn_autotunes(monkeypatch):
     monkeypatch.setattr(cudnn, "allow_tf32", True)
     before = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
     cuda = torch.device("cuda")
-    with train.cuda_numerics(TrainConfig(amp="off"), cuda):
+    with compute.cuda_numerics(TrainConfig(amp="off"), cuda):
         assert cudnn.benchmark and not cudnn.allow_tf32 and not matmul.allow_tf32
     assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
-    with train.cuda_numerics(TrainConfig(amp="auto"), cuda):  # bf16: TF32 changes nothing that matters
+    with compute.cuda_numerics(TrainConfig(amp="auto"), cuda):  # bf16: TF32 changes nothing that matters
         assert cudnn.benchmark and cudnn.allow_tf32
-    with train.cuda_numerics(TrainConfig(amp="off"), torch.device("cpu")):
+    with compute.cuda_numerics(TrainConfig(amp="off"), torch.device("cpu")):
         assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
 
 

@@ -429,7 +429,7 @@ class Batches:
 
 @pytest.mark.parametrize("term, teacher", [("ab", "smallcnn_wide"), ("fsp", "smallcnn")])
 def test_init_stage_lowers_its_loss_is_saved_and_reloaded(term, teacher, tmp_path: Path):
-    from kdlab.stages import StageContext
+    from kdlab.stages import StageContext, run_stages
 
     student, t_model = digits_pair(teacher)
     d = Distiller(student, [t_model], LossConfig(terms={term: {"init_epochs": 4, "init_lr": 0.05}}))
@@ -456,7 +456,7 @@ def test_init_stage_lowers_its_loss_is_saved_and_reloaded(term, teacher, tmp_pat
     before = loss()
     fc = student.fc.weight.detach().clone()
     d.train()
-    d.terms[term].pre_stage(ctx)
+    run_stages(ctx, [d.terms[term]])
     trained = {k: v.clone() for k, v in student.state_dict().items()}
     after = loss()
     assert after < 0.9 * before
@@ -476,5 +476,5 @@ def test_init_stage_lowers_its_loss_is_saved_and_reloaded(term, teacher, tmp_pat
         log=lambda msg: None,
         forward=d2.outputs,
     )
-    d2.terms[term].pre_stage(ctx2)
+    run_stages(ctx2, [d2.terms[term]])
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())

@@ -19,10 +19,10 @@ import torch
 from kdlab.config import Recipe, load_recipe
 from kdlab.data import ArrayDataset
 from kdlab.distiller import Distiller
-from kdlab.stages import StageContext
+from kdlab.optim import lr_at, make_optimizer
+from kdlab.stages import StageContext, run_stages
 from kdlab.student import Data, build_model
 from kdlab.tools.reproduce import build_recipe, load_table
-from kdlab.train import lr_at, make_optimizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "kdlab" / "recipes"
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagefolder": 1000}
@@ -168,8 +168,7 @@ def one_step(recipe: Recipe, tmp_path: Path) -> dict[str, float]:
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
-    for term in distiller.terms.values():
-        term.pre_stage(ctx)
+    run_stages(ctx, distiller.terms.values())
     opt = make_optimizer(distiller, cfg, device)
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, 0.0)
@@ -194,8 +193,8 @@ def one_step(recipe: Recipe, tmp_path: Path) -> dict[str, float]:
         assert any(not torch.equal(a, b) for a, b in zip(before, distiller.student.parameters())), (
             "the step changed nothing"
         )
-    # the terms of the main stage must all be there (a two-stage term's own stage ran in pre_stage above)
-    main = [n for n, t in distiller.terms.items() if getattr(t, "active_in_main", True)]
+    # the terms of the main stage must all be there (a two-stage term's own stage ran in run_stages above)
+    main = [n for n, t in distiller.terms.items() if t.active_in_main]
     assert set(main) <= set(values), (main, sorted(values))
     return {k: float(v.detach()) for k, v in values.items()}
 

@@ -26,8 +26,8 @@ from kdlab import models, taps
 from kdlab.config import Recipe, teacher_train_config
 from kdlab.distiller import Distiller
 from kdlab.losses import TERMS
+from kdlab.optim import lr_at
 from kdlab.tools.reproduce import build_recipe, load_table
-from kdlab.train import lr_at
 
 TABLES = Path(__file__).resolve().parents[1] / "kdlab" / "recipes" / "tables"
 

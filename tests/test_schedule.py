@@ -6,7 +6,7 @@ import pytest
 
 from kdlab.config import TrainConfig
 from kdlab.models import create
-from kdlab.train import lr_at, param_groups
+from kdlab.optim import lr_at, param_groups
 
 
 def cfg(**kw):

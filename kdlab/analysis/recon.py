@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 
 from kdlab import checkpoint
+from kdlab.compute import autocast_factory, resolve_device
 from kdlab.config import read_yaml, validate
 from kdlab.losses import functional as F
+from kdlab.losses.base import PreStage
 from kdlab.losses.heads import Paraphraser
 from kdlab.stages import StageContext, run_stage
 from kdlab.student import build_model, load_data
 from kdlab.taps import FeatureTaps, default_layers
 from kdlab.teachers import load_model_weights
-from kdlab.train import autocast_factory, resolve_device
 
 RESULT = "recon.json"
 
@@ -134,16 +135,16 @@ def _measure(
         weight_decay=recipe.train.weight_decay,
     )
     tag = f"recon_{tag_prefix}{spec.replace(':', '_').replace('.', '_')}_{loss}_k{rate}_e{epochs}"
-    run_stage(
-        ctx,
+    fit_autoencoder = PreStage(
         tag,
         {"autoencoder": ae},
-        ae.parameters(),
+        ae.parameters,
         lambda x, y: F.recon_error(ae(features(x)), features(x), kind=loss),
         epochs,
         lr,
         "--lr",
     )
+    run_stage(ctx, fit_autoencoder)
     ae.eval()
     total, count = 0.0, 0
     with torch.no_grad():

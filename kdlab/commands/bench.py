@@ -59,8 +59,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from kdlab.checkpoint import atomic_write_text
+    from kdlab.compute import resolve_device
     from kdlab.tools import bench
-    from kdlab.train import resolve_device
 
     pairs = bench.parse_pairs(args.pairs)
     methods = bench.parse_list(args.methods, bench.METHODS, "methods")

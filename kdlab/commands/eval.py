@@ -24,11 +24,12 @@ def run(args) -> int:
     from pathlib import Path
 
     from kdlab import checkpoint, models
+    from kdlab.compute import resolve_device
     from kdlab.config import DataConfig, read_yaml
     from kdlab.data import DeviceLoader, load_dataset
     from kdlab.errors import KdlabError
     from kdlab.student import EVAL_BATCH, resolve_weights
-    from kdlab.train import evaluate, resolve_device
+    from kdlab.train import evaluate
 
     path, meta = resolve_weights(Path(args.weights))
     if "model" not in meta:

@@ -39,7 +39,7 @@ def prepare_teachers(
     The teachers are put in the memory format ``fit`` will use and folded first, so the cache holds
     exactly what the online teachers of the same run would output.
     """
-    from kdlab.train import use_channels_last
+    from kdlab.compute import use_channels_last
 
     if not distiller.teachers or not distiller.uses_teachers:
         return None

@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from kdlab.losses import feature_functional as FF
-from kdlab.losses.base import Outputs, Term, TermOptions, register
+from kdlab.losses.base import Outputs, PreStage, Term, TermOptions, register
 from kdlab.losses.heads import conv_regressor
 
 # The official code's scale: layer l of L weighted 2^(l - L + 1) (the deepest 1, halving towards the
@@ -77,19 +77,17 @@ class AB(Term):
             )
         return AB_SCALE * total
 
-    def pre_stage(self, ctx) -> None:
+    def pre_stages(self, student, forward) -> list[PreStage]:
         if self.opts.stages != "two":
-            return
-        from kdlab.stages import run_stage
-
+            return []
         # as FitNet's hint stage: every student parameter is offered, those after the last tapped layer get no gradient
-        params = list(ctx.student.parameters()) + list(self.connectors.parameters())
-        run_stage(
-            ctx,
-            "ab_init",
-            {"student": ctx.student, "connectors": self.connectors},
-            params,
-            lambda x, y: self(ctx.forward(x, y)),
-            self.opts.init_epochs,
-            self.opts.init_lr,
-        )
+        return [
+            PreStage(
+                "ab_init",
+                {"student": student, "connectors": self.connectors},
+                lambda: list(student.parameters()) + list(self.connectors.parameters()),
+                lambda x, y: self(forward(x, y)),
+                self.opts.init_epochs,
+                self.opts.init_lr,
+            )
+        ]

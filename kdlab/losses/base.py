@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -14,6 +15,27 @@ from kdlab.errors import LayerError
 from kdlab.strict import Strict
 
 TERMS: dict[str, type[Term]] = {}
+
+
+@dataclass
+class PreStage:
+    """A short training stage a term asks for before the main one (FitNet's hints, FT's paraphraser).
+
+    The term only describes it; `kdlab.stages.run_stage` trains it, saves ``modules`` under the run's
+    ``stages/`` folder and loads them instead on a rerun. ``loss``: (x, y) -> scalar on one training
+    batch. ``lr_option``: the recipe key that sets ``lr``, named by the non-finite-loss message.
+    ``trainable_only_here``: the modules are frozen in the main stage (FT's paraphraser sits on the teacher
+    side) and trainable only during this one.
+    """
+
+    name: str
+    modules: dict[str, nn.Module]
+    params: Callable[[], Iterable[nn.Parameter]]  # read when the stage starts, after the modules are unfrozen
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    epochs: int
+    lr: float
+    lr_option: str | None = None
+    trainable_only_here: bool = False
 
 
 def register(cls: type[Term]) -> type[Term]:
@@ -101,8 +123,10 @@ class Term(nn.Module):
         """Size per-sample state (a memory bank over the training set) from the labels in index order;
         no-op by default."""
 
-    def pre_stage(self, ctx) -> None:
-        """A stage that runs before the main training (FitNet hints, FT paraphraser); no-op by default."""
+    def pre_stages(self, student: nn.Module, forward: Callable[..., Outputs]) -> list[PreStage]:
+        """Stages to train before the main one, in order (none by default). ``forward(x, y, student=True)``
+        runs the student with grad and the teachers without, as one main step does."""
+        return []
 
     def forward(self, out: Outputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

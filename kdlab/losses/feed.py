@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from kdlab.losses import functional as F
-from kdlab.losses.base import Outputs, Term, TermOptions, pool_to_match, register
+from kdlab.losses.base import Outputs, PreStage, Term, TermOptions, pool_to_match, register
 from kdlab.losses.heads import Paraphraser, factor_channels, translator
 
 
@@ -97,31 +97,31 @@ class FEED(Term):
             total = total + self.distance(fs, ft)
         return total
 
-    def pre_stage(self, ctx) -> None:
+    def pre_stages(self, student, forward) -> list[PreStage]:
         if not self.opts.paraphraser:
-            return
-        from kdlab.stages import run_stage
-
+            return []
+        stages = []
         for i, para in enumerate(self.paraphrasers):
             layer = self.teacher_layers[i][0]
-            para.requires_grad_(True)
 
             def recon(x, y, i=i, para=para, layer=layer):
                 with torch.no_grad():
-                    ft = ctx.forward(x, y, student=False).teacher_feats[i][layer].float()
+                    ft = forward(x, y, student=False).teacher_feats[i][layer].float()
                 return F.recon_error(para(ft), ft, kind=self.opts.recon)
 
-            run_stage(
-                ctx,
-                f"{self.name}_paraphraser{i}",
-                {"paraphraser": para},
-                para.parameters(),
-                recon,
-                self.opts.paraphraser_epochs,
-                self.opts.paraphraser_lr,
-                f"loss.terms.{self.name}.paraphraser_lr",
+            stages.append(
+                PreStage(
+                    f"{self.name}_paraphraser{i}",
+                    {"paraphraser": para},
+                    para.parameters,
+                    recon,
+                    self.opts.paraphraser_epochs,
+                    self.opts.paraphraser_lr,
+                    f"loss.terms.{self.name}.paraphraser_lr",
+                    trainable_only_here=True,
+                )
             )
-            para.requires_grad_(False)
+        return stages
 
 
 class FTOptions(FeedOptions):

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from kdlab.losses import functional as F
-from kdlab.losses.base import Outputs, Term, TermOptions, register
+from kdlab.losses.base import Outputs, PreStage, Term, TermOptions, register
 from kdlab.losses.heads import conv_regressor
 
 
@@ -53,21 +53,19 @@ class FitNet(Term):
             total = total + F.hint(reg(out.feats[s]), out.teacher_feats[0][t])
         return total
 
-    def pre_stage(self, ctx) -> None:
+    def pre_stages(self, student, forward) -> list[PreStage]:
         if self.opts.stages != "two":
-            return
-        from kdlab.stages import run_stage
-
+            return []
         # Every student parameter is offered to the optimizer, but only those before the guided
         # layer receive gradients (the rest keep grad None, so SGD leaves them and their decay alone).
-        params = list(ctx.student.parameters()) + list(self.regressors.parameters())
-        run_stage(
-            ctx,
-            "fitnet_hint",
-            {"student": ctx.student, "regressors": self.regressors},
-            params,
-            lambda x, y: self(ctx.forward(x, y)),
-            self.opts.hint_epochs,
-            self.opts.hint_lr,
-            f"loss.terms.{self.name}.hint_lr",
-        )
+        return [
+            PreStage(
+                "fitnet_hint",
+                {"student": student, "regressors": self.regressors},
+                lambda: list(student.parameters()) + list(self.regressors.parameters()),
+                lambda x, y: self(forward(x, y)),
+                self.opts.hint_epochs,
+                self.opts.hint_lr,
+                f"loss.terms.{self.name}.hint_lr",
+            )
+        ]

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from kdlab.losses import feature_functional as FF
-from kdlab.losses.base import Outputs, Term, TermOptions, register
+from kdlab.losses.base import Outputs, PreStage, Term, TermOptions, register
 
 
 class FSPOptions(TermOptions):
@@ -68,17 +68,16 @@ class FSP(Term):
         teacher = out.teacher_feats[0]
         return FF.fsp([out.feats[s] for s in self.student_layers], [teacher[t] for t in self.teacher_layers[0]])
 
-    def pre_stage(self, ctx) -> None:
+    def pre_stages(self, student, forward) -> list[PreStage]:
         if self.opts.stages != "two":
-            return
-        from kdlab.stages import run_stage
-
-        run_stage(
-            ctx,
-            "fsp_init",
-            {"student": ctx.student},
-            list(ctx.student.parameters()),
-            lambda x, y: self(ctx.forward(x, y)),
-            self.opts.init_epochs,
-            self.opts.init_lr,
-        )
+            return []
+        return [
+            PreStage(
+                "fsp_init",
+                {"student": student},
+                student.parameters,
+                lambda x, y: self(forward(x, y)),
+                self.opts.init_epochs,
+                self.opts.init_lr,
+            )
+        ]

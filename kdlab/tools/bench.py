@@ -442,7 +442,7 @@ def _fast_cfg(s: Setting, method: Method) -> TrainConfig:
 
 
 def _options(cfg: TrainConfig, device: torch.device, teachers: bool = True) -> str:
-    from kdlab.train import use_channels_last
+    from kdlab.compute import use_channels_last
 
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     parts = ["bf16" if amp else "fp32", "channels_last" if use_channels_last(cfg, device) else "NCHW"]
@@ -466,8 +466,8 @@ def _teacher_input(s: Setting) -> torch.Tensor:
 
 def measure_teacher(mode: str, models_: Models, s: Setting) -> Measure:
     """Forward passes of one teacher on a fixed batch."""
+    from kdlab.compute import autocast_factory, use_channels_last
     from kdlab.fast.fold import fold_batchnorm
-    from kdlab.train import autocast_factory, use_channels_last
 
     teacher = models_.teachers[0].to(s.device).eval().requires_grad_(False)
     x = _teacher_input(s)
@@ -542,7 +542,7 @@ def _cuda_graphed(run: Callable, grad_mode: Callable) -> Callable:  # pragma: no
 
 def measure_training(mode: str, task: str, method: Method, models_: Models, s: Setting) -> Measure:
     """Training steps of the student alone (task 'student') or with a method's teachers, in one mode."""
-    from kdlab.train import autocast_factory, use_channels_last
+    from kdlab.compute import autocast_factory, use_channels_last
 
     fresh = models_.fresh(method.teachers)
     window = Window(s.warmup, s.steps, s.device)
@@ -594,8 +594,9 @@ def measure_training(mode: str, task: str, method: Method, models_: Models, s: S
 
 
 def _fit(fresh: Models, method: Method, cfg: TrainConfig, window: Window, s: Setting) -> tuple[float, dict]:
+    from kdlab.compute import autocast_factory
     from kdlab.fast.teachers import prepare_teachers
-    from kdlab.train import autocast_factory, fit
+    from kdlab.train import fit
 
     distiller = Distiller(fresh.student, fresh.teachers, method.loss).to(s.device)
     probe = _teacher_input(s)[:8]
