@@ -146,8 +146,6 @@ class Distill:
             self.loss = LossConfig(ce=ce, terms={k: dict(v or {}) for k, v in (terms or {}).items()})
         except ValidationError as e:
             raise ConfigError(f"loss: {format_validation_error(e)}") from None
-        if self.loss.ce == 0 and not self.loss.terms:
-            raise ConfigError("loss: ce is 0 and there are no terms: nothing to train")
         self.distiller = Distiller(student, list(teachers), self.loss)
         self.history: list[dict] = []
         self._train_set: ArrayDataset | None = None

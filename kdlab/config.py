@@ -16,8 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from kdlab import models
+from kdlab.data.augment import uncacheable_views
 from kdlab.data_names import DATASETS
 from kdlab.errors import ConfigError
+from kdlab.losses import TERMS
+from kdlab.methods import METHODS
 from kdlab.strict import Strict
 
 # torch.manual_seed takes at most 2**64 - 1 and the data order needs a non-negative seed; 2**63 - 1 leaves
@@ -26,8 +30,6 @@ SEED_MAX = 2**63 - 1
 
 
 def _check_model_name(name: str) -> str:
-    from kdlab import models
-
     if name not in models.names():
         try:
             models.create(name)
@@ -249,8 +251,8 @@ class LossConfig(Strict):
 
     @model_validator(mode="after")
     def _terms_valid(self):
-        from kdlab.losses import TERMS
-
+        if self.ce == 0 and not self.terms:
+            raise ValueError("ce is 0 and there are no terms: nothing to train")
         for name, opts in self.terms.items():
             if name not in TERMS:
                 raise ValueError(f"unknown loss term {name!r}; registered: {', '.join(sorted(TERMS))}")
@@ -288,16 +290,12 @@ class Recipe(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from kdlab.methods import METHODS
-
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; registered: {', '.join(sorted(METHODS))}")
         return v
 
     @model_validator(mode="after")
     def _consistent(self):
-        from kdlab.losses import TERMS
-
         needs_teacher = [n for n in self.loss.terms if TERMS[n].needs_teacher]
         if needs_teacher and not self.teachers and self.generations == 0:
             raise ValueError(f"loss term(s) {', '.join(needs_teacher)} need a teacher: add 'teachers' or 'generations'")
@@ -308,8 +306,6 @@ class Recipe(Strict):
                 "generation_checkpoint applies to sequential methods (generations > 0); "
                 "a teacher's is teachers.N.checkpoint"
             )
-        if self.loss.ce == 0 and not self.loss.terms:
-            raise ValueError("loss: ce is 0 and there are no terms: nothing to train")
         for i, teacher in enumerate(self.teachers):
             epochs = teacher_train_config(self, teacher).epochs
             if teacher.epoch is not None and teacher.epoch > epochs:
@@ -321,19 +317,15 @@ class Recipe(Strict):
         # checked here, before any teacher is trained: the cache holds logits of enumerable crop/flip views only
         if not self.train.teacher_cache:
             return self
-        from kdlab.losses import TERMS
-
         readers = [n for n in self.loss.terms if TERMS[n].reads_teacher_features]
         if readers:
             raise ValueError(
                 f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features and the cache holds "
                 "logits only; set train.teacher_cache=false"
             )
-        if self.data.augment.rotation:
-            raise ValueError(
-                f"train.teacher_cache: data.augment.rotation={self.data.augment.rotation:g} makes the views "
-                "non-enumerable; the cache needs crop/flip augmentation only"
-            )
+        problem = uncacheable_views(self.data.augment.rotation)
+        if problem:
+            raise ValueError(f"train.teacher_cache: {problem}")
         return self
 
 

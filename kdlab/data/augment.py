@@ -56,6 +56,17 @@ class Views(NamedTuple):
         return Views(*(t[index] for t in self))
 
 
+def uncacheable_views(rotation: float) -> str | None:
+    """Why the teacher-logit cache cannot hold this augmentation's views, or None. The cache enumerates every
+    crop/flip view of every image; a rotation draws a continuous angle per sample."""
+    if not rotation:
+        return None
+    return (
+        f"data.augment.rotation={rotation:g} draws a continuous angle per sample, so the views are "
+        "non-enumerable and cannot be cached; set train.teacher_cache=false (or data.augment.rotation=0)"
+    )
+
+
 @dataclass
 class AugmentSpec:
     """Training augmentation: random crop after zero padding, horizontal flip, rotation.

@@ -41,7 +41,7 @@ from torch import nn
 
 from kdlab import distributed
 from kdlab.data.arrays import ArrayDataset
-from kdlab.data.augment import AugmentSpec, Views, num_views, view_from_index
+from kdlab.data.augment import AugmentSpec, Views, num_views, uncacheable_views, view_from_index
 from kdlab.errors import ConfigError
 
 __all__ = ["TeacherCache", "LogitTable", "CacheTooLarge", "cache_key", "build_table", "check_cacheable", "table_bytes"]
@@ -59,11 +59,9 @@ _NUMPY_STORAGE = {torch.float32: np.float32, torch.bfloat16: np.uint16}  # bf16 
 
 
 def check_cacheable(augment: AugmentSpec | None) -> None:
-    if augment is not None and augment.rotation:
-        raise ConfigError(
-            f"teacher cache: augmentation rotation={augment.rotation:g} draws a continuous angle per sample, so the "
-            "views cannot be enumerated and cached; set train.teacher_cache=false (or data.augment.rotation=0)"
-        )
+    problem = uncacheable_views(augment.rotation) if augment is not None else None
+    if problem:
+        raise ConfigError(f"teacher cache: {problem}")
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:
