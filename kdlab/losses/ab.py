@@ -62,8 +62,8 @@ class AB(Term):
     def build(self, probe: Outputs) -> None:
         # RepDistiller's Connector: identity when channels and size already match, else its ConvReg without ReLU
         self.connectors = nn.ModuleList()
-        for s, t in zip(self.student_layers, self.teacher_layers[0]):
-            s_shape, t_shape = tuple(probe.feats[s].shape[1:]), tuple(probe.teacher_feats[0][t].shape[1:])
+        for s, t in self.layer_pairs(probe):
+            s_shape, t_shape = tuple(s.shape[1:]), tuple(t.shape[1:])
             self.connectors.append(
                 nn.Identity() if s_shape == t_shape else conv_regressor(s_shape, t_shape, relu=False, what="ab")
             )
@@ -71,10 +71,8 @@ class AB(Term):
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
         n = len(self.student_layers)
-        for i, (conn, s, t) in enumerate(zip(self.connectors, self.student_layers, self.teacher_layers[0])):
-            total = total + 2.0 ** (i - n + 1) * FF.ab(
-                conn(out.feats[s]), out.teacher_feats[0][t], margin=self.opts.margin
-            )
+        for i, (conn, (s, t)) in enumerate(zip(self.connectors, self.layer_pairs(out))):
+            total = total + 2.0 ** (i - n + 1) * FF.ab(conn(s), t, margin=self.opts.margin)
         return AB_SCALE * total
 
     def pre_stages(self, student, forward) -> list[PreStage]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from kdlab import taps
+from kdlab import distributed, taps
 from kdlab.errors import LayerError
 from kdlab.strict import Strict
 
@@ -128,6 +128,21 @@ class Term(nn.Module):
         runs the student with grad and the teachers without, as one main step does."""
         return []
 
+    def layer_pairs(
+        self, out: Outputs, teacher: int = 0, *, pool: bool | None = None, gather: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(student map, teacher map) of every tapped layer pair, in the order the layer options list them.
+
+        ``pool``: None leaves the spatial sizes alone; otherwise `pool_to_match` refuses (False) or
+        average-pools (True) a pair whose sizes differ. ``gather``: both maps of the global batch (`gather_pair`).
+        """
+        feats = out.teacher_feats[teacher]
+        for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[teacher]):
+            fs, ft = out.feats[s_spec], feats[t_spec]
+            if pool is not None:
+                fs, ft = pool_to_match(fs, ft, pool, f"{self.name} {s_spec}/{t_spec}")
+            yield gather_pair(fs, ft, gather)
+
     def forward(self, out: Outputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -144,3 +159,14 @@ def pool_to_match(a: torch.Tensor, b: torch.Tensor, pool: bool, what: str) -> tu
     if a.shape[-1] > b.shape[-1]:
         return nn.functional.adaptive_avg_pool2d(a, b.shape[-2:]), b
     return a, nn.functional.adaptive_avg_pool2d(b, a.shape[-2:])
+
+
+def gather_pair(a: torch.Tensor, b: torch.Tensor, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tensors over the global batch when ``gather`` (a term's option of that name), else as given.
+
+    Relational terms compare the samples of a batch with each other, so under torchrun each rank
+    otherwise sees only its own share of the pairs; `distributed.gather_batch` is the identity on one process.
+    """
+    if not gather:
+        return a, b
+    return distributed.gather_batch(a), distributed.gather_batch(b)

@@ -43,14 +43,13 @@ class FitNet(Term):
 
     def build(self, probe: Outputs) -> None:
         self.regressors = torch.nn.ModuleList(
-            conv_regressor(tuple(probe.feats[s].shape[1:]), tuple(probe.teacher_feats[0][t].shape[1:]))
-            for s, t in zip(self.student_layers, self.teacher_layers[0])
+            conv_regressor(tuple(s.shape[1:]), tuple(t.shape[1:])) for s, t in self.layer_pairs(probe)
         )
 
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        for reg, s, t in zip(self.regressors, self.student_layers, self.teacher_layers[0]):
-            total = total + F.hint(reg(out.feats[s]), out.teacher_feats[0][t])
+        for reg, (s, t) in zip(self.regressors, self.layer_pairs(out)):
+            total = total + F.hint(reg(s), t)
         return total
 
     def pre_stages(self, student, forward) -> list[PreStage]:

@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kdlab import distributed
 from kdlab.losses import functional as F
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
@@ -61,10 +60,6 @@ class LP(Term):
 
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        teacher = out.teacher_feats[0]
-        for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[0]):
-            s, t = out.feats[s_spec], teacher[t_spec]
-            if self.opts.gather:
-                s, t = distributed.gather_batch(s), distributed.gather_batch(t)
+        for s, t in self.layer_pairs(out, gather=self.opts.gather):
             total = total + F.lp(s, t, k=self.opts.k, sigma2=self.opts.sigma2, normalize=self.opts.normalize)
         return total

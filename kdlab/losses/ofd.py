@@ -97,12 +97,13 @@ class OFD(Term):
             self.connectors.append(conv_bn_connector(cs, ct, self.opts.kernel_size))
             self.register_buffer(f"margin{i}", self._margins[i].clone())
 
-    def _teacher_map(self, fs: torch.Tensor, ft: torch.Tensor, what: str) -> torch.Tensor:
+    def _teacher_map(self, fs: torch.Tensor, ft: torch.Tensor, i: int) -> torch.Tensor:
         if ft.shape[-2:] == fs.shape[-2:]:
             return ft
         if not self.opts.pool:
             raise LayerError(
-                f"{what}: spatial sizes differ, student {tuple(fs.shape[1:])} vs teacher {tuple(ft.shape[1:])}; "
+                f"ofd {self.student_layers[i]}/{self.teacher_layers[0][i]}: spatial sizes differ, "
+                f"student {tuple(fs.shape[1:])} vs teacher {tuple(ft.shape[1:])}; "
                 "set the term's option pool: true to average-pool the teacher map to the student's"
             )
         return nnf.adaptive_avg_pool2d(ft, fs.shape[-2:])
@@ -110,8 +111,8 @@ class OFD(Term):
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
         n = len(self.student_layers)
-        for i, (conn, s, t) in enumerate(zip(self.connectors, self.student_layers, self.teacher_layers[0])):
-            fs = conn(out.feats[s])
-            ft = self._teacher_map(fs, out.teacher_feats[0][t], f"ofd {s}/{t}")
+        for i, (conn, (s, t)) in enumerate(zip(self.connectors, self.layer_pairs(out))):
+            fs = conn(s)
+            ft = self._teacher_map(fs, t, i)
             total = total + FF.ofd(fs, ft, getattr(self, f"margin{i}")) / 2.0 ** (n - 1 - i)
         return total

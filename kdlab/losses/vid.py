@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from kdlab.losses import feature_functional as FF
-from kdlab.losses.base import Outputs, Term, TermOptions, pool_to_match, register
+from kdlab.losses.base import Outputs, Term, TermOptions, register
 from kdlab.losses.heads import vid_regressor
 
 
@@ -54,15 +54,13 @@ class VID(Term):
         self.log_scales = nn.ParameterList()
         # softplus(alpha) + eps = init_var at the start
         alpha = math.log(math.expm1(self.opts.init_var - self.opts.eps))
-        for s, t in zip(self.student_layers, self.teacher_layers[0]):
-            cs, ct = probe.feats[s].shape[1], probe.teacher_feats[0][t].shape[1]
+        for s, t in self.layer_pairs(probe):
+            cs, ct = s.shape[1], t.shape[1]
             self.regressors.append(vid_regressor(cs, self.opts.mid_channels or ct, ct))
             self.log_scales.append(nn.Parameter(torch.full((ct,), alpha)))
 
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        teacher = out.teacher_feats[0]
-        for i, (s_spec, t_spec) in enumerate(zip(self.student_layers, self.teacher_layers[0])):
-            fs, ft = pool_to_match(out.feats[s_spec], teacher[t_spec], self.opts.pool, f"vid {s_spec}/{t_spec}")
+        for i, (fs, ft) in enumerate(self.layer_pairs(out, pool=self.opts.pool)):
             total = total + FF.vid(self.regressors[i](fs), ft, self.log_scales[i], eps=self.opts.eps)
         return total
