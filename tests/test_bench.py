@@ -179,8 +179,8 @@ def test_hand_written_losses_equal_the_distillers(method):
     torch.manual_seed(5)
     expected, _, _ = distiller(x, y, progress=100.0, indices=idx)  # past DKD's warm-up: the full term
     translators = list(distiller.terms["feed"].translators) if method == "pfeed2" else []
-    s_hooks = bench.Hooks(student, bench._stage_names(student, method))
-    t_hooks = [bench.Hooks(t, bench._stage_names(t, method)) for t in teachers]
+    s_hooks = bench.HandFeatureHooks(student, bench._stage_names(student, method))
+    t_hooks = [bench.HandFeatureHooks(t, bench._stage_names(t, method)) for t in teachers]
     with torch.no_grad():
         t_logits = [t(x) for t in teachers]
     t_feats = [h.take() for h in t_hooks]

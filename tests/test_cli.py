@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import refused, sets
 
 from kdlab import models
 from kdlab.cli import main
@@ -15,6 +16,8 @@ from kdlab.methods import METHODS
 ROOT = Path(__file__).resolve().parents[1]
 KD = str(ROOT / "recipes" / "digits" / "kd.yaml")
 QUICK = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--quiet"]
+QUICK2 = ["--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=2", "--quiet"]  # two epochs
+DIGITS = ROOT / "recipes" / "digits"
 
 
 def test_models_lists_every_registered_name(capsys):
@@ -129,3 +132,64 @@ def test_console_script_module_entry_runs():
 def test_channels_last_takes_yaml_on_off(raw, expected):
     # YAML reads a bare on/off/true/no as a boolean
     assert load_recipe(Path(KD), [f"train.channels_last={raw}"]).train.channels_last == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# Every bad value is one line and exit code 2, before anything trains
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1"])
+def test_out_of_range_seed_is_one_line_and_nothing_trains(tmp_path, capsys, seed):
+    out = tmp_path / "run"
+    refused(capsys, ["train", KD, "--out", str(out), "--seed", seed, *QUICK2], "seed")
+    assert not out.exists()  # not even the teacher of kd.yaml
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--workers", "-1"],
+        ["bench", "--steps", "99999999999999999999"],
+        ["analyze", "recon", "run", "--rate", "nan"],
+        ["analyze", "recon", "run", "--lr", "inf"],
+        ["export", "run", "--out", "s.onnx", "--image-size", "0"],
+    ],
+)
+def test_bad_numbers_of_every_command_are_one_line(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("kdlab: error: argument --"), err
+
+
+@pytest.mark.parametrize("option, value", [("--seeds", "99999999999999999999"), ("--jobs", "99999999999999999999")])
+def test_huge_reproduce_counts_are_one_line(tmp_path, capsys, option, value):
+    refused(capsys, ["reproduce", "t.yaml", option, value, "--out", str(tmp_path / "out")], f"{option} must be at most")
+    assert not (tmp_path / "out").exists()
+
+
+def test_student_protocol_is_checked_before_the_teacher_trains(tmp_path, capsys):
+    """The teacher's own batch fits the data; the student's does not: refused before the teacher trains."""
+    out = tmp_path / "run"
+    refused(
+        capsys,
+        ["train", KD, "--out", str(out), *QUICK2, *sets("train.batch_size=5000", "teachers.0.train={batch_size: 64}")],
+        "batch",
+    )
+    assert not (out / "teachers").exists()
+
+
+def test_missing_weights_of_a_second_teacher_are_named_before_the_first_trains(tmp_path, capsys):
+    out = tmp_path / "run"
+    refused(
+        capsys,
+        [
+            "train",
+            str(DIGITS / "ensemble_kd.yaml"),
+            "--out",
+            str(out),
+            *QUICK2,
+            *sets(f"teachers.1.weights={tmp_path / 'nowhere.safetensors'}"),
+        ],
+        "nowhere.safetensors",
+    )
+    assert not (out / "teachers").exists()

@@ -1,4 +1,5 @@
-"""Tests of kdlab.data: readers (CIFAR pickles, ImageFolder, digits), augmentation and DeviceLoader."""
+"""Tests of kdlab.data: readers (CIFAR pickles, ImageFolder, digits), augmentation and DeviceLoader, and data
+faults named at the command line."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import os
 import pickle
 import re
 import tarfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import ok, refused, sets
 
+from kdlab.cli import main
 from kdlab.data import (
     DATASETS,
     ArrayDataset,
@@ -33,6 +37,9 @@ from kdlab.data.digits import digits_split_indices
 from kdlab.errors import ConfigError, DataError
 
 CIFAR100_DIR = Path(__file__).resolve().parents[2] / "shared/data/cifar100"
+ROOT = Path(__file__).resolve().parents[1]
+VANILLA = str(ROOT / "recipes" / "digits" / "vanilla.yaml")
+TINY = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=1", "--quiet"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -854,3 +861,178 @@ def test_real_cifar100(tmp_path):
     assert len(train.class_names) == 100 and train.class_names[0] == "apple"
     mean = train.images.double().div(255).mean(dim=(0, 2, 3))
     assert torch.allclose(mean, torch.tensor(CIFAR100_MEAN, dtype=torch.float64), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Data faults named at the command line
+# --------------------------------------------------------------------------------------------
+
+
+def _cifar100_objects(n_train=40, n_test=20):
+    rng = np.random.default_rng(0)
+    objs = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        fine = [int(v) for v in rng.integers(0, 100, n)]
+        objs[split] = {
+            b"fine_labels": fine,
+            b"coarse_labels": [v // 5 for v in fine],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"batch_label": b"x",
+        }
+    objs["meta"] = {
+        b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"s{i}".encode() for i in range(20)],
+    }
+    return objs
+
+
+def _cifar_folder(parent: Path, objs: dict) -> Path:
+    folder = parent / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, obj in objs.items():
+        (folder / name).write_bytes(pickle.dumps(obj, protocol=3))
+    return folder
+
+
+def _cifar_tar(path: Path, objs: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        for name, obj in objs.items():
+            data = pickle.dumps(obj, protocol=3)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_cifar_faults_are_named_at_the_cli(tmp_path, capsys):
+    def train_on(root, *names):
+        out = tmp_path / f"out_{uuid.uuid4().hex[:6]}"
+        refused(
+            capsys,
+            [
+                "train",
+                VANILLA,
+                "--out",
+                str(out),
+                *TINY,
+                *sets("data.name=cifar100", f"data.root={root}", "train.batch_size=16"),
+            ],
+            *names,
+        )
+        assert not (out / "result.json").exists()
+
+    good = _cifar100_objects()
+    assert (
+        main(
+            [
+                "train",
+                VANILLA,
+                "--out",
+                str(tmp_path / "control"),
+                *TINY,
+                *sets(
+                    "data.name=cifar100", f"data.root={_cifar_folder(tmp_path / 'good', good)}", "train.batch_size=16"
+                ),
+            ]
+        )
+        == 0
+    )  # control
+    capsys.readouterr()
+    tar = _cifar_tar(tmp_path / "cut" / "cifar-100-python.tar.gz", good)
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    train_on(tar, tar)
+    shapes = _cifar100_objects()
+    shapes["train"][b"data"] = shapes["train"][b"data"][:, :3000]
+    train_on(_cifar_folder(tmp_path / "shape", shapes), tmp_path / "shape" / "cifar-100-python" / "train", "3072")
+    labels = _cifar100_objects()
+    labels["test"][b"fine_labels"][3] = 100
+    train_on(_cifar_folder(tmp_path / "labels", labels), tmp_path / "labels" / "cifar-100-python" / "test", "label 100")
+    train_on(tmp_path / "nowhere", tmp_path / "nowhere")
+
+
+def test_empty_class_folder_is_named_at_the_cli(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / cls / f"{i}.png")
+    (root / "train" / "emu").mkdir()
+    out = tmp_path / "out"
+    refused(
+        capsys,
+        [
+            "train",
+            VANILLA,
+            "--out",
+            str(out),
+            *TINY,
+            *sets("data.name=imagefolder", f"data.root={root}", "data.image_size=8", "train.batch_size=2"),
+        ],
+        root / "train" / "emu",
+    )
+    assert not (out / "result.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# ImageFolder: unreadable files skipped and counted on request; 16-bit PNGs scaled
+# --------------------------------------------------------------------------------------------
+
+
+def _folder(root: Path, broken: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    for i in range(broken):
+        (root / "train" / "a" / f"broken{i}.png").write_bytes(b"not a png")
+    return root
+
+
+def test_unreadable_images_are_skipped_and_counted_when_asked(tmp_path, capsys):
+    from kdlab.data import load_dataset
+    from kdlab.errors import DataError
+
+    root = _folder(tmp_path / "imgs", broken=2)
+    with pytest.raises(DataError, match="broken0.png: unreadable.*skip_unreadable"):
+        load_dataset("imagefolder", root, split="train", image_size=8)
+    ds = load_dataset("imagefolder", root, split="train", image_size=8, skip_unreadable=True)
+    assert len(ds.labels) == 6 and len(ds.skipped) == 2 and "broken0.png" in ds.skipped[0]
+    ok(
+        capsys,
+        [
+            "train",
+            VANILLA,
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.batch_size=2",
+            *sets("data.name=imagefolder", f"data.root={root}", "data.image_size=8", "data.skip_unreadable=true"),
+        ],
+    )
+    assert "2 unreadable file(s) left out of train" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from kdlab.data.imagefolder import _read_image
+
+    values = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1000).astype(np.uint16)  # 0 .. 63000
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    arr = _read_image(path, 8)
+    assert arr.shape == (3, 8, 8) and (arr[0] == arr[1]).all() and (arr[0] == arr[2]).all()
+    assert np.abs(arr[0].astype(float) - values / 257.0).max() <= 0.5  # 63000 -> 245, not 255 from 256 up
+    assert arr.reshape(-1).tolist().count(255) == 0

@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from kdlab.cli import build_parser
 from kdlab.methods import METHODS
@@ -117,3 +118,25 @@ def test_demo_assets_are_present_and_small():
     assert "Δ vs vanilla" in table and "(3 seeds)" in table
     png = (DOCS / "assets" / "demo_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) < 200_000
+
+
+def test_cli_reference_expands_help_defaults():
+    text = docgen.cli_markdown()
+    assert "%(" not in text and "TEACHER:STUDENT,... (default: resnet56:resnet20,resnet32x4:resnet8x4)" in text
+
+
+def test_getting_started_documents_the_teacher_cache():
+    text = (ROOT / "docs" / "getting-started.md").read_text()
+    assert "KDLAB_CACHE" in text and "--set train.epochs" in text
+
+
+# timm and ONNX installs keep the user's torch
+
+
+def test_test_extras_hold_onnx_and_nothing_that_replaces_torch():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    names = {e.split(">")[0].split("=")[0].split("<")[0].strip() for e in extras}
+    assert {"onnx", "onnxruntime"} <= names
+    assert not names & {"timm", "torchvision", "torch"}  # each pulls (or is) a torch build of its own
+    api = (ROOT / "docs" / "api.md").read_text()
+    assert "pip freeze" in api and "-c keep-torch.txt" in api

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ENV, ok, read_until
 from torch import nn
 
 from kdlab import checkpoint, models, pipeline
@@ -27,6 +32,8 @@ from kdlab.teachers import (
 from kdlab.train import evaluate
 
 DIGITS = Path(__file__).resolve().parents[1] / "kdlab" / "recipes" / "digits"
+KD = str(Path(__file__).resolve().parents[1] / "recipes" / "digits" / "kd.yaml")
+QUICK = ["--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=2", "--quiet"]
 
 
 @pytest.fixture(autouse=True)
@@ -364,3 +371,47 @@ def test_teacher_key_is_pinned(name, sets, key, tmp_path):
         teacher_key(recipe, teacher, teacher_train_config(recipe, teacher), teacher_seed(recipe, index, teacher)) == key
     )
     assert teacher_run_dir(recipe, index, teacher, tmp_path).name == f"{teacher.name}-{key}"
+
+
+# ----------------------------------------------------------------------------------------------- shared teachers
+# A second run waits for a teacher that another process is training, then uses it; the resolved
+# protocol of each teacher is printed at the start.
+
+
+def test_second_run_waits_for_a_shared_teacher_with_a_message_even_when_quiet(tmp_path, capsys):
+    from kdlab.lock import RunLock
+
+    cache = tmp_path / "cache"
+    first = ["--set", f"cache_dir={cache}", *QUICK]
+    ok(capsys, ["train", KD, "--out", str(tmp_path / "a"), *first])
+    recipe = load_recipe(KD, [f"cache_dir={cache}", "train.epochs=2", "train.max_steps_per_epoch=2"])
+    teacher_dir = teacher_run_dir(recipe, 0, recipe.teachers[0], tmp_path / "b")
+    assert (teacher_dir / "result.json").exists()
+    with RunLock(teacher_dir):  # as if another run were training it right now
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kdlab", "train", KD, "--out", str(tmp_path / "b"), *first],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ENV,
+        )
+        try:
+            line = read_until(proc.stdout.fileno(), proc, b"\n", 60).decode()
+            assert "waiting for it to finish" in line and str(teacher_dir) in line and f"pid {os.getpid()}" in line
+            time.sleep(1)
+            assert proc.poll() is None  # still waiting
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["teachers"][0]["source"] == str(teacher_dir)
+
+
+def test_the_resolved_teacher_protocol_is_printed(tmp_path, capsys):
+    out = ok(
+        capsys,
+        ["train", KD, "--out", str(tmp_path / "r"), "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=2"],
+    )
+    line = next(ln for ln in out.splitlines() if ln.startswith("teacher 0:"))
+    assert "smallcnn_wide, trained here: 2 epochs, 2 steps/epoch" in line and "seed 1" in line and "cached in" in line

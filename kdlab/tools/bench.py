@@ -57,7 +57,10 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
 
 @dataclass(frozen=True)
-class Method:
+class BenchMethod:
+    """A distillation method as the benchmark runs it: how many teachers, the loss, and whether it reads
+    the teachers' logits only (then the teacher cache may serve them)."""
+
     teachers: int
     loss: LossConfig
     logit_only: bool
@@ -65,20 +68,20 @@ class Method:
 
 # The published weights of each method (RepDistiller's KD, NST with its polynomial kernel, pFEED beta 500).
 METHODS = {
-    "kd": Method(1, LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4.0}}), True),
-    "nst": Method(1, LossConfig(ce=1.0, terms={"nst": {"weight": 50.0, "kernel": "poly"}}), False),
-    "pfeed2": Method(2, LossConfig(ce=1.0, terms={"feed": {"weight": 500.0}}), False),
+    "kd": BenchMethod(1, LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4.0}}), True),
+    "nst": BenchMethod(1, LossConfig(ce=1.0, terms={"nst": {"weight": 50.0, "kernel": "poly"}}), False),
+    "pfeed2": BenchMethod(2, LossConfig(ce=1.0, terms={"feed": {"weight": 500.0}}), False),
     # mdistiller's DKD (beta 8) and RepDistiller's CRD (16,384 negatives from a bank over the training set)
-    "dkd": Method(
+    "dkd": BenchMethod(
         1,
         LossConfig(ce=1.0, terms={"dkd": {"weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup_epochs": 20}}),
         True,
     ),
-    "crd": Method(1, LossConfig(ce=1.0, terms={"crd": {"weight": 0.8}}), False),
+    "crd": BenchMethod(1, LossConfig(ce=1.0, terms={"crd": {"weight": 0.8}}), False),
 }
 CRD_K, CRD_T, CRD_M, CRD_DIM = 16384, 0.07, 0.5, 128
 CRD_MIN_IMAGES = 50_000  # a CIFAR-sized bank, so that the negatives cost what they cost on CIFAR-100
-STUDENT_ONLY = Method(0, LossConfig(ce=1.0), False)
+STUDENT_ONLY = BenchMethod(0, LossConfig(ce=1.0), False)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -224,7 +227,7 @@ class PeakMemory:
 # ------------------------------------------------------------------------------------------ hand-written loops
 
 
-class Hooks:
+class HandFeatureHooks:
     """Forward hooks keeping the outputs of named modules, as hand-written KD code does it."""
 
     def __init__(self, model: nn.Module, names: list[str]):
@@ -354,8 +357,8 @@ def hand_loop(
             m.to(memory_format=torch.channels_last)
     for t in teachers if fold_teachers else []:
         fold_batchnorm(t)  # its default probe: two zero 32x32 images on the teacher's device
-    s_hooks = Hooks(student, _stage_names(student, method))
-    t_hooks = [Hooks(t, _stage_names(t, method)) for t in teachers]
+    s_hooks = HandFeatureHooks(student, _stage_names(student, method))
+    t_hooks = [HandFeatureHooks(t, _stage_names(t, method)) for t in teachers]
     crd = HandCRD(models_, labels, device) if method == "crd" else None
     params = [p for m in [student, *translators] for p in m.parameters()] + (crd.parameters() if crd else [])
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -426,7 +429,7 @@ def _default_cfg(s: Setting, **update) -> TrainConfig:
     )
 
 
-def _fast_cfg(s: Setting, method: Method) -> TrainConfig:
+def _fast_cfg(s: Setting, method: BenchMethod) -> TrainConfig:
     from kdlab.losses import TERMS
 
     # terms that read the progress or the indices run in the eager step (the graph step refuses them)
@@ -540,7 +543,7 @@ def _cuda_graphed(run: Callable, grad_mode: Callable) -> Callable:  # pragma: no
     return graph.replay
 
 
-def measure_training(mode: str, task: str, method: Method, models_: Models, s: Setting) -> Measure:
+def measure_training(mode: str, task: str, method: BenchMethod, models_: Models, s: Setting) -> Measure:
     """Training steps of the student alone (task 'student') or with a method's teachers, in one mode."""
     from kdlab.compute import autocast_factory, use_channels_last
 
@@ -593,7 +596,7 @@ def measure_training(mode: str, task: str, method: Method, models_: Models, s: S
     return Measure(window.seconds, s.steps * s.batch_size, mem.mib, mem.kind, options, setup, extra, mem.reserved_mib)
 
 
-def _fit(fresh: Models, method: Method, cfg: TrainConfig, window: Window, s: Setting) -> tuple[float, dict]:
+def _fit(fresh: Models, method: BenchMethod, cfg: TrainConfig, window: Window, s: Setting) -> tuple[float, dict]:
     from kdlab.compute import autocast_factory
     from kdlab.fast.teachers import prepare_teachers
     from kdlab.train import fit
