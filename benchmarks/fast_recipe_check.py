@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kdlab import pipeline
 from kdlab.checkpoint import atomic_write_text
-from kdlab.config import load_recipe
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

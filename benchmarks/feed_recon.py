@@ -17,7 +17,7 @@ from pathlib import Path
 from kdlab import pipeline
 from kdlab.analysis.recon import analyze
 from kdlab.checkpoint import atomic_write_text
-from kdlab.config import load_recipe
+from kdlab.recipe_files import load_recipe
 from kdlab.tools.demo import recipe_dir
 
 METHODS = ("vanilla", "kd", "ft", "pfeed", "sfeed")

@@ -53,10 +53,11 @@ from pathlib import Path
 import torch
 
 from kdlab import __version__, compute, models, optim, train
-from kdlab.config import LossConfig, TrainConfig, load_recipe
+from kdlab.config import LossConfig, TrainConfig
 from kdlab.data import DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
 from kdlab.fast.graph_step import GraphStep, RerunGraphs
+from kdlab.recipe_files import load_recipe
 from kdlab.tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]

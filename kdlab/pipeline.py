@@ -19,12 +19,13 @@ import torch
 
 from kdlab import checkpoint, distributed
 from kdlab.compute import check_device_options, resolve_device
-from kdlab.config import Recipe, TrainConfig, dump, teacher_train_config, validate
+from kdlab.config import Recipe, TrainConfig, teacher_train_config
 from kdlab.data import DeviceLoader
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.lock import LOCK_NAME, RunLock
 from kdlab.methods import check_recipe
+from kdlab.recipe_files import dump, validate
 from kdlab.student import RESULT, Data, Log, build_model, load_data, read_result, train_run
 from kdlab.teachers import (
     best_weights,
@@ -121,7 +122,7 @@ def start(recipe: Recipe | None, out: Path, resume: bool, log: Callable[[str], N
     earlier attempt stopped by a wrong teacher file, a bad data file or a NaN at its first steps): that
     attempt left nothing to resume, so it must not block the corrected rerun. Anything else is refused:
     a finished run, a run with checkpoints, and a folder that is not a kdlab run at all."""
-    from kdlab.config import read_yaml
+    from kdlab.recipe_files import read_yaml
 
     out = Path(out)
     config_path = out / "config.yaml"
@@ -321,7 +322,7 @@ def _configured_device(recipe: Recipe | None, out: Path) -> str:
     if recipe is not None:
         return recipe.train.device
     try:
-        from kdlab.config import read_yaml
+        from kdlab.recipe_files import read_yaml
 
         return str((read_yaml(out / "config.yaml").get("train") or {}).get("device", "auto"))
     except (KdlabError, AttributeError):

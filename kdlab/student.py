@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdlab import __version__, checkpoint, distributed, models
+from kdlab import __version__, checkpoint, distributed, models, sync_bn
 from kdlab.compute import autocast_factory, resolve_device
 from kdlab.config import LossConfig, Recipe, TrainConfig
 from kdlab.data import ArrayDataset, DeviceLoader, default_augment, load_dataset
@@ -156,7 +156,7 @@ def train_student(
                 "(images and labels), not a DataLoader, so that the index names one sample"
             )
     if cfg.sync_bn:  # the side modules built just now (FitNet's regressor has a BatchNorm)
-        distributed.convert_sync_batchnorm(distiller.terms, device)
+        sync_bn.convert_sync_batchnorm(distiller.terms, device)
     autocast = autocast_factory(cfg, device)
     teacher_cache = None
     if (
@@ -228,7 +228,7 @@ def train_run(
     if init is not None:
         init(student)
     if train_cfg.sync_bn:  # before the Distiller: its taps hook the converted modules
-        student = distributed.convert_sync_batchnorm(student, device)
+        student = sync_bn.convert_sync_batchnorm(student, device)
     train_loader, test_loader = data.loaders(recipe, train_cfg.batch_size, device, seed)
     distiller = Distiller(student, teachers, loss)
     state = train_student(

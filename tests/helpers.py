@@ -17,8 +17,8 @@ import torch
 
 from kdlab import checkpoint, pipeline
 from kdlab.cli import main
-from kdlab.config import load_recipe
 from kdlab.progress import Progress
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 VANILLA = str(ROOT / "recipes" / "digits" / "vanilla.yaml")

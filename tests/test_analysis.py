@@ -7,10 +7,10 @@ import torch
 
 from kdlab import checkpoint, pipeline
 from kdlab.cli import main
-from kdlab.config import load_recipe
 from kdlab.data import DeviceLoader, load_dataset
 from kdlab.losses.heads import Paraphraser
 from kdlab.models import create
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

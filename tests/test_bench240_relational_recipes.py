@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kdlab import models
-from kdlab.config import load_recipe
 from kdlab.distiller import Distiller
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes" / "cifar100" / "bench240"
 NAMES = ("sp", "cc", "vid", "rkd", "pkt", "ab", "fsp", "ofd", "dist", "kd_ls")

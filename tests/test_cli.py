@@ -10,8 +10,8 @@ from helpers import refused, sets
 
 from kdlab import models
 from kdlab.cli import main
-from kdlab.config import load_recipe
 from kdlab.methods import METHODS
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 KD = str(ROOT / "recipes" / "digits" / "kd.yaml")

@@ -13,14 +13,15 @@ from test_fast import small_teacher
 from test_train import RECIPES
 from torch import nn
 
-from kdlab import compute, distributed, models, optim, pipeline, train, train_state
-from kdlab.config import LossConfig, TrainConfig, load_recipe
+from kdlab import compute, distributed, models, optim, pipeline, sync_bn, train, train_state
+from kdlab.config import LossConfig, TrainConfig
 from kdlab.data import AugmentSpec, DeviceLoader, load_dataset
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError
 from kdlab.fast import teacher_cache as tc
 from kdlab.fast.graph_step import GraphStep, RerunGraphs
 from kdlab.fast.teacher_cache import CacheTooLarge, TeacherCache
+from kdlab.recipe_files import load_recipe
 
 KD = LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4}})
 
@@ -257,9 +258,9 @@ def test_torchrun_ranks_build_the_teacher_cache_once(tmp_path):
 
 def test_sync_bn_on_cuda_is_the_global_batchnorm_the_cpu_tests_check():
     model = models.create("resnet8", num_classes=10)
-    converted = distributed.convert_sync_batchnorm(model, torch.device("cuda"))
+    converted = sync_bn.convert_sync_batchnorm(model, torch.device("cuda"))
     bns = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert bns and all(type(m) is distributed.GlobalBatchNorm for m in bns)
+    assert bns and all(type(m) is sync_bn.GlobalBatchNorm for m in bns)
 
 
 def test_global_batchnorm_copies_nothing_from_the_host(monkeypatch):
@@ -272,7 +273,7 @@ def test_global_batchnorm_copies_nothing_from_the_host(monkeypatch):
 
     torch.manual_seed(0)
     plain = nn.BatchNorm2d(3)
-    bn = distributed.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cuda"))[0]
+    bn = sync_bn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cuda"))[0]
     x = torch.randn(4, 3, 5, 5)
     monkeypatch.setattr(torch.Tensor, "new_tensor", host_copy)
     torch.testing.assert_close(bn(x), plain(x), atol=1e-5, rtol=0)

@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kdlab import checkpoint, distributed, models, pipeline
-from kdlab.config import load_recipe
+from kdlab import checkpoint, distributed, models, pipeline, sync_bn
 from kdlab.errors import ConfigError
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -261,8 +261,8 @@ def _ranks_worker(rank: int, world: int, port: int, run_dir: str) -> None:
 
     def checks() -> None:
         # global-batch BatchNorm: this rank's rows of BatchNorm over all 8 rows, in value and gradient
-        bn = distributed.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))[0]
-        assert isinstance(bn, distributed.GlobalBatchNorm)
+        bn = sync_bn.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))[0]
+        assert isinstance(bn, sync_bn.GlobalBatchNorm)
         with torch.no_grad():
             bn.weight.copy_(weight.float())
             bn.bias.copy_(bias.float())

@@ -12,12 +12,13 @@ from test_train import RECIPES, student_weights
 from torch import nn
 
 from kdlab import models, pipeline
-from kdlab.config import LossConfig, TrainConfig, load_recipe
+from kdlab.config import LossConfig, TrainConfig
 from kdlab.data import AugmentSpec, DeviceLoader, load_dataset
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError
 from kdlab.fast.fold import fold_batchnorm, foldable_pairs
 from kdlab.fast.teacher_cache import TeacherCache
+from kdlab.recipe_files import load_recipe
 from kdlab.taps import FeatureTaps, stage_aliases
 from kdlab.train import fit
 

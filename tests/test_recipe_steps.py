@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.config import Recipe, load_recipe
+from kdlab.config import Recipe
 from kdlab.data import ArrayDataset
 from kdlab.distiller import Distiller
 from kdlab.optim import lr_at, make_optimizer
+from kdlab.recipe_files import load_recipe
 from kdlab.stages import StageContext, run_stages
 from kdlab.student import Data, build_model
 from kdlab.tools.reproduce import build_recipe, load_table

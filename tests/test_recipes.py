@@ -9,8 +9,8 @@ import yaml
 from helpers import ok, refused
 
 from kdlab import pipeline
-from kdlab.config import load_recipe
 from kdlab.methods import METHODS, check_recipe
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = sorted((ROOT / "recipes" / "digits").glob("*.yaml"))

@@ -11,7 +11,7 @@ import yaml
 from helpers import ok, refused, sets
 
 from kdlab import checkpoint
-from kdlab.config import dump, load_recipe
+from kdlab.recipe_files import dump, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "recipes" / "digits"

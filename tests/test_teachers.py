@@ -18,8 +18,9 @@ from helpers import ENV, ok, read_until
 from torch import nn
 
 from kdlab import checkpoint, models, pipeline
-from kdlab.config import load_recipe, teacher_train_config, validate
+from kdlab.config import teacher_train_config
 from kdlab.errors import CheckpointError
+from kdlab.recipe_files import load_recipe, validate
 from kdlab.student import Log, load_data
 from kdlab.teachers import (
     load_model_weights,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdlab import checkpoint, models, pipeline
-from kdlab.config import load_recipe
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "digits"

@@ -19,10 +19,10 @@ import torch
 
 from kdlab import checkpoint
 from kdlab.compute import autocast_factory, resolve_device
-from kdlab.config import read_yaml, validate
 from kdlab.losses import functional as F
 from kdlab.losses.base import PreStage
 from kdlab.losses.heads import Paraphraser
+from kdlab.recipe_files import read_yaml, validate
 from kdlab.stages import StageContext, run_stage
 from kdlab.student import build_model, load_data
 from kdlab.taps import FeatureTaps, default_layers

@@ -25,9 +25,10 @@ def run(args) -> int:
 
     from kdlab import checkpoint, models
     from kdlab.compute import resolve_device
-    from kdlab.config import DataConfig, read_yaml
+    from kdlab.config import DataConfig
     from kdlab.data import DeviceLoader, load_dataset
     from kdlab.errors import KdlabError
+    from kdlab.recipe_files import read_yaml
     from kdlab.student import EVAL_BATCH, resolve_weights
     from kdlab.train import evaluate
 

@@ -48,7 +48,7 @@ def add_arguments(p) -> None:
 
 
 def _run_config(run_dir: Path) -> dict:
-    from kdlab.config import read_yaml
+    from kdlab.recipe_files import read_yaml
 
     path = run_dir / "config.yaml"
     return read_yaml(path) if path.exists() else {}

@@ -14,8 +14,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import yaml
 
-    from kdlab.config import packaged_recipes
     from kdlab.errors import KdlabError
+    from kdlab.recipe_files import packaged_recipes
 
     recipes = packaged_recipes()
     if args.family:

@@ -32,8 +32,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from kdlab import pipeline
-    from kdlab.config import find_recipe, load_recipe
     from kdlab.errors import KdlabError, NonFiniteLoss
+    from kdlab.recipe_files import find_recipe, load_recipe
 
     out = Path(args.resume or args.out or ".")
     args.resume_hint = lambda: resume_hint(out)

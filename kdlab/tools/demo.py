@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kdlab import pipeline
 from kdlab.checkpoint import atomic_write_text
-from kdlab.config import load_recipe
+from kdlab.recipe_files import load_recipe
 from kdlab.tools.results import mean_std
 
 

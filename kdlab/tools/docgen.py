@@ -201,8 +201,8 @@ def options_table(term_name: str) -> str:
 
 def method_terms(method: str) -> list[str]:
     """The terms a method's card documents: the method's own, then any other its digits recipe uses."""
-    from kdlab.config import read_yaml
     from kdlab.methods import METHODS
+    from kdlab.recipe_files import read_yaml
 
     terms = list(METHODS[method].terms)
     recipe = ROOT / "kdlab" / "recipes" / "digits" / f"{method}.yaml"

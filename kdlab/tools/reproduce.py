@@ -25,8 +25,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kdlab.config import Recipe, apply_overrides, format_validation_error, read_yaml, validate
+from kdlab.config import Recipe, format_validation_error
 from kdlab.errors import ConfigError
+from kdlab.recipe_files import apply_overrides, read_yaml, validate
 from kdlab.strict import Strict
 
 RECIPES_ROOT = Path(__file__).resolve().parents[1] / "recipes"
