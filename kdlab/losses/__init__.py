@@ -1,5 +1,5 @@
-"""Loss terms by name. `functional`, `relational` and `feature_functional` hold the pure maths; each
-other module is one method."""
+"""Loss terms by name. `functional`, `relational` and `feature_functional` hold the pure maths, `checks`
+their shared input checks and precision rule; each other module is one method."""
 
 # importing the method modules registers their terms
 from kdlab.losses import (

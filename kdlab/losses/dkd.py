@@ -14,8 +14,8 @@ from pydantic import Field
 from torch import Tensor
 
 from kdlab.errors import ConfigError, LayerError
-from kdlab.losses import functional as F
 from kdlab.losses.base import Outputs, Term, TermOptions, register
+from kdlab.losses.checks import as_float, check_logits_targets, check_positive, check_same_shape, kl_bm
 
 
 def dkd(
@@ -36,20 +36,20 @@ def dkd(
     with p = softmax(z / T). The non-target distribution is computed exactly (the target class removed),
     where mdistiller subtracts 1000 from the target logit; the two agree to float precision.
     """
-    T = F._check_positive("dkd", "temperature T", T)
+    T = check_positive("dkd", "temperature T", T)
     for what, value in (("alpha", alpha), ("beta", beta)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
             raise ConfigError(f"dkd: {what} must be a number >= 0, got {value!r}")
-    F._check_same_shape("dkd", student_logits, teacher_logits, "logit", "student and teacher must share the classes")
-    F._check_logits_targets("dkd", student_logits, targets)
+    check_same_shape("dkd", student_logits, teacher_logits, "logit", "student and teacher must share the classes")
+    check_logits_targets("dkd", student_logits, targets)
     if student_logits.shape[1] < 2:
         raise LayerError(f"dkd: needs at least 2 classes, got logits {tuple(student_logits.shape)}")
-    zs, zt = F._as_float(student_logits, teacher_logits)
+    zs, zt = as_float(student_logits, teacher_logits)
     target = torch.nn.functional.one_hot(targets, zs.shape[1]).bool()
     ps, pt = torch.softmax(zs / T, dim=1), torch.softmax(zt / T, dim=1)
     bs = torch.stack([ps[target], (ps.masked_fill(target, 0)).sum(1)], dim=1)
     bt = torch.stack([pt[target], (pt.masked_fill(target, 0)).sum(1)], dim=1)
-    tckd = F._kl_bm(bt.clamp_min(1e-30).log(), bs.clamp_min(1e-30).log())
+    tckd = kl_bm(bt.clamp_min(1e-30).log(), bs.clamp_min(1e-30).log())
     # the target class removed: log-softmax over the other K-1 logits
     log_ns = torch.log_softmax(zs.masked_fill(target, float("-inf")) / T, dim=1).masked_fill(target, 0.0)
     log_nt = torch.log_softmax(zt.masked_fill(target, float("-inf")) / T, dim=1).masked_fill(target, 0.0)

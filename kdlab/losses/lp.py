@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kdlab.losses import functional as F
+from kdlab.losses import relational as R
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
@@ -61,5 +61,5 @@ class LP(Term):
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
         for s, t in self.layer_pairs(out, gather=self.opts.gather):
-            total = total + F.lp(s, t, k=self.opts.k, sigma2=self.opts.sigma2, normalize=self.opts.normalize)
+            total = total + R.lp(s, t, k=self.opts.k, sigma2=self.opts.sigma2, normalize=self.opts.normalize)
         return total

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kdlab.losses import functional as F
+from kdlab.losses import feature_functional as FF
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
@@ -45,7 +45,7 @@ class NST(Term):
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
         for fs, ft in self.layer_pairs(out, pool=self.opts.pool):
-            total = total + F.nst(
+            total = total + FF.nst(
                 fs, ft, kernel=self.opts.kernel, sigma2=self.opts.sigma2, teacher_term=self.opts.teacher_term
             )
         return total

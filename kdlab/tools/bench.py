@@ -46,6 +46,7 @@ from kdlab.data import ArrayDataset, DeviceLoader, default_augment
 from kdlab.data.cifar import CIFAR100_MEAN, CIFAR100_STD
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError
+from kdlab.losses import feature_functional as kdff
 from kdlab.losses import functional as kdf
 from kdlab.losses.heads import translator
 
@@ -309,7 +310,7 @@ def hand_loss(
     if method == "kd":
         return 0.1 * ce + 0.9 * kdf.kd(s_logits, t_logits[0], T=4.0)
     if method == "nst":
-        return ce + 50.0 * sum(kdf.nst(*_matched(fs, ft), kernel="poly") for fs, ft in zip(s_feats, t_feats[0]))
+        return ce + 50.0 * sum(kdff.nst(*_matched(fs, ft), kernel="poly") for fs, ft in zip(s_feats, t_feats[0]))
     if method == "pfeed2":
         return ce + 500.0 * sum(kdf.factor(tr(s_feats[-1]), ft[-1]) for tr, ft in zip(translators, t_feats))
     if method == "dkd":  # past its warm-up: the full term
