@@ -22,19 +22,24 @@ from pathlib import Path
 
 from kdlab import pipeline
 from kdlab.checkpoint import atomic_write_text
-from kdlab.config import load_recipe
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fast_overrides(batch: int, base_batch: int, base_lr: float, warmup_epochs: float) -> list[str]:
     return [
-        f"train.batch_size={batch}", f"train.lr={base_lr * batch / base_batch:g}",
-        f"train.schedule.warmup_epochs={warmup_epochs:g}", "train.teacher_cache=true",
-        "train.fast.graph_step=true", "train.fast.fold_teacher=true",
+        f"train.batch_size={batch}",
+        f"train.lr={base_lr * batch / base_batch:g}",
+        f"train.schedule.warmup_epochs={warmup_epochs:g}",
+        "train.teacher_cache=true",
+        "train.fast.graph_step=true",
+        "train.fast.fold_teacher=true",
         # the teacher keeps the published protocol: the same teacher for both arms
-        f"teachers.0.train.batch_size={base_batch}", f"teachers.0.train.lr={base_lr:g}",
-        "teachers.0.train.schedule.warmup_epochs=0", "teachers.0.train.fast.graph_step=false",
+        f"teachers.0.train.batch_size={base_batch}",
+        f"teachers.0.train.lr={base_lr:g}",
+        "teachers.0.train.schedule.warmup_epochs=0",
+        "teachers.0.train.fast.graph_step=false",
     ]
 
 
@@ -51,7 +56,9 @@ def main() -> None:
     base = load_recipe(args.recipe, args.overrides)
     arms = {
         f"batch {base.train.batch_size} (published)": [],
-        f"batch {args.batch} fast": fast_overrides(args.batch, base.train.batch_size, base.train.lr, args.warmup_epochs),
+        f"batch {args.batch} fast": fast_overrides(
+            args.batch, base.train.batch_size, base.train.lr, args.warmup_epochs
+        ),
     }
     rows = []
     t0 = time.perf_counter()
@@ -62,20 +69,41 @@ def main() -> None:
             started = time.perf_counter()
             resume = (run_dir / "config.yaml").exists()
             result = pipeline.run(None if resume else recipe, run_dir, resume=resume, quiet=True)
-            rows.append({"arm": arm, "seed": seed, "top1_last": result["top1_last"], "top1_best": result["top1_best"],
-                         "wall_seconds": result.get("wall_seconds", round(time.perf_counter() - started, 1))})
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "top1_last": result["top1_last"],
+                    "top1_best": result["top1_best"],
+                    "wall_seconds": result.get("wall_seconds", round(time.perf_counter() - started, 1)),
+                }
+            )
             print(f"{arm:<26} seed {seed}: top-1 last {result['top1_last']:.2f}")
     summary = {}
     for arm in arms:
         accs = [r["top1_last"] for r in rows if r["arm"] == arm]
-        summary[arm] = {"mean": round(statistics.mean(accs), 2), "std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
-                        "n": len(accs)}
-        print(f"{arm:<26} top-1 (last epoch) {summary[arm]['mean']:.2f} +- {summary[arm]['std']:.2f} over {len(accs)} seeds")
+        summary[arm] = {
+            "mean": round(statistics.mean(accs), 2),
+            "std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
+            "n": len(accs),
+        }
+        print(
+            f"{arm:<26} top-1 (last epoch) {summary[arm]['mean']:.2f} +- {summary[arm]['std']:.2f} "
+            f"over {len(accs)} seeds"
+        )
     recipe_path = Path(args.recipe).resolve()
     shown = str(recipe_path.relative_to(ROOT)) if recipe_path.is_relative_to(ROOT) else args.recipe
-    report = {"command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
-              "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})", "recipe": shown, "overrides": args.overrides, "fast_overrides": arms[list(arms)[1]], "rows": rows,
-              "summary": summary, "seconds": round(time.perf_counter() - t0, 1)}
+    report = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})",
+        "recipe": shown,
+        "overrides": args.overrides,
+        "fast_overrides": arms[list(arms)[1]],
+        "rows": rows,
+        "summary": summary,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "fast_recipe_check.json", json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'fast_recipe_check.json'}")

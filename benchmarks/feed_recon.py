@@ -17,7 +17,7 @@ from pathlib import Path
 from kdlab import pipeline
 from kdlab.analysis.recon import analyze
 from kdlab.checkpoint import atomic_write_text
-from kdlab.config import load_recipe
+from kdlab.recipe_files import load_recipe
 from kdlab.tools.demo import recipe_dir
 
 METHODS = ("vanilla", "kd", "ft", "pfeed", "sfeed")
@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     out = Path(args.out)
-    overrides = [f"cache_dir={out / 'teachers'}", *args.overrides] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    overrides = [f"cache_dir={out / 'teachers'}", *args.overrides] + (
+        [f"train.epochs={args.epochs}"] if args.epochs else []
+    )
     rows = []
     t0 = time.perf_counter()
     for name in METHODS:
@@ -40,11 +42,23 @@ def main() -> None:
         resume = (run_dir / "config.yaml").exists()
         result = pipeline.run(None if resume else recipe, run_dir, resume=resume, quiet=True)
         recon = analyze(run_dir, epochs=args.ae_epochs, log=lambda m: None)
-        rows.append({"method": name, "top1_last": result["top1_last"], "recon_error": recon["recon_error"], "layer": recon["layer"]})
+        rows.append(
+            {
+                "method": name,
+                "top1_last": result["top1_last"],
+                "recon_error": recon["recon_error"],
+                "layer": recon["layer"],
+            }
+        )
     print(f"{'method':<8} {'top-1':>7} {'recon error (L1, test)':>24}")
     for r in rows:
         print(f"{r['method']:<8} {r['top1_last']:>7.2f} {r['recon_error']:>24.5f}")
-    report = {"rows": rows, "seconds": round(time.perf_counter() - t0, 1), "overrides": overrides, "ae_epochs": args.ae_epochs}
+    report = {
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "overrides": overrides,
+        "ae_epochs": args.ae_epochs,
+    }
     atomic_write_text(out / "feed_recon.json", json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'feed_recon.json'}")
 

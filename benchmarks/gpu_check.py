@@ -52,12 +52,13 @@ from pathlib import Path
 
 import torch
 
-from kdlab import __version__, models, train
-from kdlab.tools import bench
-from kdlab.config import FastConfig, LossConfig, TrainConfig, load_recipe
+from kdlab import __version__, compute, models, optim, train
+from kdlab.config import LossConfig, TrainConfig
 from kdlab.data import DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
 from kdlab.fast.graph_step import GraphStep, RerunGraphs
+from kdlab.recipe_files import load_recipe
+from kdlab.tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_RECIPES = ["resnet56_resnet20_kd_b512.yaml", "resnet32x4_resnet8x4_kd_b512.yaml"]
@@ -68,25 +69,38 @@ CIFAR100_TRAIN = 50_000
 
 @dataclass
 class Sizes:
-    steps: int = 30                # graph_vs_eager: steps per run
-    batch: int = 64                # graph_vs_eager: the published batch
+    steps: int = 30  # graph_vs_eager: steps per run
+    batch: int = 64  # graph_vs_eager: the published batch
     pair: tuple = ("resnet56", "resnet20")
-    cache_images: int = 5120       # fast_recipe: the subset the cache and the epochs run on
-    fast_epochs: int = 4           # fast_recipe: epochs measured (the first includes warm-up and capture)
-    hit_batches: int = 4           # fast_recipe: training batches whose lookups are compared with the live teacher
+    cache_images: int = 5120  # fast_recipe: the subset the cache and the epochs run on
+    fast_epochs: int = 4  # fast_recipe: epochs measured (the first includes warm-up and capture)
+    hit_batches: int = 4  # fast_recipe: training batches whose lookups are compared with the live teacher
     fast_batch: int | None = None  # None: the recipe's own (512)
-    models: dict | None = None     # dry run: every model replaced by a tiny one
+    models: dict | None = None  # dry run: every model replaced by a tiny one
     bench_pairs: str = "resnet56:resnet20,resnet32x4:resnet8x4"
     bench_batch: int = 64
     bench_steps: int = 30
-    bench_warmup: int = 10         # > the graph step's 3 warm-up calls + capture, so no capture is timed
+    bench_warmup: int = 10  # > the graph step's 3 warm-up calls + capture, so no capture is timed
     bench_workers: int | None = None
     test_images: int | None = None  # None: the whole test set
 
 
-DRY = Sizes(steps=6, batch=8, pair=("resnet8", "resnet8"), cache_images=32, fast_epochs=2, hit_batches=2, fast_batch=8,
-            models={"resnet56": "resnet8", "resnet20": "resnet8", "resnet32x4": "resnet8", "resnet8x4": "resnet8"},
-            bench_pairs="resnet8:resnet8", bench_batch=8, bench_steps=2, bench_warmup=1, bench_workers=0, test_images=64)
+DRY = Sizes(
+    steps=6,
+    batch=8,
+    pair=("resnet8", "resnet8"),
+    cache_images=32,
+    fast_epochs=2,
+    hit_batches=2,
+    fast_batch=8,
+    models={"resnet56": "resnet8", "resnet20": "resnet8", "resnet32x4": "resnet8", "resnet8x4": "resnet8"},
+    bench_pairs="resnet8:resnet8",
+    bench_batch=8,
+    bench_steps=2,
+    bench_warmup=1,
+    bench_workers=0,
+    test_images=64,
+)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -128,11 +142,17 @@ def load_data(args, sizes: Sizes, device: torch.device):
     """(train, test, note): CIFAR-100 from --data or /tmp/cifar-100-python when there, synthetic otherwise."""
     root = None if args.synthetic else args.data or (DEFAULT_DATA if Path(DEFAULT_DATA).exists() else None)
     if root is not None:
-        train_set, test_set = load_dataset("cifar100", root, split="train"), load_dataset("cifar100", root, split="test")
+        train_set, test_set = (
+            load_dataset("cifar100", root, split="train"),
+            load_dataset("cifar100", root, split="test"),
+        )
         note = f"CIFAR-100 from {root}"
     else:
         n = sizes.cache_images if args.dry_run else CIFAR100_TRAIN
-        train_set, test_set = bench.synthetic_dataset(n, seed=0), bench.synthetic_dataset(sizes.test_images or 10_000, seed=1)
+        train_set, test_set = (
+            bench.synthetic_dataset(n, seed=0),
+            bench.synthetic_dataset(sizes.test_images or 10_000, seed=1),
+        )
         note = "synthetic CIFAR-shaped images (no CIFAR-100 found)"
     if sizes.test_images is not None:
         test_set = test_set.subset(slice(0, sizes.test_images))
@@ -150,7 +170,9 @@ def graph_vs_eager(device: torch.device, sizes: Sizes, train_set, ctx: dict) -> 
     teacher_name, student_name = sizes.pair
     torch.manual_seed(0)
     base_student, base_teacher = model(student_name, sizes), model(teacher_name, sizes).eval().requires_grad_(False)
-    loader = DeviceLoader(train_set, sizes.batch, train=True, augment=default_augment("cifar100"), device=device, seed=0)
+    loader = DeviceLoader(
+        train_set, sizes.batch, train=True, augment=default_augment("cifar100"), device=device, seed=0
+    )
     data = []
     for epoch in range(sizes.steps // max(len(loader), 1) + 1):  # fixed batches, drawn before any sync check
         loader.set_epoch(epoch)
@@ -162,17 +184,24 @@ def graph_vs_eager(device: torch.device, sizes: Sizes, train_set, ctx: dict) -> 
             student, teacher = copy.deepcopy(base_student), copy.deepcopy(base_teacher)
             distiller = Distiller(student, [teacher], KD).to(device)
             distiller.build(data[0][0][:8], data[0][1][:8])
-            channels_last = train.use_channels_last(cfg, device)
+            channels_last = compute.use_channels_last(cfg, device)
             if channels_last:
                 distiller.to(memory_format=torch.channels_last)
-            opt = train.make_optimizer(distiller, cfg, device)
+            opt = optim.make_optimizer(distiller, cfg, device)
             capture = mode == "captured"
             graphs = RerunGraphs([distiller]) if capture and device.type != "cuda" else None
-            step = GraphStep(lambda x, y, tl, d=distiller: d(x, y, teacher_logits=tl), opt, device,
-                             train.autocast_factory(cfg, device, cache_enabled=False), None, None, capture=capture,
-                             graphs=graphs)
+            step = GraphStep(
+                lambda x, y, tl, d=distiller: d(x, y, teacher_logits=tl),
+                opt,
+                device,
+                compute.autocast_factory(cfg, device, cache_enabled=False),
+                None,
+                None,
+                capture=capture,
+                graphs=graphs,
+            )
             first = None
-            with train.cuda_numerics(cfg, device):
+            with compute.cuda_numerics(cfg, device):
                 for i, (x, y) in enumerate(data):
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -192,12 +221,19 @@ def graph_vs_eager(device: torch.device, sizes: Sizes, train_set, ctx: dict) -> 
         # the same kernels in the same order: only non-deterministic reductions may differ
         out[f"{amp}_pass"] = diff <= (1e-3 if amp == "off" else 1e-2)
     ctx["graph_runs"], ctx["init_student"] = runs, weights(base_student)
-    out.update(steps=len(data), batch=sizes.batch, pair=f"{teacher_name}:{student_name}",
-               sync_debug_mode="error" if device.type == "cuda" else "n/a on cpu",
-               graph="torch.cuda.CUDAGraph" if device.type == "cuda" else "RerunGraphs (CPU stand-in)")
+    out.update(
+        steps=len(data),
+        batch=sizes.batch,
+        pair=f"{teacher_name}:{student_name}",
+        sync_debug_mode="error" if device.type == "cuda" else "n/a on cpu",
+        graph="torch.cuda.CUDAGraph" if device.type == "cuda" else "RerunGraphs (CPU stand-in)",
+    )
     if not (out["off_pass"] and out["bf16_pass"]):
-        raise CheckFailed(f"captured and eager weights differ: fp32 {out['off_captured_vs_eager_max_rel_diff']:.2e}, "
-                          f"bf16 {out['bf16_captured_vs_eager_max_rel_diff']:.2e}", out)
+        raise CheckFailed(
+            f"captured and eager weights differ: fp32 {out['off_captured_vs_eager_max_rel_diff']:.2e}, "
+            f"bf16 {out['bf16_captured_vs_eager_max_rel_diff']:.2e}",
+            out,
+        )
     return out
 
 
@@ -215,14 +251,19 @@ def bf16_vs_fp32(device: torch.device, sizes: Sizes, ctx: dict) -> dict:
     d32, d16 = update(w32), update(w16)
     cosine = torch.nn.functional.cosine_similarity(d32, d16, dim=0).item()
     out = {
-        "loss_fp32": l32.item(), "loss_bf16": l16.item(), "loss_rel_diff": abs(l16.item() - l32.item()) / abs(l32.item()),
+        "loss_fp32": l32.item(),
+        "loss_bf16": l16.item(),
+        "loss_rel_diff": abs(l16.item() - l32.item()) / abs(l32.item()),
         "logits_max_rel_diff": ((z16 - z32).abs().max() / z32.abs().max()).item(),
-        "first_update_cosine": cosine, "first_update_norm_ratio": (d16.norm() / d32.norm()).item(),
+        "first_update_cosine": cosine,
+        "first_update_norm_ratio": (d16.norm() / d32.norm()).item(),
         "after_all_steps_rel_diff": max_rel_diff(runs[("off", "eager")]["last"], runs[("bf16", "eager")]["last"]),
     }
     out["pass"] = out["loss_rel_diff"] < 2e-2 and cosine > 0.98
     if not out["pass"]:
-        raise CheckFailed(f"bf16 step disagrees with fp32: loss {out['loss_rel_diff']:.2e}, update cosine {cosine:.4f}", out)
+        raise CheckFailed(
+            f"bf16 step disagrees with fp32: loss {out['loss_rel_diff']:.2e}, update cosine {cosine:.4f}", out
+        )
     return out
 
 
@@ -247,7 +288,7 @@ def fast_recipe(device: torch.device, sizes: Sizes, train_set, test_set, name: s
     distiller = Distiller(student, [teacher], recipe.loss).to(device)
     x0, y0 = next(iter(test_loader))
     distiller.build(x0[:8], y0[:8])
-    autocast = train.autocast_factory(cfg, device)
+    autocast = compute.autocast_factory(cfg, device)
 
     sync(device)
     t0 = time.perf_counter()
@@ -264,7 +305,7 @@ def fast_recipe(device: torch.device, sizes: Sizes, train_set, test_set, name: s
         for i, (x, _y, index, view) in enumerate(train_loader.iter_batches(with_meta=True)):
             if i >= sizes.hit_batches:
                 break
-            if train.use_channels_last(cfg, device):
+            if compute.use_channels_last(cfg, device):
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 live = distiller.teachers[0](x).float()
@@ -279,15 +320,16 @@ def fast_recipe(device: torch.device, sizes: Sizes, train_set, test_set, name: s
     run_cfg = cfg.model_copy(update={"epochs": epochs, "eval_every": 10_000})
     graphs = RerunGraphs([distiller]) if device.type != "cuda" else None
     with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
-        state = train.fit(distiller, train_loader, None, run_cfg, Path(run_dir), lambda _m: None, teacher_cache=cache,
-                          graphs=graphs)
+        state = train.fit(
+            distiller, train_loader, None, run_cfg, Path(run_dir), lambda _m: None, teacher_cache=cache, graphs=graphs
+        )
     seconds = [row["seconds"] for row in state.history]
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
     step_s = steady / len(train_loader)
     for _ in range(2):  # the second one: cuDNN has picked its kernels for the evaluation shapes
         sync(device)
         t0 = time.perf_counter()
-        train.evaluate(distiller.student, test_loader, autocast, train.use_channels_last(cfg, device))
+        train.evaluate(distiller.student, test_loader, autocast, compute.use_channels_last(cfg, device))
         eval_s = time.perf_counter() - t0
     full_steps = full_n // cfg.batch_size
     full_test = 10_000 if sizes.test_images is not None or test_set.name == "synthetic" else len(test_set)
@@ -296,22 +338,40 @@ def fast_recipe(device: torch.device, sizes: Sizes, train_set, test_set, name: s
     epoch_full = step_s * full_steps
     total = cache_full + recipe.train.epochs * (epoch_full + eval_full)
     return {
-        "recipe": f"recipes/cifar100/fast/{name}", "teacher": recipe.teachers[0].name, "student": recipe.student.name,
-        "models_used": f"{teacher.__class__.__name__}/{student.__class__.__name__}" + (" (dry-run stand-ins)" if sizes.models else ""),
-        "batch": cfg.batch_size, "subset_images": len(sub), "options": bench._options(cfg, device),
-        "cache": {"dtype": str(table.dtype).removeprefix("torch."), "storage": cache.storage, "views": table.shape[1],
-                  "build_seconds": round(build_s, 2), "size_mib": round(size / 2**20, 1),
-                  "full_set_size_gib": round(size * full_n / len(sub) / 2**30, 2),
-                  "full_set_build_seconds": round(cache_full, 1),
-                  "hit_max_rel_diff": worst, "hit_exact_rows": f"{exact}/{count}",
-                  # bf16 storage rounds each logit once: 2^-8 of its magnitude, plus the other batch size's kernels
-                  "hit_pass": worst <= (1 / 64 if bf16 else 1e-5)},
-        "epoch_seconds_measured": seconds, "steps_per_epoch_measured": len(train_loader),
-        "step_seconds": round(step_s, 5), "images_per_s": round(cfg.batch_size / step_s, 1),
+        "recipe": f"recipes/cifar100/fast/{name}",
+        "teacher": recipe.teachers[0].name,
+        "student": recipe.student.name,
+        "models_used": f"{teacher.__class__.__name__}/{student.__class__.__name__}"
+        + (" (dry-run stand-ins)" if sizes.models else ""),
+        "batch": cfg.batch_size,
+        "subset_images": len(sub),
+        "options": bench._options(cfg, device),
+        "cache": {
+            "dtype": str(table.dtype).removeprefix("torch."),
+            "storage": cache.storage,
+            "views": table.shape[1],
+            "build_seconds": round(build_s, 2),
+            "size_mib": round(size / 2**20, 1),
+            "full_set_size_gib": round(size * full_n / len(sub) / 2**30, 2),
+            "full_set_build_seconds": round(cache_full, 1),
+            "hit_max_rel_diff": worst,
+            "hit_exact_rows": f"{exact}/{count}",
+            # bf16 storage rounds each logit once: 2^-8 of its magnitude, plus the other batch size's kernels
+            "hit_pass": worst <= (1 / 64 if bf16 else 1e-5),
+        },
+        "epoch_seconds_measured": seconds,
+        "steps_per_epoch_measured": len(train_loader),
+        "step_seconds": round(step_s, 5),
+        "images_per_s": round(cfg.batch_size / step_s, 1),
         "eval_seconds_full_test": round(eval_full, 2),
-        "full_run": {"epochs": recipe.train.epochs, "steps_per_epoch": full_steps, "epoch_seconds": round(epoch_full, 2),
-                     "cache_build_seconds": round(cache_full, 1), "total_seconds": round(total, 1),
-                     "total_hours": round(total / 3600, 3)},
+        "full_run": {
+            "epochs": recipe.train.epochs,
+            "steps_per_epoch": full_steps,
+            "epoch_seconds": round(epoch_full, 2),
+            "cache_build_seconds": round(cache_full, 1),
+            "total_seconds": round(total, 1),
+            "total_hours": round(total / 3600, 3),
+        },
     }
 
 
@@ -321,7 +381,10 @@ def fast_recipes(device, sizes, train_set, test_set, tmp: Path) -> dict:
         try:
             out[name] = fast_recipe(device, sizes, train_set, test_set, name, tmp)
             if not out[name]["cache"]["hit_pass"]:
-                failed.append(f"{name}: cache lookups differ from the live teacher by {out[name]['cache']['hit_max_rel_diff']:.2e}")
+                failed.append(
+                    f"{name}: cache lookups differ from the live teacher by "
+                    f"{out[name]['cache']['hit_max_rel_diff']:.2e}"
+                )
         except Exception as e:  # the other recipe still runs
             out[name] = {"error": _one_line(e), "traceback": traceback.format_exc(limit=6)}
             failed.append(f"{name}: {_one_line(e)}")
@@ -334,9 +397,17 @@ def fast_recipes(device, sizes, train_set, test_set, tmp: Path) -> dict:
 
 
 def run_bench(device: torch.device, sizes: Sizes) -> dict:
-    report = bench.run_bench(bench.parse_pairs(sizes.bench_pairs), ["kd"], ["reference", "kdlab", "kdlab-fast"], device,
-                             batch_size=sizes.bench_batch, steps=sizes.bench_steps, warmup=sizes.bench_warmup,
-                             workers=sizes.bench_workers, log=lambda _m: None)
+    report = bench.run_bench(
+        bench.parse_pairs(sizes.bench_pairs),
+        ["kd"],
+        ["reference", "kdlab", "kdlab-fast"],
+        device,
+        batch_size=sizes.bench_batch,
+        steps=sizes.bench_steps,
+        warmup=sizes.bench_warmup,
+        workers=sizes.bench_workers,
+        log=lambda _m: None,
+    )
     bench.print_table(report)
     return report
 
@@ -346,15 +417,37 @@ def torchrun_nccl(device: torch.device, tmp: Path) -> dict:
         raise Skipped("CPU: the 2-rank gloo jobs are tests/test_distributed.py's")
     if torch.cuda.device_count() < 2:
         raise Skipped(f"{torch.cuda.device_count()} CUDA device(s): the 2-process NCCL run needs 2")
-    sets = ["train.epochs=1", "train.max_steps_per_epoch=20", "train.batch_size=64", "train.sync_bn=true",
-            "train.fast.graph_step=true", "train.fast.cuda_graph=false", f"cache_dir={tmp / 'ddp_cache'}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "kdlab", "train",
-           str(ROOT / "recipes" / "digits" / "kd.yaml"), "--out", str(tmp / "ddp"), "--quiet"]
+    sets = [
+        "train.epochs=1",
+        "train.max_steps_per_epoch=20",
+        "train.batch_size=64",
+        "train.sync_bn=true",
+        "train.fast.graph_step=true",
+        "train.fast.cuda_graph=false",
+        f"cache_dir={tmp / 'ddp_cache'}",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "kdlab",
+        "train",
+        str(ROOT / "recipes" / "digits" / "kd.yaml"),
+        "--out",
+        str(tmp / "ddp"),
+        "--quiet",
+    ]
     cmd += [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    result = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-              "tail": (proc.stdout + proc.stderr)[-1500:]}
+    result = {
+        "returncode": proc.returncode,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tail": (proc.stdout + proc.stderr)[-1500:],
+    }
     if proc.returncode != 0:
         raise CheckFailed(f"torchrun exited with {proc.returncode}", result)
     result["result"] = json.loads((tmp / "ddp" / "result.json").read_text())
@@ -401,8 +494,8 @@ def section(report: dict, name: str, fn, device: torch.device) -> None:
         entry["max_memory_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         entry["max_memory_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
     report["sections"][name] = entry
-    print(f"[gpu_check] {name}: {entry['status']} ({entry['seconds']} s){' - ' + entry.get('error', entry.get('note', '')) if entry['status'] != 'ok' else ''}",
-          flush=True)
+    detail = " - " + entry.get("error", entry.get("note", "")) if entry["status"] != "ok" else ""
+    print(f"[gpu_check] {name}: {entry['status']} ({entry['seconds']} s){detail}", flush=True)
 
 
 def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
@@ -411,23 +504,39 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
 
     def add(name: str, what: str):
         e = s.get(name, {})
-        rows.append((name, e.get("status", "-"), f"{e.get('seconds', 0):.0f}", what if e.get("status") == "ok" else
-                     e.get("error", e.get("note", ""))[:90]))
+        rows.append(
+            (
+                name,
+                e.get("status", "-"),
+                f"{e.get('seconds', 0):.0f}",
+                what if e.get("status") == "ok" else e.get("error", e.get("note", ""))[:90],
+            )
+        )
 
     g = s.get("graph_vs_eager", {})
-    add("graph_vs_eager", f"captured vs eager max rel diff: fp32 {g.get('off_captured_vs_eager_max_rel_diff', 0):.1e}, "
-                          f"bf16 {g.get('bf16_captured_vs_eager_max_rel_diff', 0):.1e}; sync check {g.get('sync_debug_mode')}")
+    add(
+        "graph_vs_eager",
+        f"captured vs eager max rel diff: fp32 {g.get('off_captured_vs_eager_max_rel_diff', 0):.1e}, "
+        f"bf16 {g.get('bf16_captured_vs_eager_max_rel_diff', 0):.1e}; sync check {g.get('sync_debug_mode')}",
+    )
     b = s.get("bf16_vs_fp32", {})
-    add("bf16_vs_fp32", f"loss rel diff {b.get('loss_rel_diff', 0):.1e}, logits {b.get('logits_max_rel_diff', 0):.1e}, "
-                        f"update cosine {b.get('first_update_cosine', 0):.4f}")
+    add(
+        "bf16_vs_fp32",
+        f"loss rel diff {b.get('loss_rel_diff', 0):.1e}, logits {b.get('logits_max_rel_diff', 0):.1e}, "
+        f"update cosine {b.get('first_update_cosine', 0):.4f}",
+    )
     f = s.get("fast_recipe", {})
     parts = []
     for name in FAST_RECIPES:
         r = f.get(name, {})
         if "full_run" in r:
             c = r["cache"]
-            parts.append(f"{r['teacher']}->{r['student']}: {r['images_per_s']:.0f} img/s, 240 ep ~{r['full_run']['total_hours']:.2f} h, "
-                         f"cache {c['full_set_size_gib']} GiB/{c['full_set_build_seconds']:.0f} s, hit diff {c['hit_max_rel_diff']:.1e}")
+            parts.append(
+                f"{r['teacher']}->{r['student']}: {r['images_per_s']:.0f} img/s, "
+                f"240 ep ~{r['full_run']['total_hours']:.2f} h, "
+                f"cache {c['full_set_size_gib']} GiB/{c['full_set_build_seconds']:.0f} s, "
+                f"hit diff {c['hit_max_rel_diff']:.1e}"
+            )
     add("fast_recipe", "; ".join(parts))
     rep = s.get("bench", {})
     kd = [r for r in rep.get("results", []) if r["task"] == "kd"]
@@ -438,8 +547,10 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
 
 def print_summary(report: dict) -> None:
     rows = summary_rows(report)
-    print(f"\nkdlab gpu_check on {report['device']} ({report['data']}), {report['seconds']:.0f} s"
-          f"{' [dry run]' if report['dry_run'] else ''}")
+    print(
+        f"\nkdlab gpu_check on {report['device']} ({report['data']}), {report['seconds']:.0f} s"
+        f"{' [dry run]' if report['dry_run'] else ''}"
+    )
     widths = [max(len(r[i]) for r in rows + [("section", "status", "s", "")]) for i in range(3)]
     print(f"{'section':<{widths[0]}}  {'status':<{widths[1]}}  {'s':>{widths[2]}}  result")
     for name, status, secs, what in rows:
@@ -448,33 +559,52 @@ def print_summary(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cuda (the check); cpu only with --dry-run")
+    ap.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cuda (the check); cpu only with --dry-run"
+    )
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes and models: the same code paths in seconds")
     ap.add_argument("--data", default=None, help=f"CIFAR-100 (any form kdlab reads); default {DEFAULT_DATA} if present")
     ap.add_argument("--synthetic", action="store_true", help="synthetic data even where CIFAR-100 is present")
-    ap.add_argument("--out", default=None, help="the JSON report (default benchmarks/results/gpu_check-<device>-<date>.json)")
+    ap.add_argument(
+        "--out", default=None, help="the JSON report (default benchmarks/results/gpu_check-<device>-<date>.json)"
+    )
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-              "for the CPU dry run: --device cpu --dry-run", file=sys.stderr)
+        print(
+            f"gpu_check: no CUDA device here (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+            "for the CPU dry run: --device cpu --dry-run",
+            file=sys.stderr,
+        )
         return 2
     if device.type == "cpu" and not args.dry_run:
-        print("gpu_check: the CPU runs only the dry run (--device cpu --dry-run); the measurements need CUDA", file=sys.stderr)
+        print(
+            "gpu_check: the CPU runs only the dry run (--device cpu --dry-run); the measurements need CUDA",
+            file=sys.stderr,
+        )
         return 2
     sizes = DRY if args.dry_run else Sizes()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     t_start = time.perf_counter()
     train_set, test_set, note = load_data(args, sizes, device)
     report = {
-        "check": "kdlab gpu_check", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "check": "kdlab gpu_check",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "device": bench.device_name(device), "device_type": device.type, "dry_run": args.dry_run,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "kdlab": __version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-        "gpus": torch.cuda.device_count() if device.type == "cuda" else 0, "data": note,
-        "sizes": asdict(sizes), "sections": {},
+        "device": bench.device_name(device),
+        "device_type": device.type,
+        "dry_run": args.dry_run,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "kdlab": __version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "gpus": torch.cuda.device_count() if device.type == "cuda" else 0,
+        "data": note,
+        "sizes": asdict(sizes),
+        "sections": {},
     }
     ctx: dict = {}
     with tempfile.TemporaryDirectory(prefix="kdlab-gpu-check-") as tmp_name:
@@ -492,7 +622,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             section(report, name, fn, device)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu_check-{device.type}-{datetime.date.today()}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "benchmarks" / "results" / f"gpu_check-{device.type}-{datetime.date.today()}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print_summary(report)

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from kdlab import models
-from kdlab.teachers import load_model_weights
 from kdlab.config import LossConfig
 from kdlab.data import DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
+from kdlab.teachers import load_model_weights
 from kdlab.train import evaluate
 
 ARMS = {
@@ -44,7 +44,9 @@ def probe_arm(lp: dict | None, teacher: torch.nn.Module, train, test, steps: int
     distiller = Distiller(student, [teacher] if lp else [], LossConfig(ce=1.0, terms=terms))
     embedding = {}
     modules = dict(student.named_modules())
-    modules[student.embedding_module].register_forward_hook(lambda m, i, o: embedding.__setitem__("e", o.detach().flatten(1)))
+    modules[student.embedding_module].register_forward_hook(
+        lambda m, i, o: embedding.__setitem__("e", o.detach().flatten(1))
+    )
     loader = DeviceLoader(train, 64, train=True, augment=default_augment("cifar100"), seed=seed)
     x0, y0 = next(iter(loader))
     distiller.build(x0[:8], y0[:8])
@@ -62,9 +64,16 @@ def probe_arm(lp: dict | None, teacher: torch.nn.Module, train, test, steps: int
             step += 1
             if step % every == 0 or step == 1:
                 e = embedding["e"]
-                trace.append({"step": step, "ce": float(values["ce"]), "lp": float(values["lp"]) if "lp" in values else None,
-                              "embedding_norm": float(e.norm(dim=1).mean()), "dead_units": float((e.abs().amax(0) == 0).float().mean()),
-                              "batch_top1": float((logits.argmax(1) == y).float().mean() * 100)})
+                trace.append(
+                    {
+                        "step": step,
+                        "ce": float(values["ce"]),
+                        "lp": float(values["lp"]) if "lp" in values else None,
+                        "embedding_norm": float(e.norm(dim=1).mean()),
+                        "dead_units": float((e.abs().amax(0) == 0).float().mean()),
+                        "batch_top1": float((logits.argmax(1) == y).float().mean() * 100),
+                    }
+                )
             if step >= steps:
                 break
         epoch += 1
@@ -79,7 +88,9 @@ def load_teacher(teacher: torch.nn.Module, path: Path) -> None:
     if path.suffix == ".safetensors" and path.parent.name == "checkpoints":
         tensors, _ = checkpoint.load(path)
         prefix = "model.student."
-        checkpoint.load_state_into(teacher, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, str(path))
+        checkpoint.load_state_into(
+            teacher, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, str(path)
+        )
     else:
         load_model_weights(teacher, path, "teacher")
 
@@ -87,8 +98,12 @@ def load_teacher(teacher: torch.nn.Module, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", required=True)
-    ap.add_argument("--teacher", required=True, help="a finished resnet20 run folder, its student.safetensors, or a "
-                    "checkpoints/last.safetensors of a teacher still training")
+    ap.add_argument(
+        "--teacher",
+        required=True,
+        help="a finished resnet20 run folder, its student.safetensors, or a "
+        "checkpoints/last.safetensors of a teacher still training",
+    )
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
@@ -108,17 +123,35 @@ def main() -> None:
         rows[name] = probe_arm(ARMS[name], teacher, train, test, args.steps, args.every, args.seed)
         rows[name]["seconds"] = round(time.time() - t0, 1)
         last = rows[name]["trace"][-1]
-        print(f"{name:<26} test top-1 {rows[name]['test_top1']:6.2f}  CE {last['ce']:.3f}  LP {last['lp'] if last['lp'] is not None else '-'}"
-              f"  |emb| {last['embedding_norm']:.3f}  dead {last['dead_units']:.2f}  ({rows[name]['seconds']:.0f} s)", flush=True)
+        lp_text = last["lp"] if last["lp"] is not None else "-"
+        print(
+            f"{name:<26} test top-1 {rows[name]['test_top1']:6.2f}  CE {last['ce']:.3f}  LP {lp_text}"
+            f"  |emb| {last['embedding_norm']:.3f}  dead {last['dead_units']:.2f}  ({rows[name]['seconds']:.0f} s)",
+            flush=True,
+        )
     print()
-    print(f"| arm | test top-1 after {args.steps} steps | " + " | ".join(f"step {r['step']}: CE / LP / |emb| / dead" for r in next(iter(rows.values()))["trace"][::2]) + " |")
+    print(
+        f"| arm | test top-1 after {args.steps} steps | "
+        + " | ".join(f"step {r['step']}: CE / LP / |emb| / dead" for r in next(iter(rows.values()))["trace"][::2])
+        + " |"
+    )
     for name, row in rows.items():
-        cells = [f"{r['ce']:.2f} / {r['lp'] if r['lp'] is None else format(r['lp'], '.4f')} / {r['embedding_norm']:.2f} / {r['dead_units']:.2f}"
-                 for r in row["trace"][::2]]
+        cells = [
+            f"{r['ce']:.2f} / {r['lp'] if r['lp'] is None else format(r['lp'], '.4f')} / "
+            f"{r['embedding_norm']:.2f} / {r['dead_units']:.2f}"
+            for r in row["trace"][::2]
+        ]
         print(f"| {name} | {row['test_top1']:.2f} | " + " | ".join(cells) + " |")
-    record = {"command": "python benchmarks/lp_probe.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("arms", "out")),
-              "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} thread(s)", "teacher_top1": teacher_top1, "steps": args.steps, "arms": rows}
+    record = {
+        "command": "python benchmarks/lp_probe.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("arms", "out")),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s)",
+        "teacher_top1": teacher_top1,
+        "steps": args.steps,
+        "arms": rows,
+    }
     out = Path(args.out) / f"lp_probe-{record['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

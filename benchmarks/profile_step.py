@@ -54,8 +54,10 @@ def profile_layout(name: str, student0, teacher0, x, y, steps: int) -> dict:
     return {
         "layout": name,
         "self_cpu_seconds_total": round(sum(e.self_cpu_time_total for e in events) / 1e6, 3),
-        "top_ops": [{"op": e.key, "self_cpu_seconds": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count}
-                    for e in events[:TOP]],
+        "top_ops": [
+            {"op": e.key, "self_cpu_seconds": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count}
+            for e in events[:TOP]
+        ],
     }
 
 
@@ -71,16 +73,27 @@ def main() -> None:
     teacher = models.create(args.teacher, 100).eval().requires_grad_(False)
     student = models.create(args.student, 100)
     x, y = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 100, (args.batch_size,))
-    layouts = [profile_layout(n, student, teacher, x, y, args.steps) for n in ("NCHW, teacher unfolded", "kdlab default")]
+    layouts = [
+        profile_layout(n, student, teacher, x, y, args.steps) for n in ("NCHW, teacher unfolded", "kdlab default")
+    ]
     for lay in layouts:
         print(f"\n{lay['layout']}: {lay['self_cpu_seconds_total']:.3f} s self CPU time for {args.steps} KD steps")
         for op in lay["top_ops"]:
             print(f"  {op['op']:<36} {op['self_cpu_seconds']:8.3f} s  {op['calls']:6d} calls")
-    report = {"benchmark": "profile_step", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "machine": f"{torch.get_num_threads()} threads, {platform.machine()}", "torch": torch.__version__,
-              "teacher": args.teacher, "student": args.student, "batch_size": args.batch_size, "steps": args.steps,
-              "layouts": layouts}
-    out = Path(args.json_out or Path(__file__).resolve().parent / "results" / f"profile_step-{datetime.date.today()}.json")
+    report = {
+        "benchmark": "profile_step",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{torch.get_num_threads()} threads, {platform.machine()}",
+        "torch": torch.__version__,
+        "teacher": args.teacher,
+        "student": args.student,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "layouts": layouts,
+    }
+    out = Path(
+        args.json_out or Path(__file__).resolve().parent / "results" / f"profile_step-{datetime.date.today()}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out}")

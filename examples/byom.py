@@ -24,7 +24,9 @@ from kdlab.data import load_dataset
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+    )
 
 
 class Teacher(nn.Module):
@@ -73,15 +75,24 @@ def main(argv=None) -> dict:
     # full signal (ce 1: KD alone then gives 90.1%, ce 0.1 85.4%), and on these 8x8 maps AT at weight 10
     # adds to KD, while 100 outweighs everything else (AT 10 without KD: 81.2%).
     d = Distill(
-        Student(), [teacher], ce=1.0,
+        Student(),
+        [teacher],
+        ce=1.0,
         terms={
             "kd": {"weight": 1.0, "T": 4},
-            "at": {"weight": 10, "student_layers": ["features.0", "features.1"], "teacher_layers": ["block1", "block2"]},
+            "at": {
+                "weight": 10,
+                "student_layers": ["features.0", "features.1"],
+                "teacher_layers": ["block1", "block2"],
+            },
         },
     )
     history = d.fit(train, **common)
-    scores = {"teacher": Distill(teacher).evaluate(test)["top1"], "student alone": base[-1]["test_top1"],
-              "student with KD + AT": history[-1]["test_top1"]}
+    scores = {
+        "teacher": Distill(teacher).evaluate(test)["top1"],
+        "student alone": base[-1]["test_top1"],
+        "student with KD + AT": history[-1]["test_top1"],
+    }
     for name, top1 in scores.items():
         print(f"{name:<22} test top-1 {top1:6.2f}%")
     # d.student is the user's Student module, trained; nothing of kdlab stays attached to it

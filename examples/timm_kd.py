@@ -51,14 +51,21 @@ def main(argv=None) -> float:
     print(f"resnet18 teacher: test top-1 {Distill(teacher).evaluate(test)['top1']:.2f}%")
 
     student = timm.create_model("resnet10t", pretrained=False, num_classes=10, in_chans=1)
-    d = Distill(student, teacher, ce=0.1, terms={
-        "kd": {"weight": 0.9, "T": 4},
-        "at": {"weight": 100, "student_layers": ["layer1", "layer2"], "teacher_layers": ["layer1", "layer2"]},
-    })
+    d = Distill(
+        student,
+        teacher,
+        ce=0.1,
+        terms={
+            "kd": {"weight": 0.9, "T": 4},
+            "at": {"weight": 100, "student_layers": ["layer1", "layer2"], "teacher_layers": ["layer1", "layer2"]},
+        },
+    )
     history = d.fit(train, **common)
     top1 = history[-1]["test_top1"]
-    print(f"resnet10t distilled from resnet18: test top-1 {top1:.2f}% (last epoch's weighted AT term "
-          f"{history[-1]['train_at']:.4f})")
+    print(
+        f"resnet10t distilled from resnet18: test top-1 {top1:.2f}% (last epoch's weighted AT term "
+        f"{history[-1]['train_at']:.4f})"
+    )
     return top1
 
 

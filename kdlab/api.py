@@ -20,24 +20,25 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import nn
 
+from kdlab.compute import resolve_device
 from kdlab.config import LossConfig, TrainConfig, format_validation_error
 from kdlab.data import ArrayDataset, AugmentSpec, DeviceLoader, channel_stats, default_augment
 from kdlab.data_names import FIXED
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError, DataError
 from kdlab.student import EVAL_BATCH, train_student
-from kdlab.train import evaluate, resolve_device
+from kdlab.train import evaluate
 
 __all__ = ["Distill", "distill", "as_dataset"]
-
 
 
 def as_dataset(data, like: ArrayDataset | None = None, name: str = "arrays") -> ArrayDataset:
@@ -49,11 +50,15 @@ def as_dataset(data, like: ArrayDataset | None = None, name: str = "arrays") -> 
     if isinstance(data, ArrayDataset):
         return data
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise DataError(f"data: expected an ArrayDataset, an (images, labels) pair or a DataLoader, got {type(data).__name__}")
+        raise DataError(
+            f"data: expected an ArrayDataset, an (images, labels) pair or a DataLoader, got {type(data).__name__}"
+        )
     images, labels = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in data)
     if images.dtype != torch.uint8:
-        raise DataError(f"images must be uint8 (N, C, H, W) pixels 0..255, got {images.dtype}; "
-                        "for float inputs pass a DataLoader yielding (x, y) batches")
+        raise DataError(
+            f"images must be uint8 (N, C, H, W) pixels 0..255, got {images.dtype}; "
+            "for float inputs pass a DataLoader yielding (x, y) batches"
+        )
     if images.dim() != 4:
         raise DataError(f"images must have 4 dimensions (N, C, H, W), got shape {tuple(images.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -66,16 +71,30 @@ def as_dataset(data, like: ArrayDataset | None = None, name: str = "arrays") -> 
         num_classes = int(labels.max()) + 1 if len(labels) else 1
         mean, std = channel_stats(images)
         classes = [str(k) for k in range(num_classes)]
-    return ArrayDataset(images=images, labels=labels, num_classes=num_classes, mean=mean, std=std,
-                        class_names=list(classes), name=name, source=name)
+    return ArrayDataset(
+        images=images,
+        labels=labels,
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        class_names=list(classes),
+        name=name,
+        source=name,
+    )
 
 
 class BatchSource:
     """A user's iterable of (x, y) batches (a torch DataLoader...) in the shape kdlab's loop reads:
     batches moved to the device, `set_epoch` passed on to a sampler that has one, a length."""
 
-    def __init__(self, loader: Iterable, device: torch.device, max_steps: int | None = None, batch_size: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        loader: Iterable,
+        device: torch.device,
+        max_steps: int | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ):
         self.loader, self.device, self.max_steps, self.seed = loader, torch.device(device), max_steps, seed
         self.batch_size = getattr(loader, "batch_size", None) or batch_size or 1
         dataset = getattr(loader, "dataset", None)
@@ -86,7 +105,9 @@ class BatchSource:
             return len(self.loader)
         except TypeError:
             if self.max_steps is None:
-                raise ConfigError("the training data has no length (an iterable loader): pass max_steps_per_epoch=N") from None
+                raise ConfigError(
+                    "the training data has no length (an iterable loader): pass max_steps_per_epoch=N"
+                ) from None
             return self.max_steps
 
     def set_epoch(self, epoch: int) -> None:
@@ -112,16 +133,19 @@ class Distill:
     Bad names and options fail here, with the valid names in the message.
     """
 
-    def __init__(self, student: nn.Module, teachers: nn.Module | list[nn.Module] = (), terms: dict[str, dict] | None = None,
-                 ce: float = 1.0):
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: nn.Module | list[nn.Module] = (),
+        terms: dict[str, dict] | None = None,
+        ce: float = 1.0,
+    ):
         if isinstance(teachers, nn.Module):
             teachers = [teachers]
         try:
             self.loss = LossConfig(ce=ce, terms={k: dict(v or {}) for k, v in (terms or {}).items()})
         except ValidationError as e:
             raise ConfigError(f"loss: {format_validation_error(e)}") from None
-        if self.loss.ce == 0 and not self.loss.terms:
-            raise ConfigError("loss: ce is 0 and there are no terms: nothing to train")
         self.distiller = Distiller(student, list(teachers), self.loss)
         self.history: list[dict] = []
         self._train_set: ArrayDataset | None = None
@@ -147,12 +171,27 @@ class Distill:
         if isinstance(data, (str, Path)):
             raise DataError(f"data: got a path {data!r}; load it first (kdlab.data.load_dataset(name, root, split))")
         if not hasattr(data, "__iter__"):
-            raise DataError(f"data: expected an ArrayDataset, an (images, labels) pair or a DataLoader, got {type(data).__name__}")
+            raise DataError(
+                f"data: expected an ArrayDataset, an (images, labels) pair or a DataLoader, got {type(data).__name__}"
+            )
         return BatchSource(data, device, max_steps if train else None, batch_size, seed), None
 
-    def fit(self, train_data, epochs: int = 1, lr: float = 0.05, test_data=None, device: str = "auto", batch_size: int = 64,
-            schedule: str | dict = "cosine", augment: Any = "auto", seed: int = 0, run_dir: str | Path | None = None,
-            resume: bool = False, verbose: bool = False, **train_options) -> list[dict]:
+    def fit(
+        self,
+        train_data,
+        epochs: int = 1,
+        lr: float = 0.05,
+        test_data=None,
+        device: str = "auto",
+        batch_size: int = 64,
+        schedule: str | dict = "cosine",
+        augment: Any = "auto",
+        seed: int = 0,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        verbose: bool = False,
+        **train_options,
+    ) -> list[dict]:
         """Train the student (and the terms' side modules); returns one dict per epoch (lr, the loss
         and each weighted term, train top-1, and test top-1/top-5 when `test_data` is given).
 
@@ -164,22 +203,41 @@ class Distill:
         """
         sched = {"type": schedule} if isinstance(schedule, str) else dict(schedule)
         try:
-            cfg = TrainConfig.model_validate({"epochs": epochs, "lr": lr, "batch_size": batch_size, "device": device,
-                                              "schedule": sched, **train_options})
+            cfg = TrainConfig.model_validate(
+                {
+                    "epochs": epochs,
+                    "lr": lr,
+                    "batch_size": batch_size,
+                    "device": device,
+                    "schedule": sched,
+                    **train_options,
+                }
+            )
         except ValidationError as e:
             raise ConfigError(f"fit: {format_validation_error(e)}") from None
         if resume and run_dir is None:
             raise ConfigError("fit: resume=True needs the run_dir of the run to continue")
         dev = resolve_device(cfg.device)
         torch.manual_seed(seed)  # the side modules' initialisation
-        train_loader, num_classes = self._loader(train_data, cfg.batch_size, True, dev, seed, augment, cfg.max_steps_per_epoch)
+        train_loader, num_classes = self._loader(
+            train_data, cfg.batch_size, True, dev, seed, augment, cfg.max_steps_per_epoch
+        )
         test_loader = self._loader(test_data, EVAL_BATCH, False, dev, seed, None)[0] if test_data is not None else None
         log = print if verbose else _warnings_only
         with _run_folder(run_dir) as folder:
-            state = train_student(self.distiller, train_loader, test_loader, cfg, folder, log, dev,
-                                  train_set=self._train_set if isinstance(train_loader, DeviceLoader) else None, resume=resume,
-                                  keeps_checkpoints=run_dir is not None,
-                                  on_probe=lambda x: _check_classes(self.student, x[:2], num_classes))
+            state = train_student(
+                self.distiller,
+                train_loader,
+                test_loader,
+                cfg,
+                folder,
+                log,
+                dev,
+                train_set=self._train_set if isinstance(train_loader, DeviceLoader) else None,
+                resume=resume,
+                keeps_checkpoints=run_dir is not None,
+                on_probe=lambda x: _check_classes(self.student, x[:2], num_classes),
+            )
         self.history = state.history
         return self.history
 
@@ -190,8 +248,14 @@ class Distill:
         return evaluate(self.student.to(dev), loader)
 
 
-def distill(student: nn.Module, teachers: nn.Module | list[nn.Module], train_data, terms: dict[str, dict] | None = None,
-            ce: float = 1.0, **fit_options) -> Distill:
+def distill(
+    student: nn.Module,
+    teachers: nn.Module | list[nn.Module],
+    train_data,
+    terms: dict[str, dict] | None = None,
+    ce: float = 1.0,
+    **fit_options,
+) -> Distill:
     """`Distill(student, teachers, terms, ce)` fitted on `train_data`; returns it (`.student`, `.history`)."""
     d = Distill(student, teachers, terms, ce)
     d.fit(train_data, **fit_options)

@@ -121,7 +121,9 @@ def load(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.name.endswith(PICKLE_SUFFIXES):
-        raise CheckpointError(f"{path}: kdlab reads weights only from safetensors files (see load_weights for .pt files)")
+        raise CheckpointError(
+            f"{path}: kdlab reads weights only from safetensors files (see load_weights for .pt files)"
+        )
     raw = b""
     try:
         raw = path.read_bytes()
@@ -129,7 +131,9 @@ def load(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor]
         tensors = st_load(raw)
     except (SafetensorError, ValueError, UnicodeDecodeError, OSError, RuntimeError) as e:
         if raw[:1] == b"\x80" or raw[:2] == b"PK":
-            raise CheckpointError(f"{path}: a pickle or torch.save file, not safetensors; kdlab never unpickles checkpoints") from None
+            raise CheckpointError(
+                f"{path}: a pickle or torch.save file, not safetensors; kdlab never unpickles checkpoints"
+            ) from None
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     if verify:
         _verify(path, tensors, metadata)
@@ -177,18 +181,24 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only raises UnpicklingError for any forbidden global
-        raise CheckpointError(f"{path}: refused or unreadable torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{path}: refused or unreadable torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     if isinstance(obj, dict):
         for entry in STATE_ENTRIES:
             if isinstance(obj.get(entry), dict):
                 obj = obj[entry]
                 break
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: expected a state dict of tensors (or a dict with one under 'model' or 'state_dict')")
+        raise CheckpointError(
+            f"{path}: expected a state dict of tensors (or a dict with one under 'model' or 'state_dict')"
+        )
     bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise CheckpointError(f"{path}: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor; expected a state dict "
-                              "(or a dict with one under 'model' or 'state_dict')")
+        raise CheckpointError(
+            f"{path}: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor; expected a state dict "
+            "(or a dict with one under 'model' or 'state_dict')"
+        )
     return obj
 
 
@@ -197,7 +207,11 @@ def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], sou
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:

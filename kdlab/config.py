@@ -8,16 +8,17 @@ prints before exiting with code 2.
 from __future__ import annotations
 
 import copy
-import difflib
 import re
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from kdlab import models
+from kdlab.data.augment import uncacheable_views
 from kdlab.data_names import DATASETS
 from kdlab.errors import ConfigError
+from kdlab.losses import TERMS
+from kdlab.methods import METHODS
 from kdlab.strict import Strict
 
 # torch.manual_seed takes at most 2**64 - 1 and the data order needs a non-negative seed; 2**63 - 1 leaves
@@ -26,8 +27,6 @@ SEED_MAX = 2**63 - 1
 
 
 def _check_model_name(name: str) -> str:
-    from kdlab import models
-
     if name not in models.names():
         try:
             models.create(name)
@@ -48,8 +47,11 @@ class DataConfig(Strict):
     name: Literal[DATASETS] = "digits"
     root: str | None = None
     image_size: int = Field(default=32, ge=8, description="imagefolder only: images are resized to this")
-    skip_unreadable: bool = Field(default=False, description="imagefolder only: leave out files that cannot be decoded "
-                                  "(counted in the log) instead of stopping at the first one")
+    skip_unreadable: bool = Field(
+        default=False,
+        description="imagefolder only: leave out files that cannot be decoded "
+        "(counted in the log) instead of stopping at the first one",
+    )
     augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")
@@ -78,53 +80,86 @@ class ScheduleConfig(Strict):
 class FastConfig(Strict):
     """Speed options (kdlab.fast); each keeps the recipe's maths. Only fold_teacher is on by default."""
 
-    graph_step: bool = Field(default=False, description="each step as one device-side function (foreach SGD with the lr in a "
-                             "device tensor, no host sync), captured as a CUDA graph on CUDA; needs nonfinite=stop")
-    cuda_graph: bool = Field(default=True, description="with graph_step on CUDA: capture the step as a CUDA graph (refused "
-                             "under torchrun: set false there); a batch of another shape runs eagerly")
-    fold_teacher: bool = Field(default=True, description="fold the teachers' BatchNorm into their convolutions: the "
-                               "same outputs within float rounding (the teachers are inference-only), one pass less "
-                               "over every map; false for bit-level comparisons with unfolded teachers")
-    cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="teacher cache: auto = bfloat16 on "
-                                                                "CUDA, float32 (exact) on CPU")
-    cache_storage: Literal["auto", "device", "disk"] = Field(default="auto", description="teacher cache: auto = device memory "
-                                                              "on CUDA, a memory-mapped file on CPU; disk cannot be "
-                                                              "captured in a CUDA graph (a host gather per step)")
+    graph_step: bool = Field(
+        default=False,
+        description="each step as one device-side function (foreach SGD with the lr in a "
+        "device tensor, no host sync), captured as a CUDA graph on CUDA; needs nonfinite=stop",
+    )
+    cuda_graph: bool = Field(
+        default=True,
+        description="with graph_step on CUDA: capture the step as a CUDA graph (refused "
+        "under torchrun: set false there); a batch of another shape runs eagerly",
+    )
+    fold_teacher: bool = Field(
+        default=True,
+        description="fold the teachers' BatchNorm into their convolutions: the "
+        "same outputs within float rounding (the teachers are inference-only), one pass less "
+        "over every map; false for bit-level comparisons with unfolded teachers",
+    )
+    cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="teacher cache: auto = bfloat16 on CUDA, float32 (exact) on CPU"
+    )
+    cache_storage: Literal["auto", "device", "disk"] = Field(
+        default="auto",
+        description="teacher cache: auto = device memory "
+        "on CUDA, a memory-mapped file on CPU; disk cannot be "
+        "captured in a CUDA graph (a host gather per step)",
+    )
 
 
 class TrainConfig(Strict):
     epochs: int = Field(default=240, ge=1)
-    batch_size: int = Field(default=64, ge=1, description="the global batch: under torchrun each of the W ranks "
-                            "takes batch_size / W (must divide), so a run means the same at any W")
+    batch_size: int = Field(
+        default=64,
+        ge=1,
+        description="the global batch: under torchrun each of the W ranks "
+        "takes batch_size / W (must divide), so a run means the same at any W",
+    )
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(default=5e-4, ge=0)
-    decay_norm_and_bias: bool = Field(default=True, description="apply weight decay to BN and bias too (the published recipes do)")
+    decay_norm_and_bias: bool = Field(
+        default=True, description="apply weight decay to BN and bias too (the published recipes do)"
+    )
     schedule: ScheduleConfig = ScheduleConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 autocast on CUDA, off on CPU; off "
-                                                "is fp32, with TF32 turned off on CUDA")
-    channels_last: Literal["auto", "on", "off"] = Field(default="auto", description="NHWC memory format; auto: on for CUDA "
-                                                         "and CPU")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        default="auto", description="auto: bf16 autocast on CUDA, off on CPU; off is fp32, with TF32 turned off on CUDA"
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        default="auto", description="NHWC memory format; auto: on for CUDA and CPU"
+    )
     compile: bool = False
     eval_every: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
-    nonfinite: Literal["stop", "skip"] = Field(default="stop", description="what a NaN/Inf loss does: stop the run, or skip the step")
+    nonfinite: Literal["stop", "skip"] = Field(
+        default="stop", description="what a NaN/Inf loss does: stop the run, or skip the step"
+    )
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap on steps per epoch (smoke tests)")
-    keep_epochs: list[int] = Field(default_factory=list, description="also keep the weights of these epochs (defective-KD teachers)")
-    keep_best: bool = Field(default=False, description="also keep the weights of the epoch with the best test top-1 "
-                            "(checkpoints/best.safetensors; ties: the later epoch, as the Tf-KD code); set for a teacher "
-                            "whose checkpoint is best")
-    teacher_cache: bool = Field(default=False, description="compute the teachers' logits for every crop/flip view once and read "
-                                "them instead of running the teachers (only when every term reads teacher logits alone)")
+    keep_epochs: list[int] = Field(
+        default_factory=list, description="also keep the weights of these epochs (defective-KD teachers)"
+    )
+    keep_best: bool = Field(
+        default=False,
+        description="also keep the weights of the epoch with the best test top-1 "
+        "(checkpoints/best.safetensors; ties: the later epoch, as the Tf-KD code); set for a teacher "
+        "whose checkpoint is best",
+    )
+    teacher_cache: bool = Field(
+        default=False,
+        description="compute the teachers' logits for every crop/flip view once and read "
+        "them instead of running the teachers (only when every term reads teacher logits alone)",
+    )
     fast: FastConfig = FastConfig()
 
     @model_validator(mode="after")
     def _graph_step_stops_on_nonfinite(self):
         if self.fast.graph_step and self.nonfinite == "skip":
-            raise ValueError("fast.graph_step: the step updates the weights on the device before the loss is seen; "
-                             "use nonfinite=stop (or graph_step=false)")
+            raise ValueError(
+                "fast.graph_step: the step updates the weights on the device before the loss is seen; "
+                "use nonfinite=stop (or graph_step=false)"
+            )
         return self
 
     @field_validator("channels_last", mode="before")
@@ -141,8 +176,12 @@ class TrainConfig(Strict):
         if outside:
             raise ValueError(f"{outside} outside 0..{epochs} (the run's epochs)")
         return v
-    sync_bn: bool = Field(default=False, description="under torchrun: the student's BatchNorm uses the statistics of "
-                          "the global batch (kdlab's GlobalBatchNorm on every device), not those of each rank's share")
+
+    sync_bn: bool = Field(
+        default=False,
+        description="under torchrun: the student's BatchNorm uses the statistics of "
+        "the global batch (kdlab's GlobalBatchNorm on every device), not those of each rank's share",
+    )
 
 
 class ModelConfig(Strict):
@@ -160,14 +199,25 @@ class TeacherConfig(Strict):
 
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = Field(default=None, description="student.safetensors file, a finished run directory, or a reference "
-                                 "implementation's torch checkpoint (RepDistiller/mdistiller/Tf-KD .pth, read with weights_only=True)")
-    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the recipe's train section for this teacher")
-    epoch: int | None = Field(default=None, ge=0, description="use the teacher as it was after this epoch (0 = at init): defective KD")
+    weights: str | None = Field(
+        default=None,
+        description="student.safetensors file, a finished run directory, or a reference "
+        "implementation's torch checkpoint (RepDistiller/mdistiller/Tf-KD .pth, read with weights_only=True)",
+    )
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the recipe's train section for this teacher"
+    )
+    epoch: int | None = Field(
+        default=None, ge=0, description="use the teacher as it was after this epoch (0 = at init): defective KD"
+    )
     checkpoint: Literal["last", "best"] = Field(
-        default="last", description="which weights of a teacher trained here teach: the last epoch's, or those of the epoch "
-        "with the best TEST top-1 (model selection on the test set, as the official Tf-KD code does for every teacher)")
-    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="default: the run seed + 1 + the teacher's index")
+        default="last",
+        description="which weights of a teacher trained here teach: the last epoch's, or those of the epoch "
+        "with the best TEST top-1 (model selection on the test set, as the official Tf-KD code does for every teacher)",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=SEED_MAX, description="default: the run seed + 1 + the teacher's index"
+    )
 
     @field_validator("name")
     @classmethod
@@ -181,10 +231,14 @@ class TeacherConfig(Strict):
         except ValidationError as e:
             raise ValueError(f"train.{format_validation_error(e)}") from None
         if self.weights and self.epoch is not None:
-            raise ValueError("teacher: 'epoch' picks a checkpoint of a teacher trained here; it cannot be combined with 'weights'")
+            raise ValueError(
+                "teacher: 'epoch' picks a checkpoint of a teacher trained here; it cannot be combined with 'weights'"
+            )
         if self.checkpoint == "best" and (self.weights or self.epoch is not None):
-            raise ValueError("teacher: checkpoint: best picks the best epoch of a teacher trained here; it cannot be combined "
-                             f"with '{'weights' if self.weights else 'epoch'}'")
+            raise ValueError(
+                "teacher: checkpoint: best picks the best epoch of a teacher trained here; it cannot be combined "
+                f"with '{'weights' if self.weights else 'epoch'}'"
+            )
         return self
 
 
@@ -194,8 +248,8 @@ class LossConfig(Strict):
 
     @model_validator(mode="after")
     def _terms_valid(self):
-        from kdlab.losses import TERMS
-
+        if self.ce == 0 and not self.terms:
+            raise ValueError("ce is 0 and there are no terms: nothing to train")
         for name, opts in self.terms.items():
             if name not in TERMS:
                 raise ValueError(f"unknown loss term {name!r}; registered: {', '.join(sorted(TERMS))}")
@@ -214,39 +268,41 @@ class Recipe(Strict):
     teachers: list[TeacherConfig] = Field(default_factory=list)
     generations: int = Field(default=0, ge=0, description="sequential methods: student generations after generation 0")
     generation_init: Literal["fresh", "previous"] = Field(
-        default="fresh", description="each generation starts from a fresh init (BAN) or from the previous generation's weights"
+        default="fresh",
+        description="each generation starts from a fresh init (BAN) or from the previous generation's weights",
     )
     bane: bool = Field(default=False, description="also evaluate the ensemble of generations 1..G (BAN)")
     generation_checkpoint: Literal["last", "best"] = Field(
-        default="last", description="sequential methods: which weights of generation g-1 teach generation g: the last "
-        "epoch's, or the best-TEST-top-1 epoch's (the official Tf-KD code's self-training teacher)")
+        default="last",
+        description="sequential methods: which weights of generation g-1 teach generation g: the last "
+        "epoch's, or the best-TEST-top-1 epoch's (the official Tf-KD code's self-training teacher)",
+    )
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
-    cache_dir: str | None = Field(default=None, description="where trained teachers are cached; default <out>/teachers or $KDLAB_CACHE")
+    cache_dir: str | None = Field(
+        default=None, description="where trained teachers are cached; default <out>/teachers or $KDLAB_CACHE"
+    )
     note: str = ""
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from kdlab.methods import METHODS
-
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; registered: {', '.join(sorted(METHODS))}")
         return v
 
     @model_validator(mode="after")
     def _consistent(self):
-        from kdlab.losses import TERMS
-
         needs_teacher = [n for n in self.loss.terms if TERMS[n].needs_teacher]
         if needs_teacher and not self.teachers and self.generations == 0:
             raise ValueError(f"loss term(s) {', '.join(needs_teacher)} need a teacher: add 'teachers' or 'generations'")
         if self.generations and self.teachers:
             raise ValueError("'generations' trains each generation's teacher itself; remove 'teachers'")
         if self.generation_checkpoint != "last" and not self.generations:
-            raise ValueError("generation_checkpoint applies to sequential methods (generations > 0); a teacher's is teachers.N.checkpoint")
-        if self.loss.ce == 0 and not self.loss.terms:
-            raise ValueError("loss: ce is 0 and there are no terms: nothing to train")
+            raise ValueError(
+                "generation_checkpoint applies to sequential methods (generations > 0); "
+                "a teacher's is teachers.N.checkpoint"
+            )
         for i, teacher in enumerate(self.teachers):
             epochs = teacher_train_config(self, teacher).epochs
             if teacher.epoch is not None and teacher.epoch > epochs:
@@ -258,20 +314,20 @@ class Recipe(Strict):
         # checked here, before any teacher is trained: the cache holds logits of enumerable crop/flip views only
         if not self.train.teacher_cache:
             return self
-        from kdlab.losses import TERMS
-
         readers = [n for n in self.loss.terms if TERMS[n].reads_teacher_features]
         if readers:
-            raise ValueError(f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features and the cache holds "
-                             "logits only; set train.teacher_cache=false")
-        if self.data.augment.rotation:
-            raise ValueError(f"train.teacher_cache: data.augment.rotation={self.data.augment.rotation:g} makes the views "
-                             "non-enumerable; the cache needs crop/flip augmentation only")
+            raise ValueError(
+                f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features and the cache holds "
+                "logits only; set train.teacher_cache=false"
+            )
+        problem = uncacheable_views(self.data.augment.rotation)
+        if problem:
+            raise ValueError(f"train.teacher_cache: {problem}")
         return self
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading, overrides, error formatting
+# Error formatting and the teacher's train section
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
@@ -288,110 +344,6 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     key = ".".join(p for p in (prefix, loc) if p)
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{key}: {msg}{more}" if key else f"{msg}{more}"
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-    key, raw = item.split("=", 1)
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`--set a.b.c=V` on the raw mapping; the schema then says whether the key exists."""
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        path, value = parse_override(item)
-        node: Any = out
-        for i, part in enumerate(path):
-            where = ".".join(path[: i + 1])
-            if isinstance(node, list):  # teachers.0.name: an index into a list
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {item}: {where}: no such list index (the list has {len(node)} entries)")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise ConfigError(f"--set {item}: {'.'.join(path[:i])} is not a section")
-            if i == len(path) - 1:
-                node[part] = value
-            else:
-                if isinstance(node, dict) and node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-    return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a recipe must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def packaged_recipes_root() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("kdlab") / "recipes"))
-
-
-def packaged_recipes() -> dict[str, Path]:
-    """Every recipe shipped with kdlab by name (`digits/kd`, `cifar100/fast/kd`); the reproduction tables
-    under `tables/` are not recipes (`kdlab reproduce` reads them)."""
-    root = packaged_recipes_root()
-    found = sorted(p for p in root.rglob("*.yaml") if p.relative_to(root).parts[0] != "tables")
-    return {p.relative_to(root).with_suffix("").as_posix(): p for p in found}
-
-
-def find_recipe(name: str | Path) -> Path:
-    """A recipe file as given, else a packaged recipe: `digits/kd`, `digits/kd.yaml`, or a bare `kd`, which
-    means the digits one (the family that runs offline on any machine)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder; give a recipe file in it (kdlab recipes lists the packaged ones)")
-    key = path.as_posix().removesuffix(".yaml").removesuffix(".yml")
-    recipes = packaged_recipes()
-    for candidate in (key, f"digits/{key}"):
-        if candidate in recipes and not path.is_absolute():
-            return recipes[candidate]
-    bare = [k.removeprefix("digits/") for k in recipes if k.startswith("digits/")]
-    close = difflib.get_close_matches(key, bare + list(recipes), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; kdlab recipes lists the packaged ones"
-    raise ConfigError(f"recipe not found: {name} (neither a file nor a packaged recipe){hint}")
-
-
-def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{source}: {format_validation_error(e)}") from None
-
-
-def load_recipe(path: str | Path, overrides: list[str] = (), seed: int | None = None) -> Recipe:
-    raw = apply_overrides(read_yaml(path), list(overrides))
-    if seed is not None:
-        raw["seed"] = seed
-    return validate(raw, source=str(path))
-
-
-def dump(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

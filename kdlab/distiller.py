@@ -28,12 +28,17 @@ class Distiller(nn.Module):
         self._teachers = [freeze(t) for t in teachers]
         self.ce_weight = loss.ce
         self.terms = nn.ModuleDict(
-            {name: TERMS[name](TERMS[name].Options.model_validate(opts or {}), student, self._teachers) for name, opts in loss.terms.items()}
+            {
+                name: TERMS[name](TERMS[name].Options.model_validate(opts or {}), student, self._teachers)
+                for name, opts in loss.terms.items()
+            }
         )
         s_specs = [s for term in self.terms.values() for s in term.student_layers]
         t_specs = [[s for term in self.terms.values() for s in term.teacher_layers[i]] for i in range(len(teachers))]
         self.student_taps = FeatureTaps(student, s_specs, "student")
-        self.teacher_taps = [FeatureTaps(t, specs, f"teacher {i}") for i, (t, specs) in enumerate(zip(self._teachers, t_specs))]
+        self.teacher_taps = [
+            FeatureTaps(t, specs, f"teacher {i}") for i, (t, specs) in enumerate(zip(self._teachers, t_specs))
+        ]
         self.uses_teachers = any(term.needs_teacher for term in self.terms.values())
         self.needs_progress = any(term.needs_progress for term in self.terms.values())
         self.needs_indices = any(term.needs_indices for term in self.terms.values())
@@ -59,9 +64,15 @@ class Distiller(nn.Module):
     def term_names(self) -> list[str]:
         return (["ce"] if self.ce_weight > 0 else []) + [n for n, t in self.terms.items() if t.active_in_main]
 
-    def outputs(self, x: torch.Tensor, y: torch.Tensor, student: bool = True,
-                teacher_logits: list[torch.Tensor] | None = None, progress: torch.Tensor | float | None = None,
-                indices: torch.Tensor | None = None) -> Outputs:
+    def outputs(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        student: bool = True,
+        teacher_logits: list[torch.Tensor] | None = None,
+        progress: torch.Tensor | float | None = None,
+        indices: torch.Tensor | None = None,
+    ) -> Outputs:
         """Forward the student (with grad) and the teachers (without) and collect every tap.
 
         ``teacher_logits`` given (a teacher cache, kdlab.fast): the teachers do not run, and their
@@ -82,8 +93,15 @@ class Distiller(nn.Module):
             feats = self.student_taps.take()
         else:
             logits, feats = teacher_logits[0] if teacher_logits else x.new_zeros(()), {}
-        return Outputs(logits=logits, targets=y, feats=feats, teacher_logits=teacher_logits, teacher_feats=teacher_feats,
-                       progress=progress, indices=indices)
+        return Outputs(
+            logits=logits,
+            targets=y,
+            feats=feats,
+            teacher_logits=teacher_logits,
+            teacher_feats=teacher_feats,
+            progress=progress,
+            indices=indices,
+        )
 
     @torch.no_grad()
     def build(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -104,9 +122,14 @@ class Distiller(nn.Module):
             term.attach_training_set(labels)
         self.attached = True
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: list[torch.Tensor] | None = None,
-                progress: torch.Tensor | float | None = None, indices: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        teacher_logits: list[torch.Tensor] | None = None,
+        progress: torch.Tensor | float | None = None,
+        indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, student logits, {term: weighted value}); the functional maths runs in float32 under autocast.
 
         ``progress``: epochs completed (epoch + step / steps per epoch), for terms that change with training
@@ -123,4 +146,3 @@ class Distiller(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-

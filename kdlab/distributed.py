@@ -16,8 +16,9 @@ import contextlib
 import datetime
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,10 +28,29 @@ from torch import nn
 from kdlab.errors import ConfigError, KdlabError
 
 __all__ = [
-    "ENV_TIMEOUT", "DEFAULT_TIMEOUT_S", "launched", "session", "active", "rank", "world_size", "is_main", "barrier",
-    "main_first", "on_main", "all_reduce_sum", "all_true", "per_rank_batch", "local_device", "check_device",
-    "convert_sync_batchnorm", "GlobalBatchNorm", "wrap", "seed_epoch", "reduce_epoch_sums", "average_gradients",
-    "PeerLost", "gather_batch", "sum_over_ranks",
+    "ENV_TIMEOUT",
+    "DEFAULT_TIMEOUT_S",
+    "launched",
+    "session",
+    "active",
+    "rank",
+    "world_size",
+    "is_main",
+    "barrier",
+    "main_first",
+    "on_main",
+    "all_reduce_sum",
+    "all_true",
+    "per_rank_batch",
+    "local_device",
+    "check_device",
+    "wrap",
+    "seed_epoch",
+    "reduce_epoch_sums",
+    "average_gradients",
+    "PeerLost",
+    "gather_batch",
+    "sum_over_ranks",
 ]
 
 ENV_TIMEOUT = "KDLAB_DIST_TIMEOUT"
@@ -83,7 +103,9 @@ def _env_int(name: str) -> int:
     try:
         return int(os.environ[name])
     except ValueError:
-        raise ConfigError(f"environment variable {name}={os.environ[name]!r} is not an integer (set by torchrun)") from None
+        raise ConfigError(
+            f"environment variable {name}={os.environ[name]!r} is not an integer (set by torchrun)"
+        ) from None
 
 
 def _wants_cuda(device: str) -> bool:
@@ -131,8 +153,10 @@ def session(device: str = "auto", run_dir: str | Path | None = None) -> Iterator
         if not _is_comm_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeerLost(f"rank {global_rank} of {world}: could not join the other ranks ({first[:300]}); "
-                       f"is every node started, and the rendezvous address right?") from None
+        raise PeerLost(
+            f"rank {global_rank} of {world}: could not join the other ranks ({first[:300]}); "
+            f"is every node started, and the rendezvous address right?"
+        ) from None
     if global_rank != 0:
         sys.stdout = open(os.devnull, "w")
     failed = False
@@ -307,7 +331,7 @@ class _GatherRanks(torch.autograd.Function):
         # every rank's loss depends on every rank's rows: this rank's rows get the sum over the ranks
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
+        return grad[rank() * ctx.rows : (rank() + 1) * ctx.rows]
 
 
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -335,76 +359,6 @@ def average_gradients(params) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Synchronised batch normalisation
-
-
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch normalisation over the global batch (all ranks) on any device, gloo and NCCL alike.
-
-    torch's SyncBatchNorm only runs on accelerators, and its forward waits for the device once per
-    layer (it drops empty ranks with a boolean mask); this one gets the same statistics (two passes:
-    the mean, then the mean squared deviation) through :func:`sum_over_ranks`, whose backward sums
-    each statistic's gradient over the ranks, with no host sync: the code the CPU tests run is the
-    code that runs on CUDA. Without a
-    process group of more than one rank it is exactly ``BatchNorm``. Same parameters and buffers as
-    ``BatchNorm``, so its state dict loads into the plain model.
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and world_size() > 1):
-            return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
-        count = xf.new_full((1,), float(x.numel() // x.shape[1]))  # a fill on the device, not a host-to-device copy
-        first = sum_over_ranks(torch.cat([xf.sum(dims), count]))  # (C + 1,)
-        n = first[-1]
-        mean = first[:-1] / n
-        centred = xf - mean.view(shape)
-        var = sum_over_ranks((centred * centred).sum(dims)) / n  # biased: what normalises the batch
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-                unbiased = var * (n / (n - 1).clamp(min=1))
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        return y.to(x.dtype)
-
-
-def _to_global_bn(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (GlobalBatchNorm, nn.SyncBatchNorm)):
-        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-        if module.affine:
-            bn.weight, bn.bias = module.weight, module.bias  # the same Parameter objects
-        if module.track_running_stats:
-            bn.running_mean, bn.running_var = module.running_mean, module.running_var
-            bn.num_batches_tracked = module.num_batches_tracked
-        bn.train(module.training)
-        return bn
-    for name, child in module.named_children():
-        module.add_module(name, _to_global_bn(child))
-    return module
-
-
-def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm of ``model`` normalises with global-batch statistics (``train.sync_bn``).
-
-    Parameters and buffers are kept (same objects, same state-dict keys). Every device uses
-    :class:`GlobalBatchNorm`, so the path the CPU tests check is the one CUDA runs (``device`` is
-    kept for callers).
-    """
-    return _to_global_bn(model)
-
-
-# ----------------------------------------------------------------------------------------------
 # DDP
 
 
@@ -413,8 +367,10 @@ def idle_parameters(distiller: nn.Module) -> list[str]:
     terms = getattr(distiller, "terms", {})
     return [
         f"terms.{name}.{pname}"
-        for name, term in terms.items() if not term.active_in_main
-        for pname, p in term.named_parameters() if p.requires_grad
+        for name, term in terms.items()
+        if not term.active_in_main
+        for pname, p in term.named_parameters()
+        if p.requires_grad
     ]
 
 
@@ -430,5 +386,9 @@ def wrap(distiller: nn.Module, device: torch.device) -> nn.Module:
         return distiller
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(distiller, device_ids=device_ids, find_unused_parameters=bool(idle_parameters(distiller)))
+    device_ids = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    )
+    return DistributedDataParallel(
+        distiller, device_ids=device_ids, find_unused_parameters=bool(idle_parameters(distiller))
+    )

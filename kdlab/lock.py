@@ -13,8 +13,8 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from kdlab.errors import KdlabError
 
@@ -69,9 +69,13 @@ class RunLock:
             return
         host, pid = owner
         if host != socket.gethostname():
-            raise KdlabError(f"{self.path.parent} is locked by {host} pid {pid}; remove {self.path} if that run is gone")
+            raise KdlabError(
+                f"{self.path.parent} is locked by {host} pid {pid}; remove {self.path} if that run is gone"
+            )
         if not flock_free and pid != os.getpid():
-            raise BusyError(f"{self.path.parent} is in use by another kdlab process (pid {pid}); wait for it or use another --out")
+            raise BusyError(
+                f"{self.path.parent} is in use by another kdlab process (pid {pid}); wait for it or use another --out"
+            )
 
     def acquire(self) -> None:
         try:
@@ -88,14 +92,16 @@ class RunLock:
                 else:
                     self._acquire_by_flock()
                 return
-            except BusyError as e:
+            except BusyError:
                 if not self.wait:
                     raise
                 if not told and self.say is not None:
                     owner = self._owner()
                     who = f" (pid {owner[1]})" if owner else ""
-                    self.say(f"{self.path.parent} is in use by another kdlab process{who} (a shared teacher being trained); "
-                             "waiting for it to finish, then its result is used")
+                    self.say(
+                        f"{self.path.parent} is in use by another kdlab process{who} (a shared teacher being trained); "
+                        "waiting for it to finish, then its result is used"
+                    )
                     told = True
                 time.sleep(self.POLL_SECONDS)
             except OSError as e:
@@ -111,7 +117,9 @@ class RunLock:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                     raise
                 self._refuse_if_owned_elsewhere(flock_free=False)
-                raise BusyError(f"{self.path.parent} is in use by another kdlab process; wait for it or use another --out") from None
+                raise BusyError(
+                    f"{self.path.parent} is in use by another kdlab process; wait for it or use another --out"
+                ) from None
             # the previous holder may have unlinked the file between our open and our flock
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

@@ -26,36 +26,138 @@ METHODS: dict[str, Method] = {
         Method("vanilla", "cross-entropy only: the baseline", teachers="none"),
         Method("kd", "Hinton KD, T^2-scaled batch-mean KL", ("kd",), paper="Hinton et al. 2015"),
         Method("ensemble_kd", "KD from the averaged logits of several teachers", ("ensemble_kd",)),
-        Method("fitnet", "hint regressor + hint stage, then KD (single-stage as an option)", ("fitnet",), paper="Romero et al. 2015"),
+        Method(
+            "fitnet",
+            "hint regressor + hint stage, then KD (single-stage as an option)",
+            ("fitnet",),
+            paper="Romero et al. 2015",
+        ),
         Method("at", "attention transfer over the chosen stages", ("at",), paper="Zagoruyko & Komodakis 2017"),
-        Method("nst", "MMD^2 between neuron selectivity patterns (linear, poly, gaussian)", ("nst",), paper="Huang & Wang 2017"),
-        Method("sp", "similarity-preserving: the batch Gram matrix of the last feature map", ("sp",), paper="Tung & Mori 2019"),
-        Method("cc", "correlation congruence: the batch correlation of embedded features", ("cc",), paper="Peng et al. 2019"),
-        Method("vid", "variational information distillation: a Gaussian likelihood per stage, learned variances", ("vid",),
-               paper="Ahn et al. 2019"),
-        Method("rkd", "relational KD: pairwise distances and triplet angles of the embeddings", ("rkd",), paper="Park et al. 2019"),
-        Method("pkt", "probabilistic knowledge transfer: cosine-similarity distributions over the batch", ("pkt",),
-               paper="Passalis & Tefas 2018"),
-        Method("ab", "activation boundaries: an initialisation stage on pre-ReLU maps, then training", ("ab",),
-               paper="Heo et al. 2019 (AAAI)"),
-        Method("fsp", "flow of solution procedure: an initialisation stage on Gram matrices between stages", ("fsp",),
-               paper="Yim et al. 2017"),
-        Method("ofd", "overhaul of feature distillation: pre-ReLU partial L2 with the teacher's margin", ("ofd",),
-               paper="Heo et al. 2019 (ICCV)"),
-        Method("dist", "inter- and intra-class Pearson correlation of the predictions", ("dist",), paper="Huang et al. 2022"),
-        Method("lp", "locality-preserving loss over k nearest neighbours in the teacher's feature space", ("lp",), paper="Chen et al. 2018"),
-        Method("ft", "factor transfer: paraphraser on the teacher, translator on the student", ("ft",), paper="Kim, Park, Kwak 2018"),
-        Method("pfeed", "parallel FEED: K teachers, K translators on the student's feature map", ("feed",), paper="Park & Kwak 2019"),
-        Method("sfeed", "sequential FEED: each generation's student teaches the next at feature level", ("feed",), "generations", "Park & Kwak 2019"),
-        Method("ban", "born-again generations with logit KD; BANE ensemble evaluation", ("kd",), "generations", "Furlanello et al. 2018"),
-        Method("tfkd_self", "teacher-free self-distillation: train the student, then teach a fresh copy", ("kd",), "generations", "Yuan et al. 2020"),
-        Method("tfkd_reg", "teacher-free regularisation with the manually designed distribution", ("tfkd_reg",), "none", "Yuan et al. 2020"),
+        Method(
+            "nst",
+            "MMD^2 between neuron selectivity patterns (linear, poly, gaussian)",
+            ("nst",),
+            paper="Huang & Wang 2017",
+        ),
+        Method(
+            "sp",
+            "similarity-preserving: the batch Gram matrix of the last feature map",
+            ("sp",),
+            paper="Tung & Mori 2019",
+        ),
+        Method(
+            "cc",
+            "correlation congruence: the batch correlation of embedded features",
+            ("cc",),
+            paper="Peng et al. 2019",
+        ),
+        Method(
+            "vid",
+            "variational information distillation: a Gaussian likelihood per stage, learned variances",
+            ("vid",),
+            paper="Ahn et al. 2019",
+        ),
+        Method(
+            "rkd",
+            "relational KD: pairwise distances and triplet angles of the embeddings",
+            ("rkd",),
+            paper="Park et al. 2019",
+        ),
+        Method(
+            "pkt",
+            "probabilistic knowledge transfer: cosine-similarity distributions over the batch",
+            ("pkt",),
+            paper="Passalis & Tefas 2018",
+        ),
+        Method(
+            "ab",
+            "activation boundaries: an initialisation stage on pre-ReLU maps, then training",
+            ("ab",),
+            paper="Heo et al. 2019 (AAAI)",
+        ),
+        Method(
+            "fsp",
+            "flow of solution procedure: an initialisation stage on Gram matrices between stages",
+            ("fsp",),
+            paper="Yim et al. 2017",
+        ),
+        Method(
+            "ofd",
+            "overhaul of feature distillation: pre-ReLU partial L2 with the teacher's margin",
+            ("ofd",),
+            paper="Heo et al. 2019 (ICCV)",
+        ),
+        Method(
+            "dist",
+            "inter- and intra-class Pearson correlation of the predictions",
+            ("dist",),
+            paper="Huang et al. 2022",
+        ),
+        Method(
+            "lp",
+            "locality-preserving loss over k nearest neighbours in the teacher's feature space",
+            ("lp",),
+            paper="Chen et al. 2018",
+        ),
+        Method(
+            "ft",
+            "factor transfer: paraphraser on the teacher, translator on the student",
+            ("ft",),
+            paper="Kim, Park, Kwak 2018",
+        ),
+        Method(
+            "pfeed",
+            "parallel FEED: K teachers, K translators on the student's feature map",
+            ("feed",),
+            paper="Park & Kwak 2019",
+        ),
+        Method(
+            "sfeed",
+            "sequential FEED: each generation's student teaches the next at feature level",
+            ("feed",),
+            "generations",
+            "Park & Kwak 2019",
+        ),
+        Method(
+            "ban",
+            "born-again generations with logit KD; BANE ensemble evaluation",
+            ("kd",),
+            "generations",
+            "Furlanello et al. 2018",
+        ),
+        Method(
+            "tfkd_self",
+            "teacher-free self-distillation: train the student, then teach a fresh copy",
+            ("kd",),
+            "generations",
+            "Yuan et al. 2020",
+        ),
+        Method(
+            "tfkd_reg",
+            "teacher-free regularisation with the manually designed distribution",
+            ("tfkd_reg",),
+            "none",
+            "Yuan et al. 2020",
+        ),
         Method("lsr", "label smoothing", ("lsr",), "none", "Szegedy et al. 2016"),
-        Method("crd", "contrastive representation distillation: NCE against a memory bank of the other network's embeddings",
-               ("crd",), paper="Tian et al. 2020"),
-        Method("reviewkd", "knowledge review: student stages fused deep to shallow (ABF), matched by the hierarchical context loss",
-               ("reviewkd",), paper="Chen et al. 2021"),
-        Method("dkd", "decoupled KD: target and non-target parts weighted apart, with a warm-up", ("dkd",), paper="Zhao et al. 2022"),
+        Method(
+            "crd",
+            "contrastive representation distillation: NCE against a memory bank of the other network's embeddings",
+            ("crd",),
+            paper="Tian et al. 2020",
+        ),
+        Method(
+            "reviewkd",
+            "knowledge review: student stages fused deep to shallow (ABF), matched by the hierarchical context loss",
+            ("reviewkd",),
+            paper="Chen et al. 2021",
+        ),
+        Method(
+            "dkd",
+            "decoupled KD: target and non-target parts weighted apart, with a warm-up",
+            ("dkd",),
+            paper="Zhao et al. 2022",
+        ),
     ]
 }
 
@@ -83,5 +185,7 @@ def check_fast_path(recipe) -> None:
             term = TERMS.get(name)
             if term is not None and (term.needs_progress or term.needs_indices):
                 what = "the training progress" if term.needs_progress else "each sample's index"
-                raise ConfigError(f"train.fast.graph_step: loss term {name!r} reads {what}, which the graph step does not "
-                                  "pass; set train.fast.graph_step=false for this recipe")
+                raise ConfigError(
+                    f"train.fast.graph_step: loss term {name!r} reads {what}, which the graph step does not "
+                    "pass; set train.fast.graph_step=false for this recipe"
+                )

@@ -12,22 +12,32 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from kdlab import checkpoint, distributed
-from kdlab.config import Recipe, TrainConfig, dump, teacher_train_config, validate
+from kdlab.compute import check_device_options, resolve_device
+from kdlab.config import Recipe, TrainConfig, teacher_train_config
 from kdlab.data import DeviceLoader
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.lock import LOCK_NAME, RunLock
 from kdlab.methods import check_recipe
+from kdlab.recipe_files import dump, validate
 from kdlab.student import RESULT, Data, Log, build_model, load_data, read_result, train_run
-from kdlab.teachers import (best_weights, cache_root, describe_teachers, generation_zero, load_model_weights, prepare_teacher,
-                            teacher_seed, trained_teachers)
-from kdlab.train import check_device_options, resolve_device
+from kdlab.teachers import (
+    best_weights,
+    cache_root,
+    describe_teachers,
+    generation_zero,
+    load_model_weights,
+    prepare_teacher,
+    teacher_seed,
+    trained_teachers,
+)
+
 
 def check_protocol(recipe: Recipe, data: Data, cfg: TrainConfig, seed: int, what: str) -> None:
     """What fit would refuse at its first step (the device, a batch larger than the data, the seed), checked on a
@@ -36,11 +46,16 @@ def check_protocol(recipe: Recipe, data: Data, cfg: TrainConfig, seed: int, what
         device = resolve_device(cfg.device)
         distributed.check_device(device)
         per_rank = distributed.per_rank_batch(cfg.batch_size)
-        DeviceLoader(data.train, per_rank, train=True, device="cpu", seed=seed,
-                     shard=(distributed.rank(), distributed.world_size()))
+        DeviceLoader(
+            data.train,
+            per_rank,
+            train=True,
+            device="cpu",
+            seed=seed,
+            shard=(distributed.rank(), distributed.world_size()),
+        )
     except KdlabError as e:
         raise type(e)(f"{what}: {e}") from None
-
 
 
 @torch.no_grad()
@@ -50,8 +65,13 @@ def preflight(recipe: Recipe, data: Data) -> None:
     an impossible batch fail now rather than after hours of teacher training."""
     check_protocol(recipe, data, recipe.train, recipe.seed, "train")
     for i, t in trained_teachers(recipe):
-        check_protocol(recipe, data, teacher_train_config(recipe, t), teacher_seed(recipe, i, t),
-                       f"teachers.{i}.train" if not recipe.generations else "generation 0")
+        check_protocol(
+            recipe,
+            data,
+            teacher_train_config(recipe, t),
+            teacher_seed(recipe, i, t),
+            f"teachers.{i}.train" if not recipe.generations else "generation 0",
+        )
     student = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
     specs = recipe.teachers or ([recipe.student] if recipe.generations else [])
     teachers = [build_model(t.name, t.kwargs, data, recipe.seed) for t in specs]
@@ -67,16 +87,13 @@ def preflight(recipe: Recipe, data: Data) -> None:
     distiller.train()(x, y, progress=0.0, indices=torch.arange(n))  # the terms' own shape checks run in their forward
 
 
-
 # What a run directory may hold besides its config.yaml before its first epoch is checkpointed; all of it is
 # rewritten by a fresh start (teachers/ is content-addressed, so a changed recipe never reads a stale teacher)
 UNSTARTED_ENTRIES = {"log.txt", "metrics.jsonl", "tb", "checkpoints", "stages", "teachers", "generations", LOCK_NAME}
 
 
-
 # what a fresh start removes when the recipe changed: results of the old recipe that a new run would read back
 STALE_WITH_OLD_RECIPE = ("stages", "tb", "generations")
-
 
 
 def has_progress(run_dir: Path) -> bool:
@@ -85,16 +102,17 @@ def has_progress(run_dir: Path) -> bool:
     if (run_dir / RESULT).exists() or (run_dir / "student.safetensors").exists():
         return True
     dirs = [run_dir] + sorted((run_dir / "generations").glob("gen*"))
-    return any((d / "checkpoints" / name).exists() or (d / RESULT).exists() for d in dirs
-               for name in ("last.safetensors", "prev.safetensors"))
-
+    return any(
+        (d / "checkpoints" / name).exists() or (d / RESULT).exists()
+        for d in dirs
+        for name in ("last.safetensors", "prev.safetensors")
+    )
 
 
 def _foreign(out: Path) -> list[str]:
     """Entries of `out` that a kdlab run without a checkpoint does not have."""
     names = sorted(p.name for p in out.iterdir())
     return [n for n in names if n != "config.yaml" and n not in UNSTARTED_ENTRIES and not checkpoint.TEMP_NAME.match(n)]
-
 
 
 def start(recipe: Recipe | None, out: Path, resume: bool, log: Callable[[str], None] = print) -> Recipe:
@@ -104,7 +122,7 @@ def start(recipe: Recipe | None, out: Path, resume: bool, log: Callable[[str], N
     earlier attempt stopped by a wrong teacher file, a bad data file or a NaN at its first steps): that
     attempt left nothing to resume, so it must not block the corrected rerun. Anything else is refused:
     a finished run, a run with checkpoints, and a folder that is not a kdlab run at all."""
-    from kdlab.config import read_yaml
+    from kdlab.recipe_files import read_yaml
 
     out = Path(out)
     config_path = out / "config.yaml"
@@ -120,19 +138,25 @@ def start(recipe: Recipe | None, out: Path, resume: bool, log: Callable[[str], N
         entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
         if entries:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            raise ConfigError(f"{out} is not empty ({shown}) and is not a kdlab run; choose a new or empty folder "
-                              "for --out (nothing was changed)")
+            raise ConfigError(
+                f"{out} is not empty ({shown}) and is not a kdlab run; choose a new or empty folder "
+                "for --out (nothing was changed)"
+            )
     if config_path.exists():
         try:
             old = validate(read_yaml(config_path), source=str(config_path))
         except KdlabError:
-            raise ConfigError(f"{out} holds a config.yaml that is not a kdlab recipe; choose a new or empty folder "
-                              "for --out (nothing was changed)") from None
+            raise ConfigError(
+                f"{out} holds a config.yaml that is not a kdlab recipe; choose a new or empty folder "
+                "for --out (nothing was changed)"
+            ) from None
         foreign = _foreign(out)
         if has_progress(out) or foreign:
             what = f" and {', '.join(foreign[:3])}" if foreign else ""
-            raise ConfigError(f"{out} already holds a run{what}; continue it with 'kdlab train --resume {out}' "
-                              "or choose another --out")
+            raise ConfigError(
+                f"{out} already holds a run{what}; continue it with 'kdlab train --resume {out}' "
+                "or choose another --out"
+            )
         if dump(old) != dump(recipe):
             for name in STALE_WITH_OLD_RECIPE:
                 if (out / name).is_dir():
@@ -143,11 +167,9 @@ def start(recipe: Recipe | None, out: Path, resume: bool, log: Callable[[str], N
     return recipe
 
 
-
 def resumable(run_dir: Path) -> bool:
     """Whether `kdlab demo` / `kdlab reproduce` continue the run in `run_dir` rather than (re)start it."""
     return (Path(run_dir) / "config.yaml").exists() and has_progress(run_dir)
-
 
 
 def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = False) -> dict:
@@ -165,8 +187,10 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
         data = load_data(recipe)
         for split, ds in (("train", data.train), ("test", data.test)):
             if ds.skipped:
-                log(f"data: {len(ds.skipped)} unreadable file(s) left out of {split} (data.skip_unreadable); "
-                    f"first: {ds.skipped[0]}")
+                log(
+                    f"data: {len(ds.skipped)} unreadable file(s) left out of {split} (data.skip_unreadable); "
+                    f"first: {ds.skipped[0]}"
+                )
         preflight(recipe, data)
         describe_teachers(recipe, out, log)
         if recipe.generations:
@@ -176,21 +200,34 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
             model, info = prepare_teacher(recipe, i, t, data, out, log)
             teachers.append(model)
             infos.append(info)
-        return train_run(out, recipe, recipe.student.name, recipe.student.kwargs, teachers, recipe.loss, recipe.train,
-                         recipe.seed, data, log, extra={"teachers": infos}, logits_cache=cache_root(recipe, out) / "logits")
-
+        return train_run(
+            out,
+            recipe,
+            recipe.student.name,
+            recipe.student.kwargs,
+            teachers,
+            recipe.loss,
+            recipe.train,
+            recipe.seed,
+            data,
+            log,
+            extra={"teachers": infos},
+            logits_cache=cache_root(recipe, out) / "logits",
+        )
 
 
 def check_run_options(recipe: Recipe, world: int, cuda: bool) -> None:
     """The device-dependent refusals of every train section the recipe will run (its teachers' first),
     so that a combination that cannot work fails before hours of teacher training."""
     # a sequential recipe's generation 0 trains with recipe.train itself
-    sections = [] if recipe.generations else [(f"teachers.{i}.train", teacher_train_config(recipe, t))
-                                              for i, t in trained_teachers(recipe)]
+    sections = (
+        []
+        if recipe.generations
+        else [(f"teachers.{i}.train", teacher_train_config(recipe, t)) for i, t in trained_teachers(recipe)]
+    )
     for where, cfg in [*sections, ("train", recipe.train)]:
         device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
         check_device_options(cfg, device_type, world, where)
-
 
 
 def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
@@ -204,19 +241,46 @@ def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
         teacher = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
         source = best_weights(gen_dirs[g - 1], results[-1], f"generation {g - 1}") if best else gen_dirs[g - 1]
         load_model_weights(teacher, source, f"generation {g - 1}")
-        history = [{"generation": i, "top1_last": r["top1_last"], "top1_best": r["top1_best"]} for i, r in enumerate(results)]
-        extra = {"generation": g, "generations": history, "teachers": [{
-            "name": recipe.student.name, "source": str(gen_dirs[g - 1]), "top1_last": results[-1]["top1_last"],
-            "checkpoint": recipe.generation_checkpoint, "top1": results[-1]["top1_best" if best else "top1_last"]}]}
+        history = [
+            {"generation": i, "top1_last": r["top1_last"], "top1_best": r["top1_best"]} for i, r in enumerate(results)
+        ]
+        extra = {
+            "generation": g,
+            "generations": history,
+            "teachers": [
+                {
+                    "name": recipe.student.name,
+                    "source": str(gen_dirs[g - 1]),
+                    "top1_last": results[-1]["top1_last"],
+                    "checkpoint": recipe.generation_checkpoint,
+                    "top1": results[-1]["top1_best" if best else "top1_last"],
+                }
+            ],
+        }
         glog = log if g == gens else log.child(gen_dirs[g] / "log.txt", f"[gen {g}] ")
         # a generation that teaches the next one keeps its best weights when those are the ones that teach
         train_cfg = recipe.train.model_copy(update={"keep_best": True}) if best and g < gens else recipe.train
-        results.append(train_run(gen_dirs[g], recipe, recipe.student.name, recipe.student.kwargs, [teacher], recipe.loss,
-                                 train_cfg, recipe.seed + g, data, glog, extra=extra,
-                                 init=initial_weights(source) if recipe.generation_init == "previous" else None,
-                                 logits_cache=cache_root(recipe, gen_dirs[g]) / "logits"))
+        results.append(
+            train_run(
+                gen_dirs[g],
+                recipe,
+                recipe.student.name,
+                recipe.student.kwargs,
+                [teacher],
+                recipe.loss,
+                train_cfg,
+                recipe.seed + g,
+                data,
+                glog,
+                extra=extra,
+                init=initial_weights(source) if recipe.generation_init == "previous" else None,
+                logits_cache=cache_root(recipe, gen_dirs[g]) / "logits",
+            )
+        )
     final = dict(results[-1])
-    final["generations"] = [{"generation": i, "top1_last": r["top1_last"], "top1_best": r["top1_best"]} for i, r in enumerate(results)]
+    final["generations"] = [
+        {"generation": i, "top1_last": r["top1_last"], "top1_best": r["top1_best"]} for i, r in enumerate(results)
+    ]
     if recipe.bane and gens >= 1:
         final["bane_top1"] = ensemble_top1(recipe, data, gen_dirs[1:])
         log(f"BANE (generations 1..{gens}) top-1 {final['bane_top1']:.2f}")
@@ -224,7 +288,6 @@ def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
         checkpoint.atomic_write_text(out / RESULT, json.dumps(final, indent=2) + "\n")
     distributed.barrier()
     return final
-
 
 
 def initial_weights(source: Path) -> Callable[[torch.nn.Module], None]:
@@ -245,12 +308,13 @@ def ensemble_top1(recipe: Recipe, data: Data, run_dirs: list[Path]) -> float:
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     for x, y in test_loader:
         probs = torch.stack([net(x).float().softmax(1) for net in nets]).mean(0)
-        counts += torch.stack([(probs.argmax(1) == y).sum(), y.new_full((), y.numel())]).double()  # no host-to-device copy
+        counts += torch.stack(
+            [(probs.argmax(1) == y).sum(), y.new_full((), y.numel())]
+        ).double()  # no host-to-device copy
     if test_loader.shard[1] > 1:
         distributed.all_reduce_sum(counts)
     correct, total = counts.tolist()
     return 100.0 * correct / max(total, 1)
-
 
 
 def _configured_device(recipe: Recipe | None, out: Path) -> str:
@@ -258,9 +322,8 @@ def _configured_device(recipe: Recipe | None, out: Path) -> str:
     if recipe is not None:
         return recipe.train.device
     try:
-        from kdlab.config import read_yaml
+        from kdlab.recipe_files import read_yaml
 
         return str((read_yaml(out / "config.yaml").get("train") or {}).get("device", "auto"))
     except (KdlabError, AttributeError):
         return "auto"  # start() reports what is wrong with the directory
-

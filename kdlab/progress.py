@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 PLAIN_SECONDS = 30.0
 
@@ -40,7 +40,9 @@ def format_duration(seconds: float) -> str:
 
 def format_row(row: dict) -> str:
     parts = [f"epoch {row['epoch']}", f"lr {row['lr']:.4g}", f"loss {row['train_loss']:.4f}"]
-    parts += [f"{k[6:]} {v:.4f}" for k, v in row.items() if k.startswith("train_") and k not in ("train_loss", "train_top1")]
+    parts += [
+        f"{k[6:]} {v:.4f}" for k, v in row.items() if k.startswith("train_") and k not in ("train_loss", "train_top1")
+    ]
     if "test_top1" in row:
         parts.append(f"test top1 {row['test_top1']:.2f} top5 {row['test_top5']:.2f}")
     parts.append(f"{row['seconds']:.1f}s")
@@ -49,7 +51,12 @@ def format_row(row: dict) -> str:
 
 class Progress:
     def __init__(self, total_epochs: int, steps_per_epoch: int, batch_size: int, log: Callable[[str], None]):
-        self.total_epochs, self.steps_per_epoch, self.batch_size, self.log = total_epochs, steps_per_epoch, batch_size, log
+        self.total_epochs, self.steps_per_epoch, self.batch_size, self.log = (
+            total_epochs,
+            steps_per_epoch,
+            batch_size,
+            log,
+        )
         self.steps_done = 0
         self.epoch = 0
         self._bar = None
@@ -62,8 +69,12 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[speed]}"),
+                TimeRemainingColumn(),
+                transient=True,
             )
             self._bar.start()
 
@@ -74,14 +85,18 @@ class Progress:
         if self._bar is not None:
             if self._task is not None:
                 self._bar.remove_task(self._task)
-            self._task = self._bar.add_task(f"epoch {epoch + 1}/{self.total_epochs}", total=self.steps_per_epoch, speed="")
+            self._task = self._bar.add_task(
+                f"epoch {epoch + 1}/{self.total_epochs}", total=self.steps_per_epoch, speed=""
+            )
 
     def step(self, step: int) -> None:
         self.steps_done += 1
         if self._bar is not None:
             if step % 5 == 0 or self.steps_done == self.steps_per_epoch:
                 dt = max(time.perf_counter() - self._epoch_t0, 1e-9)
-                self._bar.update(self._task, completed=self.steps_done, speed=f"{self.steps_done * self.batch_size / dt:,.0f} img/s")
+                self._bar.update(
+                    self._task, completed=self.steps_done, speed=f"{self.steps_done * self.batch_size / dt:,.0f} img/s"
+                )
             return
         now = time.perf_counter()  # the host clock only: no device sync inside the step
         if now - self._last_line >= self._interval and self.steps_done < self.steps_per_epoch:
@@ -93,9 +108,11 @@ class Progress:
         rate = self.steps_done / dt  # steps/s of this epoch's training so far
         left_epoch = (self.steps_per_epoch - self.steps_done) / rate
         left_run = left_epoch + (self.total_epochs - self.epoch - 1) * self.steps_per_epoch / rate
-        return (f"epoch {self.epoch + 1}/{self.total_epochs} step {self.steps_done}/{self.steps_per_epoch} | "
-                f"{self.steps_done * self.batch_size / dt:,.0f} img/s | ETA epoch {format_duration(left_epoch)}, "
-                f"run {format_duration(left_run)} (training only)")
+        return (
+            f"epoch {self.epoch + 1}/{self.total_epochs} step {self.steps_done}/{self.steps_per_epoch} | "
+            f"{self.steps_done * self.batch_size / dt:,.0f} img/s | ETA epoch {format_duration(left_epoch)}, "
+            f"run {format_duration(left_run)} (training only)"
+        )
 
     def training_done(self, seconds: float) -> None:
         """The epoch's training time, before its evaluation: the epoch line's img/s counts training alone."""

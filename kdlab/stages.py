@@ -1,19 +1,23 @@
 """Short auxiliary training stages that run before the main one (FitNet hints, FT paraphrasers).
 
+The loss terms declare them as data (`kdlab.losses.base.PreStage`); this module trains them, so that no
+term drives a training loop.
+
 Each stage's result is saved under `<run>/stages/` and a rerun loads it instead of training again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from kdlab import checkpoint, distributed
 from kdlab.errors import NonFiniteLoss
+from kdlab.losses.base import PreStage
 
 
 @dataclass
@@ -31,30 +35,48 @@ class StageContext:
     weight_decay: float = 5e-4
 
 
-def run_stage(
-    ctx: StageContext,
-    name: str,
-    modules: dict[str, nn.Module],
-    params: Iterable[nn.Parameter],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    epochs: int,
-    lr: float,
-    lr_option: str | None = None,
-) -> None:
-    """Train `params` on `loss_fn(x, y)` for `epochs`, or load the saved result of an earlier run.
+def run_stages(ctx: StageContext, terms) -> None:
+    """Every pre-stage the loss terms declare, in the terms' order."""
+    for term in terms:
+        for stage in term.pre_stages(ctx.student, ctx.forward):
+            run_stage(ctx, stage)
+
+
+def run_stage(ctx: StageContext, stage: PreStage) -> None:
+    """Train the stage's parameters on its loss for its epochs, or load the saved result of an earlier run.
 
     A non-finite loss stops the stage as it stops the main loop (at once on CPU, at the end of the stage's
     epoch on CUDA, where checking each step would wait for the device), and nothing of it is saved, so a
-    rerun does not load a broken module. `lr_option` names the option that sets `lr`, for the message.
+    rerun does not load a broken module.
     """
+    if stage.trainable_only_here:
+        for module in stage.modules.values():
+            module.requires_grad_(True)
+    try:
+        _train_or_load(ctx, stage)
+    finally:
+        if stage.trainable_only_here:
+            for module in stage.modules.values():
+                module.requires_grad_(False)
+
+
+def _train_or_load(ctx: StageContext, stage: PreStage) -> None:
+    name, modules, loss_fn, epochs, lr, lr_option = (
+        stage.name,
+        stage.modules,
+        stage.loss,
+        stage.epochs,
+        stage.lr,
+        stage.lr_option,
+    )
     path = ctx.run_dir / "stages" / f"{name}.safetensors"
     if path.exists():
         state, _ = checkpoint.load(path)
         for key, module in modules.items():
-            module.load_state_dict({k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")})
+            module.load_state_dict({k[len(key) + 1 :]: v for k, v in state.items() if k.startswith(key + ".")})
         ctx.log(f"stage {name}: loaded {path}")
         return
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in stage.params() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
     loader = ctx.train_loader
     for epoch in range(epochs):
@@ -83,9 +105,11 @@ def run_stage(
             steps += 1
         if int(first_bad) >= 0:
             lower = f"a lower {lr_option} (now {lr:g})" if lr_option else f"a lower learning rate (now {lr:g})"
-            raise NonFiniteLoss(f"non-finite loss in stage {name} at epoch {epoch + 1} step {int(first_bad)}: "
-                                f"loss={float(bad_value):.4g}; nothing of the stage was saved; try {lower}, or check "
-                                "that the network it reads is finite")
+            raise NonFiniteLoss(
+                f"non-finite loss in stage {name} at epoch {epoch + 1} step {int(first_bad)}: "
+                f"loss={float(bad_value):.4g}; nothing of the stage was saved; try {lower}, or check "
+                "that the network it reads is finite"
+            )
         ctx.log(f"stage {name}: epoch {epoch + 1}/{epochs} loss {total.item() / max(steps, 1):.4f}")
     state = {f"{key}.{k}": v for key, module in modules.items() for k, v in module.state_dict().items()}
     if distributed.is_main():

@@ -12,25 +12,26 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from kdlab import __version__, checkpoint, distributed, models
+from kdlab import __version__, checkpoint, distributed, models, sync_bn
+from kdlab.compute import autocast_factory, resolve_device
 from kdlab.config import LossConfig, Recipe, TrainConfig
 from kdlab.data import ArrayDataset, DeviceLoader, default_augment, load_dataset
 from kdlab.distiller import Distiller
 from kdlab.errors import CheckpointError, ConfigError
-from kdlab.stages import StageContext
-from kdlab.train import TrainState, autocast_factory, evaluate, fit, resolve_device
+from kdlab.stages import StageContext, run_stages
+from kdlab.train import evaluate, fit
+from kdlab.train_state import TrainState
 
 RESULT = "result.json"
 
 EVAL_BATCH = 256
-
 
 
 class Log:
@@ -49,13 +50,12 @@ class Log:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
 
-    def child(self, path: Path, prefix: str) -> "Log":
+    def child(self, path: Path, prefix: str) -> Log:
         return Log(path, self.quiet, self.prefix + prefix)
 
     def notice(self, msg: str) -> None:
         """Printed even under --quiet: a run that waits for another process must not look hung."""
         Log(self.path, quiet=False, prefix=self.prefix)(msg)
-
 
 
 @dataclass
@@ -73,8 +73,15 @@ class Data:
         # batch_size is the global batch; under torchrun each rank takes its share of every step's batch
         distributed.check_device(device)
         shard = (distributed.rank(), distributed.world_size())
-        train = DeviceLoader(self.train, distributed.per_rank_batch(batch_size), train=True, augment=aug, device=device,
-                             seed=seed, shard=shard)
+        train = DeviceLoader(
+            self.train,
+            distributed.per_rank_batch(batch_size),
+            train=True,
+            augment=aug,
+            device=device,
+            seed=seed,
+            shard=shard,
+        )
         return train, self.test_loader(device, seed)
 
     def test_loader(self, device: torch.device, seed: int):
@@ -83,25 +90,24 @@ class Data:
         return DeviceLoader(self.test, EVAL_BATCH, train=False, device=device, seed=seed, shard=shard)
 
 
-
 def load_data(recipe: Recipe) -> Data:
-    kw = {"image_size": recipe.data.image_size, "skip_unreadable": recipe.data.skip_unreadable} \
-        if recipe.data.name == "imagefolder" else {}
+    kw = (
+        {"image_size": recipe.data.image_size, "skip_unreadable": recipe.data.skip_unreadable}
+        if recipe.data.name == "imagefolder"
+        else {}
+    )
     train = load_dataset(recipe.data.name, recipe.data.root, split="train", **kw)
     test = load_dataset(recipe.data.name, recipe.data.root, split="test", **kw)
     return Data(train, test, train.num_classes, train.images.shape[1])
-
 
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-
 def build_model(name: str, kwargs: dict, data: Data, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return models.create(name, num_classes=data.num_classes, in_chans=data.in_chans, **kwargs)
-
 
 
 def read_result(run_dir: Path) -> dict | None:
@@ -112,7 +118,6 @@ def read_result(run_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-
 
 
 def train_student(
@@ -134,7 +139,8 @@ def train_student(
     teachers' logits cached (`logits_cache`), the terms' pre-stages, then `kdlab.train.fit`.
 
     `train_set`: the training set behind `train_loader` (None for a user's DataLoader: a term that reads
-    sample indices is then refused, and no teacher logits are cached). `on_probe`: called with the probe batch once the side modules are built."""
+    sample indices is then refused, and no teacher logits are cached). `on_probe`: called with the probe
+    batch once the side modules are built."""
     distiller.to(device)
     if not distiller.built:
         probe_x, probe_y = next(iter(test_loader if test_loader is not None else train_loader))
@@ -145,25 +151,48 @@ def train_student(
         if train_set is not None:
             distiller.attach_training_set(train_set.labels.to(device))
         elif distiller.needs_indices:
-            raise ConfigError("fit: a loss term that reads each sample's index (crd) needs kdlab's array data "
-                              "(images and labels), not a DataLoader, so that the index names one sample")
+            raise ConfigError(
+                "fit: a loss term that reads each sample's index (crd) needs kdlab's array data "
+                "(images and labels), not a DataLoader, so that the index names one sample"
+            )
     if cfg.sync_bn:  # the side modules built just now (FitNet's regressor has a BatchNorm)
-        distributed.convert_sync_batchnorm(distiller.terms, device)
+        sync_bn.convert_sync_batchnorm(distiller.terms, device)
     autocast = autocast_factory(cfg, device)
     teacher_cache = None
-    if distiller.teachers and train_set is not None and logits_cache is not None and (cfg.teacher_cache or cfg.fast.fold_teacher):
+    if (
+        distiller.teachers
+        and train_set is not None
+        and logits_cache is not None
+        and (cfg.teacher_cache or cfg.fast.fold_teacher)
+    ):
         from kdlab.fast.teachers import prepare_teachers
 
         teacher_cache = prepare_teachers(distiller, train_set, train_loader, cfg, logits_cache, autocast, log)
     ctx = StageContext(
-        student=distiller.student, teachers=distiller.teachers, train_loader=train_loader, device=device, run_dir=run_dir,
-        autocast=autocast, log=log, forward=distiller.outputs, max_steps=cfg.max_steps_per_epoch,
-        momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        student=distiller.student,
+        teachers=distiller.teachers,
+        train_loader=train_loader,
+        device=device,
+        run_dir=run_dir,
+        autocast=autocast,
+        log=log,
+        forward=distiller.outputs,
+        max_steps=cfg.max_steps_per_epoch,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
     )
-    for term in distiller.terms.values():
-        term.pre_stage(ctx)
-    return fit(distiller, train_loader, test_loader, cfg, run_dir, log, resume=resume, teacher_cache=teacher_cache,
-               keeps_checkpoints=keeps_checkpoints)
+    run_stages(ctx, distiller.terms.values())
+    return fit(
+        distiller,
+        train_loader,
+        test_loader,
+        cfg,
+        run_dir,
+        log,
+        resume=resume,
+        teacher_cache=teacher_cache,
+        keeps_checkpoints=keeps_checkpoints,
+    )
 
 
 def train_run(
@@ -199,11 +228,21 @@ def train_run(
     if init is not None:
         init(student)
     if train_cfg.sync_bn:  # before the Distiller: its taps hook the converted modules
-        student = distributed.convert_sync_batchnorm(student, device)
+        student = sync_bn.convert_sync_batchnorm(student, device)
     train_loader, test_loader = data.loaders(recipe, train_cfg.batch_size, device, seed)
     distiller = Distiller(student, teachers, loss)
-    state = train_student(distiller, train_loader, test_loader, train_cfg, run_dir, log, device, train_set=data.train,
-                          resume=(run_dir / "checkpoints").exists(), logits_cache=logits_cache)
+    state = train_student(
+        distiller,
+        train_loader,
+        test_loader,
+        train_cfg,
+        run_dir,
+        log,
+        device,
+        train_set=data.train,
+        resume=(run_dir / "checkpoints").exists(),
+        logits_cache=logits_cache,
+    )
     last = state.history[-1] if state.history else {}
     if "test_top1" not in last:
         ev = evaluate(student, test_loader, autocast_factory(train_cfg, device))
@@ -228,14 +267,21 @@ def train_run(
     }
     if distributed.is_main():
         # the preprocessing travels with the weights, so an export (ONNX metadata) needs no data set at hand
-        checkpoint.save(run_dir / "student.safetensors", student.state_dict(), {
-            "model": student_name, "kwargs": student_kwargs, "num_classes": data.num_classes, "in_chans": data.in_chans,
-            **preprocessing(data.train)})
+        checkpoint.save(
+            run_dir / "student.safetensors",
+            student.state_dict(),
+            {
+                "model": student_name,
+                "kwargs": student_kwargs,
+                "num_classes": data.num_classes,
+                "in_chans": data.in_chans,
+                **preprocessing(data.train),
+            },
+        )
         checkpoint.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
     distributed.barrier()  # every rank may read these files next (a teacher, a generation)
     log(f"{run_dir}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({result['params']:,} params)")
     return result
-
 
 
 def preprocessing(ds) -> dict:
@@ -243,12 +289,10 @@ def preprocessing(ds) -> dict:
     return {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std], "class_names": list(ds.class_names)}
 
 
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
 
 
 def resolve_weights(path: Path) -> tuple[Path, dict]:
@@ -260,4 +304,3 @@ def resolve_weights(path: Path) -> tuple[Path, dict]:
         raise CheckpointError(f"{path}: no such file (expected a run directory or a .safetensors file)")
     _, meta = checkpoint.load(path)
     return path, meta
-

@@ -74,7 +74,7 @@ def resolve(model: nn.Module, spec: str, role: str = "model") -> str:
     name = aliases.get(spec, spec)
     for prefix in WRAPPER_PREFIXES:
         while name.startswith(prefix) and name not in dict(base.named_modules()):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     modules = dict(base.named_modules())
     if name in modules and name != "":
         return name
@@ -99,10 +99,16 @@ def default_layers(model: nn.Module, which: str, role: str) -> list[str]:
     stages = stage_names(model)
     if which == "embedding":
         if not getattr(unwrap(model), "embedding_module", None):
-            raise LayerError(f"{role} declares no embedding_module; name the layer explicitly (e.g. the flatten before the classifier)")
+            raise LayerError(
+                f"{role} declares no embedding_module; "
+                "name the layer explicitly (e.g. the flatten before the classifier)"
+            )
         return ["embedding"]
     if not stages:
-        raise LayerError(f"{role} ({type(unwrap(model)).__name__}) has no feature_info; name the tapped layers explicitly in the loss term's options")
+        raise LayerError(
+            f"{role} ({type(unwrap(model)).__name__}) has no feature_info; "
+            "name the tapped layers explicitly in the loss term's options"
+        )
     if which == "all":
         return stages
     if which == "last":
@@ -127,7 +133,9 @@ class FeatureTaps:
     def _keeper(self, spec: str):
         def hook(_module, _inputs, output):
             if not isinstance(output, torch.Tensor):
-                raise LayerError(f"layer {self.names[spec]!r} returns {type(output).__name__}, not a tensor; tap another layer")
+                raise LayerError(
+                    f"layer {self.names[spec]!r} returns {type(output).__name__}, not a tensor; tap another layer"
+                )
             self.outputs[spec] = output
 
         return hook

@@ -7,17 +7,21 @@ import torch
 
 from kdlab import checkpoint, pipeline
 from kdlab.cli import main
-from kdlab.config import load_recipe
 from kdlab.data import DeviceLoader, load_dataset
 from kdlab.losses.heads import Paraphraser
 from kdlab.models import create
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recon_error_matches_a_recomputation_and_is_reused(tmp_path, capsys):
     run = tmp_path / "v"
-    pipeline.run(load_recipe(ROOT / "recipes/digits/vanilla.yaml", ["train.epochs=1", "train.max_steps_per_epoch=3"]), run, quiet=True)
+    pipeline.run(
+        load_recipe(ROOT / "recipes/digits/vanilla.yaml", ["train.epochs=1", "train.max_steps_per_epoch=3"]),
+        run,
+        quiet=True,
+    )
     assert main(["analyze", "recon", str(run), "--epochs", "1", "--loss", "l2"]) == 0
     result = json.loads((run / "recon.json").read_text())
     assert result["layer"] == "stage3" and result["loss"] == "l2" and result["recon_error"] > 0
@@ -28,7 +32,7 @@ def test_recon_error_matches_a_recomputation_and_is_reused(tmp_path, capsys):
     net.eval().double()
     ae = Paraphraser(result["channels"], result["rate"])
     saved = checkpoint.load(next((run / "stages").glob("recon_*.safetensors")))[0]
-    ae.load_state_dict({k[len("autoencoder."):]: v for k, v in saved.items()})
+    ae.load_state_dict({k[len("autoencoder.") :]: v for k, v in saved.items()})
     ae.double().eval()
     feats = {}
     net.stage3.register_forward_hook(lambda m, i, o: feats.__setitem__("f", o))
@@ -57,7 +61,13 @@ def test_recon_curve_has_a_point_per_kept_epoch_and_generation(tmp_path, capsys)
     import shutil
 
     run = tmp_path / "s"
-    sets = ["train.epochs=2", "train.max_steps_per_epoch=2", "train.keep_epochs=[1]", "generations=2", f"cache_dir={tmp_path / 'cache'}"]
+    sets = [
+        "train.epochs=2",
+        "train.max_steps_per_epoch=2",
+        "train.keep_epochs=[1]",
+        "generations=2",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
     pipeline.run(load_recipe(ROOT / "recipes/digits/sfeed.yaml", sets), run, quiet=True)
     assert main(["analyze", "recon", str(run), "--epochs", "1", "--curve"]) == 0
     result = json.loads((run / "recon.json").read_text())

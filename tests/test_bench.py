@@ -7,19 +7,55 @@ import json
 import pytest
 import torch
 
-from kdlab.tools import bench
 from kdlab.cli import main
 from kdlab.data import DeviceLoader, default_augment
+from kdlab.tools import bench
 
 
 def test_bench_smoke_writes_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--device", "cpu", "--pairs", "smallcnn_wide:smallcnn", "--methods", "kd", "--steps", "2",
-                 "--warmup", "1", "--batch-size", "16", "--workers", "0", "--quiet", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--pairs",
+            "smallcnn_wide:smallcnn",
+            "--methods",
+            "kd",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "16",
+            "--workers",
+            "0",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
-    for key in ("date", "command", "device", "device_type", "torch", "kdlab", "cpu_count", "load_average_before",
-                "load_average_after", "batch_size", "steps", "warmup", "data", "modes", "results", "summary"):
+    for key in (
+        "date",
+        "command",
+        "device",
+        "device_type",
+        "torch",
+        "kdlab",
+        "cpu_count",
+        "load_average_before",
+        "load_average_after",
+        "batch_size",
+        "steps",
+        "warmup",
+        "data",
+        "modes",
+        "results",
+        "summary",
+    ):
         assert key in report, key
     assert report["device_type"] == "cpu" and report["batch_size"] == 16 and report["steps"] == 2
     assert "synthetic" in report["data"]
@@ -41,12 +77,29 @@ def test_bench_smoke_writes_every_field(tmp_path, capsys):
 
 def test_table_shows_the_spread_of_repeats(capsys):
     def row(mode, runs, ratio):
-        return {"pair": "a:b", "task": "kd", "mode": mode, "images_per_s": sorted(runs)[len(runs) // 2],
-                "images_per_s_runs": runs, "ratio_to_reference": ratio, "peak_memory_mib": 10.0, "options": mode}
+        return {
+            "pair": "a:b",
+            "task": "kd",
+            "mode": mode,
+            "images_per_s": sorted(runs)[len(runs) // 2],
+            "images_per_s_runs": runs,
+            "ratio_to_reference": ratio,
+            "peak_memory_mib": 10.0,
+            "options": mode,
+        }
 
-    report = {"device": "cpu", "device_type": "cpu", "batch_size": 8, "steps": 3, "warmup": 1, "repeats": 3,
-              "load_average_before": [0.0], "load_average_after": [0.0], "data": "synthetic",
-              "results": [row("reference", [90.0, 100.0, 120.0], 1.0), row("kdlab", [130.0, 150.0, 171.0], 1.5)]}
+    report = {
+        "device": "cpu",
+        "device_type": "cpu",
+        "batch_size": 8,
+        "steps": 3,
+        "warmup": 1,
+        "repeats": 3,
+        "load_average_before": [0.0],
+        "load_average_after": [0.0],
+        "data": "synthetic",
+        "results": [row("reference", [90.0, 100.0, 120.0], 1.0), row("kdlab", [130.0, 150.0, 171.0], 1.5)],
+    }
     bench.print_table(report)
     out = capsys.readouterr().out
     assert "min-max" in out and "90-120" in out and "130-171" in out
@@ -64,7 +117,9 @@ def test_bench_rejects_bad_input_with_one_line(capsys):
     assert main(["bench", "--device", "cpu", "--pairs", "resnet56-resnet20"]) == 2
     assert main(["bench", "--device", "cpu", "--pairs", "resnet56:resnet2O"]) == 2
     assert main(["bench", "--device", "cpu", "--methods", "kd,srd"]) == 2
-    assert main(["bench", "--device", "cpu", "--steps", "0", "--pairs", "smallcnn_wide:smallcnn", "--methods", "kd"]) == 2
+    assert (
+        main(["bench", "--device", "cpu", "--steps", "0", "--pairs", "smallcnn_wide:smallcnn", "--methods", "kd"]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("kdlab: error: ") for line in err)
     assert "TEACHER:STUDENT" in err[0] and "resnet2O" in err[1] and "srd" in err[2]
@@ -124,8 +179,8 @@ def test_hand_written_losses_equal_the_distillers(method):
     torch.manual_seed(5)
     expected, _, _ = distiller(x, y, progress=100.0, indices=idx)  # past DKD's warm-up: the full term
     translators = list(distiller.terms["feed"].translators) if method == "pfeed2" else []
-    s_hooks = bench.Hooks(student, bench._stage_names(student, method))
-    t_hooks = [bench.Hooks(t, bench._stage_names(t, method)) for t in teachers]
+    s_hooks = bench.HandFeatureHooks(student, bench._stage_names(student, method))
+    t_hooks = [bench.HandFeatureHooks(t, bench._stage_names(t, method)) for t in teachers]
     with torch.no_grad():
         t_logits = [t(x) for t in teachers]
     t_feats = [h.take() for h in t_hooks]

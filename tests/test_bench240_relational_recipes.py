@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kdlab import models
-from kdlab.config import load_recipe
 from kdlab.distiller import Distiller
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes" / "cifar100" / "bench240"
 NAMES = ("sp", "cc", "vid", "rkd", "pkt", "ab", "fsp", "ofd", "dist", "kd_ls")
@@ -18,10 +18,17 @@ RECIPES = sorted(p for p in ROOT.glob("*/*.yaml") if p.stem in NAMES)
 
 def test_every_benchmark_pair_has_the_new_methods():
     pairs = {p.parent.name for p in RECIPES}
-    assert pairs == {"resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "vgg13_vgg8", "resnet32x4_shufflev2"}
+    assert pairs == {
+        "resnet56_resnet20",
+        "resnet110_resnet32",
+        "resnet32x4_resnet8x4",
+        "vgg13_vgg8",
+        "resnet32x4_shufflev2",
+    }
     for pair in pairs:
         have = {p.stem for p in RECIPES if p.parent.name == pair}
-        # FSP needs equal channel counts, which shufflev2 and resnet32x4 do not share (no FSP cell in RepDistiller either)
+        # FSP needs equal channel counts, which shufflev2 and resnet32x4 do not share
+        # (no FSP cell in RepDistiller either)
         assert have == set(NAMES) - ({"fsp"} if pair.endswith("shufflev2") else set()), pair
 
 
@@ -38,7 +45,7 @@ def test_recipe_takes_one_real_shape_step(path):
     loss, _, values = d(x, y)
     assert torch.isfinite(loss)
     for name, term in d.terms.items():
-        if getattr(term, "active_in_main", True):
+        if term.active_in_main:
             assert name in values
         else:  # a two-stage method: the initialisation stage's loss on the same shapes
             stage_loss = term(d.outputs(x, y))

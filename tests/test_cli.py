@@ -6,15 +6,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import refused, sets
 
 from kdlab import models
 from kdlab.cli import main
-from kdlab.config import load_recipe
 from kdlab.methods import METHODS
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 KD = str(ROOT / "recipes" / "digits" / "kd.yaml")
 QUICK = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--quiet"]
+QUICK2 = ["--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=2", "--quiet"]  # two epochs
+DIGITS = ROOT / "recipes" / "digits"
 
 
 def test_models_lists_every_registered_name(capsys):
@@ -26,8 +29,22 @@ def test_methods_lists_every_method_of_the_papers(capsys):
     assert main(["methods"]) == 0
     first_column = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert first_column == list(METHODS)
-    for name in ("vanilla", "kd", "ensemble_kd", "fitnet", "at", "nst", "lp", "ft", "pfeed", "sfeed", "ban",
-                 "tfkd_self", "tfkd_reg", "lsr"):
+    for name in (
+        "vanilla",
+        "kd",
+        "ensemble_kd",
+        "fitnet",
+        "at",
+        "nst",
+        "lp",
+        "ft",
+        "pfeed",
+        "sfeed",
+        "ban",
+        "tfkd_self",
+        "tfkd_reg",
+        "lsr",
+    ):
         assert name in first_column
 
 
@@ -77,7 +94,9 @@ def test_method_without_its_term_is_refused(tmp_path, capsys):
 
 def test_wrong_layer_name_is_named_before_training(tmp_path, capsys):
     at = str(ROOT / "recipes" / "digits" / "at.yaml")
-    assert main(["train", at, "--out", str(tmp_path / "r"), *QUICK, "--set", "loss.terms.at.student_layers=[stage7]"]) == 2
+    assert (
+        main(["train", at, "--out", str(tmp_path / "r"), *QUICK, "--set", "loss.terms.at.student_layers=[stage7]"]) == 2
+    )
     err = capsys.readouterr().err
     assert "stage7" in err and "Valid" in err
     assert not (tmp_path / "r" / "result.json").exists()
@@ -107,7 +126,70 @@ def test_console_script_module_entry_runs():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("raw, expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on"), ("no", "off")])
+@pytest.mark.parametrize(
+    "raw, expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on"), ("no", "off")]
+)
 def test_channels_last_takes_yaml_on_off(raw, expected):
     # YAML reads a bare on/off/true/no as a boolean
     assert load_recipe(Path(KD), [f"train.channels_last={raw}"]).train.channels_last == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# Every bad value is one line and exit code 2, before anything trains
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1"])
+def test_out_of_range_seed_is_one_line_and_nothing_trains(tmp_path, capsys, seed):
+    out = tmp_path / "run"
+    refused(capsys, ["train", KD, "--out", str(out), "--seed", seed, *QUICK2], "seed")
+    assert not out.exists()  # not even the teacher of kd.yaml
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--workers", "-1"],
+        ["bench", "--steps", "99999999999999999999"],
+        ["analyze", "recon", "run", "--rate", "nan"],
+        ["analyze", "recon", "run", "--lr", "inf"],
+        ["export", "run", "--out", "s.onnx", "--image-size", "0"],
+    ],
+)
+def test_bad_numbers_of_every_command_are_one_line(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("kdlab: error: argument --"), err
+
+
+@pytest.mark.parametrize("option, value", [("--seeds", "99999999999999999999"), ("--jobs", "99999999999999999999")])
+def test_huge_reproduce_counts_are_one_line(tmp_path, capsys, option, value):
+    refused(capsys, ["reproduce", "t.yaml", option, value, "--out", str(tmp_path / "out")], f"{option} must be at most")
+    assert not (tmp_path / "out").exists()
+
+
+def test_student_protocol_is_checked_before_the_teacher_trains(tmp_path, capsys):
+    """The teacher's own batch fits the data; the student's does not: refused before the teacher trains."""
+    out = tmp_path / "run"
+    refused(
+        capsys,
+        ["train", KD, "--out", str(out), *QUICK2, *sets("train.batch_size=5000", "teachers.0.train={batch_size: 64}")],
+        "batch",
+    )
+    assert not (out / "teachers").exists()
+
+
+def test_missing_weights_of_a_second_teacher_are_named_before_the_first_trains(tmp_path, capsys):
+    out = tmp_path / "run"
+    refused(
+        capsys,
+        [
+            "train",
+            str(DIGITS / "ensemble_kd.yaml"),
+            "--out",
+            str(out),
+            *QUICK2,
+            *sets(f"teachers.1.weights={tmp_path / 'nowhere.safetensors'}"),
+        ],
+        "nowhere.safetensors",
+    )
+    assert not (out / "teachers").exists()

@@ -15,7 +15,6 @@ import torch
 from kdlab import models
 from kdlab.config import LossConfig
 from kdlab.distiller import Distiller
-from kdlab.losses.base import Outputs
 from kdlab.losses.crd import contrast_scores, nce_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,15 +109,31 @@ def test_crd_without_indices_or_bank_is_a_clear_error():
 
 
 def _kdlab(*args):
-    return subprocess.Popen([sys.executable, "-m", "kdlab", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdlab", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_killed_crd_run_resumes_bit_identical_with_its_bank(tmp_path):
     from kdlab import checkpoint
 
-    args = ["train", "recipes/digits/crd.yaml", "--set", "train.epochs=4", "--set", "train.max_steps_per_epoch=5",
-            "--set", "loss.terms.crd.nce_k=256", "--set", f"cache_dir={tmp_path / 'cache'}", "--quiet"]
+    args = [
+        "train",
+        "recipes/digits/crd.yaml",
+        "--set",
+        "train.epochs=4",
+        "--set",
+        "train.max_steps_per_epoch=5",
+        "--set",
+        "loss.terms.crd.nce_k=256",
+        "--set",
+        f"cache_dir={tmp_path / 'cache'}",
+        "--quiet",
+    ]
     ref = _kdlab(*args, "--out", str(tmp_path / "ref"))
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
     run = tmp_path / "killed"

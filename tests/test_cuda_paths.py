@@ -8,20 +8,20 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_distributed import free_port
+from test_fast import small_teacher
+from test_train import RECIPES
 from torch import nn
 
-from kdlab import distributed, models, pipeline, train
-from kdlab.config import LossConfig, TrainConfig, load_recipe
+from kdlab import compute, distributed, models, optim, pipeline, sync_bn, train, train_state
+from kdlab.config import LossConfig, TrainConfig
 from kdlab.data import AugmentSpec, DeviceLoader, load_dataset
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError
 from kdlab.fast import teacher_cache as tc
 from kdlab.fast.graph_step import GraphStep, RerunGraphs
 from kdlab.fast.teacher_cache import CacheTooLarge, TeacherCache
-
-from test_distributed import free_port
-from test_fast import small_teacher
-from test_train import RECIPES
+from kdlab.recipe_files import load_recipe
 
 KD = LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4}})
 
@@ -36,7 +36,7 @@ def distiller_and_optimizer(digits, cfg: TrainConfig):
     student = models.create("smallcnn", num_classes=10, in_chans=1)
     distiller = Distiller(student, [small_teacher()], KD)
     distiller.build(digits.images[:4].float() / 255, digits.labels[:4])
-    return distiller, train.make_optimizer(distiller, cfg, torch.device("cpu"))
+    return distiller, optim.make_optimizer(distiller, cfg, torch.device("cpu"))
 
 
 def batches(digits, sizes: list[int]):
@@ -55,10 +55,14 @@ def run_steps(digits, sizes: list[int], capture: bool, cache: bool = False):
     """Weights after every step, every step's outputs, and the step and its graphs."""
     cfg = TrainConfig(lr=0.1, device="cpu", nesterov=True, grad_clip=5.0)
     distiller, opt = distiller_and_optimizer(digits, cfg)
-    teacher_cache = TeacherCache.build(distiller.teachers, digits, AugmentSpec(crop_pad=1), "cpu", 16) if cache else None
+    teacher_cache = (
+        TeacherCache.build(distiller.teachers, digits, AugmentSpec(crop_pad=1), "cpu", 16) if cache else None
+    )
     graphs = RerunGraphs([distiller]) if capture else None
     forward = lambda x, y, tl: distiller(x, y, teacher_logits=tl)  # noqa: E731
-    step = GraphStep(forward, opt, "cpu", teacher_cache=teacher_cache, capture=capture, graphs=graphs, grad_clip=cfg.grad_clip)
+    step = GraphStep(
+        forward, opt, "cpu", teacher_cache=teacher_cache, capture=capture, graphs=graphs, grad_clip=cfg.grad_clip
+    )
     weights, outputs = [], []
     for i, (x, y, index, view) in enumerate(batches(digits, sizes)):
         outputs.append(step(x, y, 0.1 / (1 + i), index, view))
@@ -108,11 +112,14 @@ def test_fit_with_a_captured_graph_step_trains_like_the_plain_trainer(digits, tm
 
 
 def test_autocast_cache_is_off_inside_the_graph_step(digits, tmp_path):
-    cfg = TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=2, device="cpu", amp="bf16", fast={"graph_step": True})
+    cfg = TrainConfig(
+        epochs=1, batch_size=32, max_steps_per_epoch=2, device="cpu", amp="bf16", fast={"graph_step": True}
+    )
     distiller, _ = distiller_and_optimizer(digits, cfg)
     seen = []
-    distiller.student.register_forward_pre_hook(lambda *_: seen.append((torch.is_autocast_enabled("cpu"),
-                                                                         torch.is_autocast_cache_enabled())))
+    distiller.student.register_forward_pre_hook(
+        lambda *_: seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+    )
     loader = DeviceLoader(digits, cfg.batch_size, train=True, augment=AugmentSpec(crop_pad=1), seed=0)
     train.fit(distiller, loader, None, cfg, tmp_path, lambda _m: None)
     assert seen and all(seen_ == (True, False) for seen_ in seen), seen
@@ -130,11 +137,13 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 def test_cuda_graph_under_torchrun_is_refused_before_training():
     cfg = TrainConfig(fast={"graph_step": True})
     with pytest.raises(ConfigError) as e:
-        train.check_device_options(cfg, "cuda", world=2)
+        compute.check_device_options(cfg, "cuda", world=2)
     assert one_line(e).startswith("train.fast.cuda_graph: capturing the step as a CUDA graph under torchrun")
-    train.check_device_options(cfg, "cuda", world=1)
-    train.check_device_options(cfg, "cpu", world=2)  # eager on the CPU: nothing is captured
-    train.check_device_options(cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"cuda_graph": False})}), "cuda", 2)
+    compute.check_device_options(cfg, "cuda", world=1)
+    compute.check_device_options(cfg, "cpu", world=2)  # eager on the CPU: nothing is captured
+    compute.check_device_options(
+        cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"cuda_graph": False})}), "cuda", 2
+    )
 
     fast = load_recipe(RECIPES.parent / "cifar100" / "fast" / "resnet32x4_resnet8x4_kd_b512.yaml")
     pipeline.check_run_options(fast, world=1, cuda=True)
@@ -149,17 +158,20 @@ def test_cuda_graph_under_torchrun_is_refused_before_training():
 def test_a_disk_teacher_cache_inside_a_capture_is_refused(digits, tmp_path):
     cfg = TrainConfig(teacher_cache=True, fast={"graph_step": True, "cache_storage": "disk"})
     with pytest.raises(ConfigError) as e:
-        train.check_device_options(cfg, "cuda", world=1)
+        compute.check_device_options(cfg, "cuda", world=1)
     assert one_line(e).startswith("train.fast.cache_storage: a disk table is gathered on the host")
-    train.check_device_options(cfg, "cpu", world=1)
+    compute.check_device_options(cfg, "cpu", world=1)
     auto = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"cache_storage": "auto"})})
-    train.check_device_options(auto, "cuda", world=1)
+    compute.check_device_options(auto, "cuda", world=1)
 
     distiller, opt = distiller_and_optimizer(digits, cfg)
-    cache = TeacherCache.build(distiller.teachers, digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk",
-                               cache_dir=tmp_path)
+    cache = TeacherCache.build(
+        distiller.teachers, digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk", cache_dir=tmp_path
+    )
     forward = lambda x, y, tl: distiller(x, y, teacher_logits=tl)  # noqa: E731
-    with pytest.raises(ConfigError, match="^train.fast.cache_storage: a CUDA graph needs the teacher cache in device memory"):
+    with pytest.raises(
+        ConfigError, match="^train.fast.cache_storage: a CUDA graph needs the teacher cache in device memory"
+    ):
         GraphStep(forward, opt, "cpu", teacher_cache=cache, capture=True, graphs=RerunGraphs([distiller]))
     GraphStep(forward, opt, "cpu", teacher_cache=cache, capture=False)  # eager: a gather on the host is allowed
 
@@ -171,11 +183,15 @@ def test_a_teacher_cache_that_does_not_fit_is_refused_before_it_is_computed(digi
     monkeypatch.setattr(tc, "build_table", never)
     teacher = small_teacher()
     shape_bytes = 96 * 18 * 10 * 4  # images x views x classes x float32
-    monkeypatch.setattr(tc, "free_bytes", lambda where, device, cache_dir: shape_bytes if where == "device" else 1 << 40)
+    monkeypatch.setattr(
+        tc, "free_bytes", lambda where, device, cache_dir: shape_bytes if where == "device" else 1 << 40
+    )
     with pytest.raises(CacheTooLarge) as e:  # 75% of the free memory at most
         TeacherCache.build([teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="device")
     assert one_line(e).startswith("train.fast.cache_storage: the teacher logit tables need 0.00 GiB of cpu memory")
-    monkeypatch.setattr(tc, "free_bytes", lambda where, device, cache_dir: shape_bytes - 1 if where == "disk" else 1 << 40)
+    monkeypatch.setattr(
+        tc, "free_bytes", lambda where, device, cache_dir: shape_bytes - 1 if where == "disk" else 1 << 40
+    )
     with pytest.raises(CacheTooLarge, match="^train.teacher_cache: the teacher logit tables need .* on disk"):
         TeacherCache.build([teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk", cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())
@@ -193,7 +209,9 @@ def test_a_disk_table_is_computed_straight_into_its_file(digits, tmp_path, monke
 
     monkeypatch.setattr(tc, "build_table", spy)
     teacher = small_teacher()
-    cache = TeacherCache.build([teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk", cache_dir=tmp_path)
+    cache = TeacherCache.build(
+        [teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk", cache_dir=tmp_path
+    )
     assert seen["shares_file"] and seen["file"][0][1] == 96 * 18 * 10 * 4, seen
     monkeypatch.setattr(tc, "build_table", real)
     reference = TeacherCache.build([teacher], digits, AugmentSpec(crop_pad=1), "cpu", 16, storage="device")
@@ -201,14 +219,28 @@ def test_a_disk_table_is_computed_straight_into_its_file(digits, tmp_path, monke
 
 
 def _cache_rank(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **{distributed.ENV_TIMEOUT: "60"})
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **{distributed.ENV_TIMEOUT: "60"},
+    )
     torch.set_num_threads(1)
     data = load_dataset("digits", split="train").subset(slice(0, 48))
     lines = []
     with distributed.session("cpu"):
-        cache = TeacherCache.build([small_teacher()], data, AugmentSpec(crop_pad=1), "cpu", 16, storage="disk",
-                                   cache_dir=os.path.join(folder, "logits"), log=lines.append)
+        cache = TeacherCache.build(
+            [small_teacher()],
+            data,
+            AugmentSpec(crop_pad=1),
+            "cpu",
+            16,
+            storage="disk",
+            cache_dir=os.path.join(folder, "logits"),
+            log=lines.append,
+        )
         torch.save(cache.tables[0].logits.clone(), os.path.join(folder, f"table{rank}.pt"))
     with open(os.path.join(folder, f"log{rank}.txt"), "w") as f:
         f.write("\n".join(lines))
@@ -221,14 +253,14 @@ def test_torchrun_ranks_build_the_teacher_cache_once(tmp_path):
     assert torch.equal(torch.load(tmp_path / "table0.pt"), torch.load(tmp_path / "table1.pt"))
 
 
-# ------------------------------------------------------------------------------------------ CUDA-only code made CPU-testable
+# ------------------------------------------------------------------------ CUDA-only code made CPU-testable
 
 
 def test_sync_bn_on_cuda_is_the_global_batchnorm_the_cpu_tests_check():
     model = models.create("resnet8", num_classes=10)
-    converted = distributed.convert_sync_batchnorm(model, torch.device("cuda"))
+    converted = sync_bn.convert_sync_batchnorm(model, torch.device("cuda"))
     bns = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert bns and all(type(m) is distributed.GlobalBatchNorm for m in bns)
+    assert bns and all(type(m) is sync_bn.GlobalBatchNorm for m in bns)
 
 
 def test_global_batchnorm_copies_nothing_from_the_host(monkeypatch):
@@ -241,7 +273,7 @@ def test_global_batchnorm_copies_nothing_from_the_host(monkeypatch):
 
     torch.manual_seed(0)
     plain = nn.BatchNorm2d(3)
-    bn = distributed.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cuda"))[0]
+    bn = sync_bn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cuda"))[0]
     x = torch.randn(4, 3, 5, 5)
     monkeypatch.setattr(torch.Tensor, "new_tensor", host_copy)
     torch.testing.assert_close(bn(x), plain(x), atol=1e-5, rtol=0)
@@ -257,13 +289,13 @@ def test_checkpoint_keeps_the_cuda_rng_and_the_parameters_layout(tmp_path, monke
     torch.manual_seed(0)
     model = models.create("resnet8", num_classes=10).to(memory_format=torch.channels_last)
     cfg = TrainConfig(device="cpu")
-    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+    opt = optim.make_optimizer(model, cfg, torch.device("cpu"))
     model(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
     opt.step()
-    train.save_checkpoint(tmp_path, model, opt, train.TrainState(epoch=1), cuda)
+    train_state.save_checkpoint(tmp_path, model, opt, train_state.TrainState(epoch=1), cuda)
 
-    fresh = train.make_optimizer(model, cfg, torch.device("cpu"))
-    assert train.load_checkpoint(tmp_path, model, fresh, lambda _m: None, cuda).epoch == 1
+    fresh = optim.make_optimizer(model, cfg, torch.device("cpu"))
+    assert train_state.load_checkpoint(tmp_path, model, fresh, lambda _m: None, cuda).epoch == 1
     assert len(restored) == 1 and torch.equal(restored[0], cuda_state)  # dropout on CUDA resumes exactly
     convs = [p for p in model.parameters() if p.dim() == 4]
     for p in convs:  # momentum laid out like its channels_last parameter: foreach keeps its fast path
@@ -277,12 +309,12 @@ def test_amp_off_on_cuda_is_fp32_without_tf32_and_cudnn_autotunes(monkeypatch):
     monkeypatch.setattr(cudnn, "allow_tf32", True)
     before = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
     cuda = torch.device("cuda")
-    with train.cuda_numerics(TrainConfig(amp="off"), cuda):
+    with compute.cuda_numerics(TrainConfig(amp="off"), cuda):
         assert cudnn.benchmark and not cudnn.allow_tf32 and not matmul.allow_tf32
     assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
-    with train.cuda_numerics(TrainConfig(amp="auto"), cuda):  # bf16: TF32 changes nothing that matters
+    with compute.cuda_numerics(TrainConfig(amp="auto"), cuda):  # bf16: TF32 changes nothing that matters
         assert cudnn.benchmark and cudnn.allow_tf32
-    with train.cuda_numerics(TrainConfig(amp="off"), torch.device("cpu")):
+    with compute.cuda_numerics(TrainConfig(amp="off"), torch.device("cpu")):
         assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
 
 
@@ -293,7 +325,9 @@ def test_evaluation_copies_nothing_from_the_host_per_batch(digits, monkeypatch):
 
     def no_device_copy(*a, **k):
         if "device" in k:
-            raise AssertionError("torch.tensor(..., device=...) in the evaluation loop: a host-to-device copy per batch")
+            raise AssertionError(
+                "torch.tensor(..., device=...) in the evaluation loop: a host-to-device copy per batch"
+            )
         return real(*a, **k)
 
     monkeypatch.setattr(torch, "tensor", no_device_copy)

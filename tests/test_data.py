@@ -1,4 +1,5 @@
-"""Tests of kdlab.data: readers (CIFAR pickles, ImageFolder, digits), augmentation and DeviceLoader."""
+"""Tests of kdlab.data: readers (CIFAR pickles, ImageFolder, digits), augmentation and DeviceLoader, and data
+faults named at the command line."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import os
 import pickle
 import re
 import tarfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import ok, refused, sets
 
+from kdlab.cli import main
 from kdlab.data import (
     DATASETS,
     ArrayDataset,
@@ -33,6 +37,9 @@ from kdlab.data.digits import digits_split_indices
 from kdlab.errors import ConfigError, DataError
 
 CIFAR100_DIR = Path(__file__).resolve().parents[2] / "shared/data/cifar100"
+ROOT = Path(__file__).resolve().parents[1]
+VANILLA = str(ROOT / "recipes" / "digits" / "vanilla.yaml")
+TINY = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=1", "--quiet"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,8 +89,10 @@ def _c10_objects(per_batch=12, seed=1):
         }
     objs["batches.meta"] = {
         b"num_cases_per_batch": per_batch,
-        b"label_names": [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer",
-                                              "dog", "frog", "horse", "ship", "truck")],
+        b"label_names": [
+            n.encode()
+            for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+        ],
         b"num_vis": 3072,
     }
     return objs
@@ -235,8 +244,7 @@ def test_cifar_garbage_pickle(tmp_path):
     del objs["train"]
     root = _write_folder(tmp_path, "cifar-100-python", objs, raw={"train": garbage})
     _raises_data_error(str(root / "train"), load_dataset, "cifar100", root=root)
-    tar = _write_tar(tmp_path / "t" / "cifar-100-python.tar.gz", "cifar-100-python", objs,
-                     raw={"train": garbage})
+    tar = _write_tar(tmp_path / "t" / "cifar-100-python.tar.gz", "cifar-100-python", objs, raw={"train": garbage})
     err = _raises_data_error(str(tar), load_dataset, "cifar100", root=tar)
     assert "cifar-100-python/train" in str(err)
     # A valid pickle cut short is also reported, not raised as EOFError/UnpicklingError.
@@ -286,8 +294,7 @@ def test_cifar_forbidden_global_refused(tmp_path, which, container):
         root = _write_folder(tmp_path, "cifar-100-python", objs, raw={"train": payload})
         name = str(root / "train")
     else:
-        root = _write_tar(tmp_path / "cifar-100-python.tar.gz", "cifar-100-python", objs,
-                          raw={"train": payload})
+        root = _write_tar(tmp_path / "cifar-100-python.tar.gz", "cifar-100-python", objs, raw={"train": payload})
         name = f"{root}:cifar-100-python/train"
     err = _raises_data_error(name, load_dataset, "cifar100", root=root)
     assert which in str(err)
@@ -415,8 +422,11 @@ def _image_tree(root: Path, test_name="test"):
     from PIL import Image
 
     rng = np.random.default_rng(3)
-    spec = {"b_cat": [(".png", (20, 12)), (".jpg", (9, 9))], "a_dog": [(".PNG", (16, 16))],
-            "c_fish": [(".bmp", (30, 18)), (".jpeg", (16, 16)), (".png", (5, 7))]}
+    spec = {
+        "b_cat": [(".png", (20, 12)), (".jpg", (9, 9))],
+        "a_dog": [(".PNG", (16, 16))],
+        "c_fish": [(".bmp", (30, 18)), (".jpeg", (16, 16)), (".png", (5, 7))],
+    }
     arrays = {}
     for split in ("train", test_name):
         for cls, files in spec.items():
@@ -429,7 +439,9 @@ def _image_tree(root: Path, test_name="test"):
                 arrays[p] = arr
             (d / "notes.txt").write_text("not an image")
     # one grey-scale image: converted to RGB
-    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(root / "train" / "a_dog" / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(
+        root / "train" / "a_dog" / "grey.png"
+    )
     return arrays
 
 
@@ -450,7 +462,9 @@ def test_imagefolder_loads_sorted_classes_resized(tmp_path):
     assert torch.equal(ds.images[2], torch.from_numpy(ref).permute(2, 0, 1))
     mean = ds.images.double().div(255).mean(dim=(0, 2, 3))
     assert np.allclose(ds.mean, mean.numpy(), atol=1e-9)
-    assert np.allclose(ds.std, ds.images.double().div(255).permute(1, 0, 2, 3).reshape(3, -1).std(1, correction=0).numpy())
+    assert np.allclose(
+        ds.std, ds.images.double().div(255).permute(1, 0, 2, 3).reshape(3, -1).std(1, correction=0).numpy()
+    )
     test = load_dataset("imagefolder", root=tmp_path, split="test", image_size=16)
     assert test.images.shape == (6, 3, 16, 16) and test.mean == ds.mean and test.std == ds.std
     assert test.labels.tolist() == [0, 1, 1, 2, 2, 2]
@@ -714,7 +728,7 @@ def test_augmented_batches_match_naive_views():
     loader = DeviceLoader(ds, batch_size=16, train=True, augment=spec, seed=7)
     loader.set_epoch(2)
     views_seen = []
-    for x, y, idx, view in loader.iter_batches(with_meta=True):
+    for x, _y, idx, view in loader.iter_batches(with_meta=True):
         dx, dy, flip = view_from_index(view, 2)
         crops = _naive_views(ds.images[idx].numpy(), dx.tolist(), dy.tolist(), flip.tolist(), 2)
         assert np.allclose(x.numpy(), _naive_normalise(crops, ds.mean, ds.std), atol=1e-5)
@@ -773,13 +787,13 @@ def test_shards_disjoint_equal_and_cover_the_epoch():
         # strided per step: rank r's step-i batch is positions [i*G + r*B, i*G + (r+1)*B) of the permutation
         for step, (_, _, bidx, _) in enumerate(got):
             lo = step * glob + rank * per_rank
-            assert bidx.tolist() == order[lo:lo + per_rank].tolist(), (rank, step)
+            assert bidx.tolist() == order[lo : lo + per_rank].tolist(), (rank, step)
         shards.append(got)
     allidx = torch.cat([m[2] for got in shards for m in got])
     assert len(allidx.unique()) == 100  # disjoint
     assert set(allidx.tolist()) == set(order[:100].tolist())  # the epoch's permutation, less its tail
     # the ranks' step-i batches, side by side, are one process's step-i batch of 20: same samples, same pixels
-    for step, (x, y, idx, vi) in enumerate(single):
+    for step, (x, _y, idx, vi) in enumerate(single):
         assert torch.equal(torch.cat([shards[r][step][2] for r in range(world)]), idx)
         assert torch.equal(torch.cat([shards[r][step][0] for r in range(world)]), x)
         assert torch.equal(torch.cat([shards[r][step][3] for r in range(world)]), vi)
@@ -797,11 +811,13 @@ def test_loader_rotation_applied():
     spec = AugmentSpec(rotation=30.0)
     loader = DeviceLoader(ds, batch_size=32, train=True, augment=spec, seed=0)
     order, views = loader.epoch_plan()
-    (x, _), = list(loader)
+    ((x, _),) = list(loader)
     want = rotate_batch(ds.images[order].float(), views.angle)
     want = (want / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(1, 3, 1, 1)
     assert torch.allclose(x, want, atol=1e-5)
-    plain = (ds.images[order].float() / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(1, 3, 1, 1)
+    plain = (ds.images[order].float() / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(
+        1, 3, 1, 1
+    )
     assert not torch.allclose(x, plain)
 
 
@@ -845,3 +861,178 @@ def test_real_cifar100(tmp_path):
     assert len(train.class_names) == 100 and train.class_names[0] == "apple"
     mean = train.images.double().div(255).mean(dim=(0, 2, 3))
     assert torch.allclose(mean, torch.tensor(CIFAR100_MEAN, dtype=torch.float64), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Data faults named at the command line
+# --------------------------------------------------------------------------------------------
+
+
+def _cifar100_objects(n_train=40, n_test=20):
+    rng = np.random.default_rng(0)
+    objs = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        fine = [int(v) for v in rng.integers(0, 100, n)]
+        objs[split] = {
+            b"fine_labels": fine,
+            b"coarse_labels": [v // 5 for v in fine],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"batch_label": b"x",
+        }
+    objs["meta"] = {
+        b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"s{i}".encode() for i in range(20)],
+    }
+    return objs
+
+
+def _cifar_folder(parent: Path, objs: dict) -> Path:
+    folder = parent / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, obj in objs.items():
+        (folder / name).write_bytes(pickle.dumps(obj, protocol=3))
+    return folder
+
+
+def _cifar_tar(path: Path, objs: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        for name, obj in objs.items():
+            data = pickle.dumps(obj, protocol=3)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_cifar_faults_are_named_at_the_cli(tmp_path, capsys):
+    def train_on(root, *names):
+        out = tmp_path / f"out_{uuid.uuid4().hex[:6]}"
+        refused(
+            capsys,
+            [
+                "train",
+                VANILLA,
+                "--out",
+                str(out),
+                *TINY,
+                *sets("data.name=cifar100", f"data.root={root}", "train.batch_size=16"),
+            ],
+            *names,
+        )
+        assert not (out / "result.json").exists()
+
+    good = _cifar100_objects()
+    assert (
+        main(
+            [
+                "train",
+                VANILLA,
+                "--out",
+                str(tmp_path / "control"),
+                *TINY,
+                *sets(
+                    "data.name=cifar100", f"data.root={_cifar_folder(tmp_path / 'good', good)}", "train.batch_size=16"
+                ),
+            ]
+        )
+        == 0
+    )  # control
+    capsys.readouterr()
+    tar = _cifar_tar(tmp_path / "cut" / "cifar-100-python.tar.gz", good)
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    train_on(tar, tar)
+    shapes = _cifar100_objects()
+    shapes["train"][b"data"] = shapes["train"][b"data"][:, :3000]
+    train_on(_cifar_folder(tmp_path / "shape", shapes), tmp_path / "shape" / "cifar-100-python" / "train", "3072")
+    labels = _cifar100_objects()
+    labels["test"][b"fine_labels"][3] = 100
+    train_on(_cifar_folder(tmp_path / "labels", labels), tmp_path / "labels" / "cifar-100-python" / "test", "label 100")
+    train_on(tmp_path / "nowhere", tmp_path / "nowhere")
+
+
+def test_empty_class_folder_is_named_at_the_cli(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / cls / f"{i}.png")
+    (root / "train" / "emu").mkdir()
+    out = tmp_path / "out"
+    refused(
+        capsys,
+        [
+            "train",
+            VANILLA,
+            "--out",
+            str(out),
+            *TINY,
+            *sets("data.name=imagefolder", f"data.root={root}", "data.image_size=8", "train.batch_size=2"),
+        ],
+        root / "train" / "emu",
+    )
+    assert not (out / "result.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# ImageFolder: unreadable files skipped and counted on request; 16-bit PNGs scaled
+# --------------------------------------------------------------------------------------------
+
+
+def _folder(root: Path, broken: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    for i in range(broken):
+        (root / "train" / "a" / f"broken{i}.png").write_bytes(b"not a png")
+    return root
+
+
+def test_unreadable_images_are_skipped_and_counted_when_asked(tmp_path, capsys):
+    from kdlab.data import load_dataset
+    from kdlab.errors import DataError
+
+    root = _folder(tmp_path / "imgs", broken=2)
+    with pytest.raises(DataError, match="broken0.png: unreadable.*skip_unreadable"):
+        load_dataset("imagefolder", root, split="train", image_size=8)
+    ds = load_dataset("imagefolder", root, split="train", image_size=8, skip_unreadable=True)
+    assert len(ds.labels) == 6 and len(ds.skipped) == 2 and "broken0.png" in ds.skipped[0]
+    ok(
+        capsys,
+        [
+            "train",
+            VANILLA,
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.batch_size=2",
+            *sets("data.name=imagefolder", f"data.root={root}", "data.image_size=8", "data.skip_unreadable=true"),
+        ],
+    )
+    assert "2 unreadable file(s) left out of train" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from kdlab.data.imagefolder import _read_image
+
+    values = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1000).astype(np.uint16)  # 0 .. 63000
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    arr = _read_image(path, 8)
+    assert arr.shape == (3, 8, 8) and (arr[0] == arr[1]).all() and (arr[0] == arr[2]).all()
+    assert np.abs(arr[0].astype(float) - values / 257.0).max() <= 0.5  # 63000 -> 245, not 255 from 256 up
+    assert arr.reshape(-1).tolist().count(255) == 0

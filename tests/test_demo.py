@@ -14,7 +14,9 @@ FLOOR = 90.0  # top-1 every digits recipe reaches in the demo; vanilla is ~96 %,
 
 def test_demo_table_shows_teacher_spread_and_deltas(tmp_path, capsys):
     out = tmp_path / "demo"
-    rows = run_demo(out, only=["kd", "vanilla"], quiet=True, overrides=["train.epochs=2", "train.max_steps_per_epoch=2"])
+    rows = run_demo(
+        out, only=["kd", "vanilla"], quiet=True, overrides=["train.epochs=2", "train.max_steps_per_epoch=2"]
+    )
     assert [(r["recipe"], r["seed"]) for r in rows] == [("vanilla", 0), ("vanilla", 1), ("vanilla", 2), ("kd", 0)]
     vanilla = [r["top1_last"] for r in rows if r["recipe"] == "vanilla"]
     mean, std = sum(vanilla) / 3, statistics.stdev(vanilla)
@@ -22,9 +24,15 @@ def test_demo_table_shows_teacher_spread_and_deltas(tmp_path, capsys):
     assert kd["delta_vs_vanilla"] == pytest.approx(kd["top1_last"] - mean)
     table = (out / "table.md").read_text()
     assert "| recipe | method | student | top-1 last | Δ vs vanilla | teacher top-1 | seconds |" in table
-    assert f"| vanilla | vanilla | smallcnn_narrow (4,370) | {mean:.2f} ± {std:.2f} (3 seeds) | 0 (baseline) | - |" in table
+    assert (
+        f"| vanilla | vanilla | smallcnn_narrow (4,370) | {mean:.2f} ± {std:.2f} (3 seeds) | 0 (baseline) | - |"
+        in table
+    )
     teacher = kd["teachers"][0]["top1_last"]
-    assert f"| kd | kd | smallcnn_narrow (4,370) | {kd['top1_last']:.2f} | {kd['top1_last'] - mean:+.2f} | {teacher:.1f} |" in table
+    assert (
+        f"| kd | kd | smallcnn_narrow (4,370) | {kd['top1_last']:.2f} | {kd['top1_last'] - mean:+.2f} | {teacher:.1f} |"
+        in table
+    )
     assert table.count("| vanilla |") == 1  # the seeds are one row
     printed = capsys.readouterr().out
     assert "Δ vs vanilla" in printed and f"{kd['top1_last'] - mean:+.2f}" in printed

@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kdlab import checkpoint, distributed, models, pipeline
-from kdlab.config import load_recipe
+from kdlab import checkpoint, distributed, models, pipeline, sync_bn
 from kdlab.errors import ConfigError
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -33,8 +33,14 @@ EPOCHS, STEPS = 4, 4
 # NCHW: oneDNN's NHWC convolutions (the CPU default) round differently with the batch size and the
 # thread count (~1e-6 per step, grown to ~2e-3 in the weights after 16 steps), which would hide the
 # exactness this test is about.
-EQUIVALENT = [f"train.epochs={EPOCHS}", f"train.max_steps_per_epoch={STEPS}", "train.batch_size=64",
-              "train.sync_bn=true", "loss.terms.lp.gather=true", "train.channels_last=off"]
+EQUIVALENT = [
+    f"train.epochs={EPOCHS}",
+    f"train.max_steps_per_epoch={STEPS}",
+    "train.batch_size=64",
+    "train.sync_bn=true",
+    "loss.terms.lp.gather=true",
+    "train.channels_last=off",
+]
 TIMEOUT = 300
 
 
@@ -45,8 +51,20 @@ def free_port() -> int:
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "kdlab", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "kdlab",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", distributed.ENV_TIMEOUT: "60"}
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
@@ -87,8 +105,14 @@ def ddp_run(tmp_path_factory, cache):
     """One uninterrupted two-rank LP run (its teacher trained by the same job), shared by two tests."""
     out = tmp_path_factory.mktemp("ddp") / "run"
     t0 = time.perf_counter()
-    proc = torchrun("train", str(RECIPES / "digits" / "lp.yaml"), "--out", str(out), "--quiet",
-                    *sets(EQUIVALENT + [f"cache_dir={cache}"]))
+    proc = torchrun(
+        "train",
+        str(RECIPES / "digits" / "lp.yaml"),
+        "--out",
+        str(out),
+        "--quiet",
+        *sets(EQUIVALENT + [f"cache_dir={cache}"]),
+    )
     text = finish(proc)
     assert proc.returncode == 0, text
     return out, text, time.perf_counter() - t0
@@ -100,7 +124,9 @@ def test_two_ranks_train_like_one_process_at_the_global_batch(ddp_run, tmp_path)
     pipeline.run(load_recipe(RECIPES / "digits" / "lp.yaml", EQUIVALENT), single_dir, quiet=True)  # its own teacher
 
     # the teacher was trained inside the torchrun job, distributed too (same cache key, same weights)
-    (ddp_teacher,) = Path(json.loads((out / "result.json").read_text())["teachers"][0]["source"]).glob("student.safetensors")
+    (ddp_teacher,) = Path(json.loads((out / "result.json").read_text())["teachers"][0]["source"]).glob(
+        "student.safetensors"
+    )
     (one_teacher,) = (single_dir / "teachers").glob("*/student.safetensors")
     assert ddp_teacher.parent.name == one_teacher.parent.name
     assert max_diff(weights(ddp_teacher), weights(one_teacher)) < 1e-5
@@ -145,8 +171,14 @@ def test_killed_rank_stops_the_job_and_resume_ends_like_the_uninterrupted_run(dd
     reference, _, _ = ddp_run
     run_dir = tmp_path / "killed"
     t0 = time.perf_counter()
-    proc = torchrun("train", str(RECIPES / "digits" / "lp.yaml"), "--out", str(run_dir), "--quiet",
-                    *sets(EQUIVALENT + [f"cache_dir={cache}"]))  # the teacher comes from the cache
+    proc = torchrun(
+        "train",
+        str(RECIPES / "digits" / "lp.yaml"),
+        "--out",
+        str(run_dir),
+        "--quiet",
+        *sets(EQUIVALENT + [f"cache_dir={cache}"]),
+    )  # the teacher comes from the cache
     deadline = time.time() + TIMEOUT
     while _epochs_done(run_dir) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -171,8 +203,10 @@ def test_killed_rank_stops_the_job_and_resume_ends_like_the_uninterrupted_run(dd
     a, b = weights(reference / "student.safetensors"), weights(run_dir / "student.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # gloo sums two ranks in a fixed order: bit-identical
     assert [r["epoch"] for r in metrics(run_dir)] == list(range(1, EPOCHS + 1))
-    print(f"\nkill after epoch {done}: the job exited {exit_seconds:.1f} s after the kill; "
-          f"kill + resume took {time.perf_counter() - t0:.1f} s")
+    print(
+        f"\nkill after epoch {done}: the job exited {exit_seconds:.1f} s after the kill; "
+        f"kill + resume took {time.perf_counter() - t0:.1f} s"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,17 +224,27 @@ def naive_lp(s: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
     n = s.shape[0]
     s, t = s.reshape(n, -1).double(), t.reshape(n, -1).double()
     dist_t = [[float(((t[i] - t[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
-    pairs = [(i, j) for i in range(n) for j in sorted((j for j in range(n) if j != i), key=lambda j: (dist_t[i][j], j))[:k]]
+    pairs = [
+        (i, j) for i in range(n) for j in sorted((j for j in range(n) if j != i), key=lambda j: (dist_t[i][j], j))[:k]
+    ]
     sigma2 = sum(dist_t[i][j] for i, j in pairs) / len(pairs)
     total = s.new_zeros(())
     for i, j in pairs:
-        total = total + torch.exp(torch.tensor(-dist_t[i][j] / sigma2, dtype=torch.float64)) * ((s[i] - s[j]) ** 2).sum()
+        total = (
+            total + torch.exp(torch.tensor(-dist_t[i][j] / sigma2, dtype=torch.float64)) * ((s[i] - s[j]) ** 2).sum()
+        )
     return total / (n * k)
 
 
 def _ranks_worker(rank: int, world: int, port: int, run_dir: str) -> None:
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **{distributed.ENV_TIMEOUT: "60"})
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **{distributed.ENV_TIMEOUT: "60"},
+    )
     torch.set_num_threads(1)
     from kdlab.losses.base import Outputs
     from kdlab.losses.lp import LP, LPOptions
@@ -208,14 +252,17 @@ def _ranks_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     g = torch.Generator().manual_seed(0)
     x_all = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
     coeff_all = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
-    weight, bias = torch.rand(3, generator=g, dtype=torch.float64) + 0.5, torch.randn(3, generator=g, dtype=torch.float64)
+    weight, bias = (
+        torch.rand(3, generator=g, dtype=torch.float64) + 0.5,
+        torch.randn(3, generator=g, dtype=torch.float64),
+    )
     s_all, t_all = torch.randn(8, 5, generator=g), torch.randn(8, 7, generator=g)
     rows = slice(4 * rank, 4 * rank + 4)
 
     def checks() -> None:
         # global-batch BatchNorm: this rank's rows of BatchNorm over all 8 rows, in value and gradient
-        bn = distributed.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))[0]
-        assert isinstance(bn, distributed.GlobalBatchNorm)
+        bn = sync_bn.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))[0]
+        assert isinstance(bn, sync_bn.GlobalBatchNorm)
         with torch.no_grad():
             bn.weight.copy_(weight.float())
             bn.bias.copy_(bias.float())
@@ -240,8 +287,12 @@ def _ranks_worker(rank: int, world: int, port: int, run_dir: str) -> None:
         for gather in (False, True):
             term = LP(LPOptions(k=2, gather=gather), student, [teacher])
             s = s_all[rows].clone().requires_grad_(True)
-            out = Outputs(logits=torch.zeros(4, 10), targets=torch.zeros(4, dtype=torch.long),
-                          feats={term.student_layers[0]: s}, teacher_feats=[{term.teacher_layers[0][0]: t_all[rows]}])
+            out = Outputs(
+                logits=torch.zeros(4, 10),
+                targets=torch.zeros(4, dtype=torch.long),
+                feats={term.student_layers[0]: s},
+                teacher_feats=[{term.teacher_layers[0][0]: t_all[rows]}],
+            )
             value = term(out)
             if not gather:
                 local = naive_lp(s_all[rows], t_all[rows], 2)
@@ -282,7 +333,9 @@ def test_collectives_match_naive_references_and_a_lost_peer_is_reported(tmp_path
 
 def test_global_batch_must_divide_among_the_ranks(monkeypatch):
     assert distributed.per_rank_batch(256, 8) == 32
-    with pytest.raises(ConfigError, match=r"train.batch_size=100 is the global batch and must divide evenly among the 8 ranks"):
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size=100 is the global batch and must divide evenly among the 8 ranks"
+    ):
         distributed.per_rank_batch(100, 8)
     monkeypatch.setenv(distributed.ENV_TIMEOUT, "soon")
     with pytest.raises(ConfigError, match=distributed.ENV_TIMEOUT):
@@ -311,8 +364,14 @@ def _tiny_imagefolder(root: Path, classes: int = 3, train: int = 8, val: int = 2
 def test_imagenet_recipes_smoke(tmp_path):
     root = _tiny_imagefolder(tmp_path / "imagenet")
     cache = tmp_path / "cache"
-    small = [f"data.root={root}", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=1",
-             "train.batch_size=8", f"cache_dir={cache}"]
+    small = [
+        f"data.root={root}",
+        "data.image_size=32",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        "train.batch_size=8",
+        f"cache_dir={cache}",
+    ]
     for name in ("kd", "at"):
         recipe = load_recipe(RECIPES / "imagenet" / f"{name}.yaml")
         assert (recipe.student.name, recipe.teachers[0].name) == ("resnet18_imagenet", "resnet34_imagenet")
@@ -320,7 +379,9 @@ def test_imagenet_recipes_smoke(tmp_path):
         assert (t.epochs, t.batch_size, t.lr, t.momentum, t.weight_decay) == (100, 256, 0.1, 0.9, 1e-4)
         assert (t.schedule.type, t.schedule.milestones, t.schedule.gamma) == ("multistep", [30, 60, 90], 0.1)
 
-    proc = torchrun("train", str(RECIPES / "imagenet" / "at.yaml"), "--out", str(tmp_path / "at"), "--quiet", *sets(small))
+    proc = torchrun(
+        "train", str(RECIPES / "imagenet" / "at.yaml"), "--out", str(tmp_path / "at"), "--quiet", *sets(small)
+    )
     text = finish(proc)
     assert proc.returncode == 0, text
     at = json.loads((tmp_path / "at" / "result.json").read_text())
@@ -335,8 +396,15 @@ def test_imagenet_recipes_smoke(tmp_path):
 def test_crd_two_ranks_train_like_one_process(tmp_path, cache):
     """CRD's bank is updated with every rank's samples and its negatives are drawn for the global batch from
     its own random stream, so two ranks of 32 keep the bank and the weights of one process of 64."""
-    crd = [f"train.epochs=2", "train.max_steps_per_epoch=3", "train.batch_size=64", "train.sync_bn=true",
-           "train.channels_last=off", "loss.terms.crd.nce_k=256", f"cache_dir={cache}"]
+    crd = [
+        "train.epochs=2",
+        "train.max_steps_per_epoch=3",
+        "train.batch_size=64",
+        "train.sync_bn=true",
+        "train.channels_last=off",
+        "loss.terms.crd.nce_k=256",
+        f"cache_dir={cache}",
+    ]
     out = tmp_path / "ddp"
     proc = torchrun("train", str(RECIPES / "digits" / "crd.yaml"), "--out", str(out), "--quiet", *sets(crd))
     text = finish(proc)

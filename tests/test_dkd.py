@@ -34,9 +34,14 @@ def ref_dkd(zs, zt, y, alpha, beta, T):
 @pytest.mark.parametrize("alpha, beta, T", [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0), (2.0, 0.0, 7.5)])
 def test_dkd_matches_the_equations(alpha, beta, T):
     g = torch.Generator().manual_seed(1)
-    zs, zt = 3 * torch.randn(6, 5, generator=g, dtype=torch.float64), 3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    zs, zt = (
+        3 * torch.randn(6, 5, generator=g, dtype=torch.float64),
+        3 * torch.randn(6, 5, generator=g, dtype=torch.float64),
+    )
     y = torch.tensor([0, 4, 2, 2, 1, 3])
-    assert dkd(zs, zt, y, alpha, beta, T).item() == pytest.approx(ref_dkd(zs, zt, y, alpha, beta, T), rel=1e-10, abs=1e-13)
+    assert dkd(zs, zt, y, alpha, beta, T).item() == pytest.approx(
+        ref_dkd(zs, zt, y, alpha, beta, T), rel=1e-10, abs=1e-13
+    )
 
 
 def test_dkd_with_alpha_beta_one_is_not_kd_but_both_vanish_at_equality():
@@ -67,7 +72,10 @@ def test_term_scales_by_the_warmup_and_needs_the_progress():
     from kdlab.distiller import Distiller
 
     torch.manual_seed(0)
-    student, teacher = models.create("smallcnn", num_classes=10, in_chans=1), models.create("smallcnn_wide", num_classes=10, in_chans=1)
+    student, teacher = (
+        models.create("smallcnn", num_classes=10, in_chans=1),
+        models.create("smallcnn_wide", num_classes=10, in_chans=1),
+    )
     d = Distiller(student, [teacher], LossConfig(ce=0.0, terms={"dkd": {"warmup_epochs": 4}}))
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     d.build(x, y)

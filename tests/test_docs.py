@@ -5,10 +5,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+import tomllib
 
-from kdlab.tools import docgen
 from kdlab.cli import build_parser
 from kdlab.methods import METHODS
+from kdlab.tools import docgen
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -26,7 +27,9 @@ def all_docs() -> list[Path]:
 
 
 def test_cli_reference_is_generated_from_the_current_parser():
-    assert (DOCS / "cli.md").read_text() == docgen.cli_markdown(), "docs/cli.md is stale: python -m kdlab.tools.docgen --write"
+    assert (DOCS / "cli.md").read_text() == docgen.cli_markdown(), (
+        "docs/cli.md is stale: python -m kdlab.tools.docgen --write"
+    )
 
 
 def test_every_method_has_a_current_card():
@@ -37,7 +40,9 @@ def test_every_method_has_a_current_card():
         for section in CARD_SECTIONS:
             assert section in text, f"{card.name} lacks {section}"
         assert "<!-- BEGIN generated:options -->" in text and "<!-- BEGIN generated:recipe -->" in text
-        assert docgen.refresh_card(text, name) == text, f"{card.name}: generated blocks stale: python -m kdlab.tools.docgen --write"
+        assert docgen.refresh_card(text, name) == text, (
+            f"{card.name}: generated blocks stale: python -m kdlab.tools.docgen --write"
+        )
     assert docgen.main(["--check"]) == 0
 
 
@@ -105,7 +110,33 @@ def test_local_links_resolve():
 
 def test_demo_assets_are_present_and_small():
     table = (DOCS / "assets" / "demo_table.md").read_text()
-    assert "| recipe |" in table and "| vanilla | vanilla | smallcnn_narrow" in table and "| kd | kd | smallcnn_narrow" in table
+    assert (
+        "| recipe |" in table
+        and "| vanilla | vanilla | smallcnn_narrow" in table
+        and "| kd | kd | smallcnn_narrow" in table
+    )
     assert "Δ vs vanilla" in table and "(3 seeds)" in table
     png = (DOCS / "assets" / "demo_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) < 200_000
+
+
+def test_cli_reference_expands_help_defaults():
+    text = docgen.cli_markdown()
+    assert "%(" not in text and "TEACHER:STUDENT,... (default: resnet56:resnet20,resnet32x4:resnet8x4)" in text
+
+
+def test_getting_started_documents_the_teacher_cache():
+    text = (ROOT / "docs" / "getting-started.md").read_text()
+    assert "KDLAB_CACHE" in text and "--set train.epochs" in text
+
+
+# timm and ONNX installs keep the user's torch
+
+
+def test_test_extras_hold_onnx_and_nothing_that_replaces_torch():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    names = {e.split(">")[0].split("=")[0].split("<")[0].strip() for e in extras}
+    assert {"onnx", "onnxruntime"} <= names
+    assert not names & {"timm", "torchvision", "torch"}  # each pulls (or is) a torch build of its own
+    api = (ROOT / "docs" / "api.md").read_text()
+    assert "pip freeze" in api and "-c keep-torch.txt" in api

@@ -1,4 +1,5 @@
-"""kdlab.fast on the CPU: BN folding, the exact teacher-output cache, and the sync-free step against the plain trainer."""
+"""kdlab.fast on the CPU: BN folding, the exact teacher-output cache, and the sync-free step against the
+plain trainer."""
 
 from __future__ import annotations
 
@@ -7,23 +8,34 @@ import json
 
 import pytest
 import torch
+from test_train import RECIPES, student_weights
 from torch import nn
 
 from kdlab import models, pipeline
-from kdlab.config import LossConfig, TrainConfig, load_recipe
+from kdlab.config import LossConfig, TrainConfig
 from kdlab.data import AugmentSpec, DeviceLoader, load_dataset
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError
 from kdlab.fast.fold import fold_batchnorm, foldable_pairs
 from kdlab.fast.teacher_cache import TeacherCache
+from kdlab.recipe_files import load_recipe
 from kdlab.taps import FeatureTaps, stage_aliases
 from kdlab.train import fit
 
-from test_train import RECIPES, student_weights
-
 # one model of every zoo family (the two ResNet block types separately)
-FAMILIES = ["smallcnn", "resnet8", "resnet50", "wrn_16_1", "vgg8", "mobilenetv2_half", "shufflev1", "shufflev2",
-            "googlenet", "densenet121", "resnext29_8x64d"]
+FAMILIES = [
+    "smallcnn",
+    "resnet8",
+    "resnet50",
+    "wrn_16_1",
+    "vgg8",
+    "mobilenetv2_half",
+    "shufflev1",
+    "shufflev2",
+    "googlenet",
+    "densenet121",
+    "resnext29_8x64d",
+]
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> None:
@@ -102,8 +114,9 @@ def test_fold_arithmetic_against_a_float64_reference_and_hooked_modules_are_left
     x = torch.randn(2, 3, 5, 5)
     conv, bn = model.conv, model.bn
     y = nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-    expected = (y - bn.running_mean.double()[:, None, None]) / torch.sqrt(bn.running_var.double()[:, None, None] + bn.eps) \
-        * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
+    expected = (y - bn.running_mean.double()[:, None, None]) / torch.sqrt(
+        bn.running_var.double()[:, None, None] + bn.eps
+    ) * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
     hooked = copy.deepcopy(model)
     seen = []
     hooked.conv.register_forward_hook(lambda m, i, o: seen.append(o))
@@ -257,9 +270,13 @@ def test_graph_step_run_eagerly_matches_the_plain_trainer(digits_small, tmp_path
     else:  # side modules (translators), two teachers, nesterov, no decay on BN/bias, clipping
         loss = LossConfig(ce=1.0, terms={"feed": {"weight": 50}})
         extra, teachers = {"nesterov": True, "decay_norm_and_bias": False, "grad_clip": 1.0}, 2
-    base = dict(epochs=2, batch_size=32, lr=0.1, max_steps_per_epoch=4, schedule={"type": "cosine"}, device="cpu", **extra)
+    base = dict(
+        epochs=2, batch_size=32, lr=0.1, max_steps_per_epoch=4, schedule={"type": "cosine"}, device="cpu", **extra
+    )
     plain = train_weights(digits_small, tmp_path / "plain", TrainConfig(**base), loss, teachers)
-    fast = train_weights(digits_small, tmp_path / "fast", TrainConfig(**base, fast={"graph_step": True}), loss, teachers)
+    fast = train_weights(
+        digits_small, tmp_path / "fast", TrainConfig(**base, fast={"graph_step": True}), loss, teachers
+    )
     init = build_distiller(digits_small, loss, teachers).state_dict()
     assert set(plain) == set(fast)
     moved = max((plain[k].float() - init[k].float()).abs().max().item() for k in plain if plain[k].is_floating_point())
@@ -274,7 +291,9 @@ def test_graph_step_with_the_teacher_cache_matches_the_plain_trainer(digits_smal
     plain = train_weights(digits_small, tmp_path / "plain", TrainConfig(**base), loss)
     teacher = small_teacher()
     cache = TeacherCache.build([teacher], digits_small, AugmentSpec(crop_pad=1), "cpu", 32)
-    fast = train_weights(digits_small, tmp_path / "fast", TrainConfig(**base, fast={"graph_step": True}), loss, cache=cache)
+    fast = train_weights(
+        digits_small, tmp_path / "fast", TrainConfig(**base, fast={"graph_step": True}), loss, cache=cache
+    )
     for k in plain:
         torch.testing.assert_close(fast[k], plain[k], rtol=0, atol=1e-6, msg=k)
 

@@ -66,8 +66,19 @@ def block_mean(x: torch.Tensor, size: tuple[int, int]) -> list:
     n_, c_, h_, w_ = x.shape
     bh, bw = h_ // size[0], w_ // size[1]
     v = x.tolist()
-    return [[[[sum(v[n][c][i * bh + a][j * bw + b] for a in range(bh) for b in range(bw)) / (bh * bw)
-               for j in range(size[1])] for i in range(size[0])] for c in range(c_)] for n in range(n_)]
+    return [
+        [
+            [
+                [
+                    sum(v[n][c][i * bh + a][j * bw + b] for a in range(bh) for b in range(bw)) / (bh * bw)
+                    for j in range(size[1])
+                ]
+                for i in range(size[0])
+            ]
+            for c in range(c_)
+        ]
+        for n in range(n_)
+    ]
 
 
 def ref_fsp_matrix(f1: torch.Tensor, f2: torch.Tensor) -> list:
@@ -79,8 +90,16 @@ def ref_fsp_matrix(f1: torch.Tensor, f2: torch.Tensor) -> list:
     else:
         a, b = f1.tolist(), f2.tolist()
     hh, ww = len(a[0][0]), len(a[0][0][0])
-    return [[[sum(a[n][i][h][w] * b[n][j][h][w] for h in range(hh) for w in range(ww)) / (hh * ww)
-              for j in range(len(b[0]))] for i in range(len(a[0]))] for n in range(len(a))]
+    return [
+        [
+            [
+                sum(a[n][i][h][w] * b[n][j][h][w] for h in range(hh) for w in range(ww)) / (hh * ww)
+                for j in range(len(b[0]))
+            ]
+            for i in range(len(a[0]))
+        ]
+        for n in range(len(a))
+    ]
 
 
 def ref_fsp(s_maps, t_maps) -> float:
@@ -171,10 +190,14 @@ def test_vid_init_var_and_optimum():
 
 
 FSP_CASES = {
-    "same_size": lambda: ([rand(2, 3, 4, 4, seed=10), rand(2, 2, 4, 4, seed=11), rand(2, 3, 4, 4, seed=12)],
-                          [rand(2, 3, 4, 4, seed=13), rand(2, 2, 4, 4, seed=14), rand(2, 3, 4, 4, seed=15)]),
-    "pooled": lambda: ([rand(2, 2, 4, 4, seed=16), rand(2, 3, 2, 2, seed=17), rand(2, 2, 1, 1, seed=18)],
-                       [rand(2, 2, 8, 8, seed=19), rand(2, 3, 4, 4, seed=20), rand(2, 2, 2, 2, seed=21)]),
+    "same_size": lambda: (
+        [rand(2, 3, 4, 4, seed=10), rand(2, 2, 4, 4, seed=11), rand(2, 3, 4, 4, seed=12)],
+        [rand(2, 3, 4, 4, seed=13), rand(2, 2, 4, 4, seed=14), rand(2, 3, 4, 4, seed=15)],
+    ),
+    "pooled": lambda: (
+        [rand(2, 2, 4, 4, seed=16), rand(2, 3, 2, 2, seed=17), rand(2, 2, 1, 1, seed=18)],
+        [rand(2, 2, 8, 8, seed=19), rand(2, 3, 4, 4, seed=20), rand(2, 2, 2, 2, seed=21)],
+    ),
 }
 
 
@@ -260,8 +283,12 @@ def test_bf16_autocast_keeps_float32_maths():
     x = rand(2, 3, 4, 4, seed=60).bfloat16()
     y = rand(2, 3, 4, 4, seed=61).bfloat16()
     z = rand(2, 2, 2, 2, seed=62).bfloat16()
-    fns = [lambda: FF.vid(x, y, torch.zeros(3)), lambda: FF.fsp([x, z], [y, z]), lambda: FF.ab(x, y),
-           lambda: FF.ofd(x, y, torch.full((3,), -0.5))]
+    fns = [
+        lambda: FF.vid(x, y, torch.zeros(3)),
+        lambda: FF.fsp([x, z], [y, z]),
+        lambda: FF.ab(x, y),
+        lambda: FF.ofd(x, y, torch.full((3,), -0.5)),
+    ]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = [f() for f in fns]
     x, y, z = x.float(), y.float(), z.float()
@@ -302,15 +329,18 @@ def randomise_bn(model: nn.Module, seed: int) -> None:
             m.running_var = torch.rand(m.num_features, generator=g) + 0.5
 
 
-@pytest.mark.parametrize("name, layer, expected", [
-    ("resnet20", "stage2:pre", "layer2.2.bn2"),  # basic block: bn2, before the shortcut add
-    ("resnet8x4", "stage3:pre", "layer3.0.bn2"),  # one block per stage: the downsample branch is skipped
-    ("resnet50", "stage4:pre", "layer4.2.bn3"),  # bottleneck: bn3
-    ("vgg8", "stage1:pre", "block1.bn1"),  # VGG's block 0 is the stem: stage1 is block 1
-    ("vgg13", "stage4:pre", "block4.bn2"),
-    ("wrn_16_2", "stage3:pre", "bn"),  # pre-activation WRN: the tapped module is the BN itself
-    ("smallcnn", "stage1:pre", "stage1.bn"),
-])
+@pytest.mark.parametrize(
+    "name, layer, expected",
+    [
+        ("resnet20", "stage2:pre", "layer2.2.bn2"),  # basic block: bn2, before the shortcut add
+        ("resnet8x4", "stage3:pre", "layer3.0.bn2"),  # one block per stage: the downsample branch is skipped
+        ("resnet50", "stage4:pre", "layer4.2.bn3"),  # bottleneck: bn3
+        ("vgg8", "stage1:pre", "block1.bn1"),  # VGG's block 0 is the stem: stage1 is block 1
+        ("vgg13", "stage4:pre", "block4.bn2"),
+        ("wrn_16_2", "stage3:pre", "bn"),  # pre-activation WRN: the tapped module is the BN itself
+        ("smallcnn", "stage1:pre", "stage1.bn"),
+    ],
+)
 def test_ofd_finds_the_batchnorm_before_the_relu(name, layer, expected):
     model = models.create(name, num_classes=10)
     assert bn_before(model, layer) is dict(model.named_modules())[expected]
@@ -360,12 +390,18 @@ def test_ab_term_weighs_layers_by_depth_with_identity_connectors():
     d.eval()
     with torch.no_grad():
         out = d.outputs(x, y)
-        expected = 3 / 1000 * sum(
-            2.0 ** (i - 2) * ref_ab(out.feats[s].double(), out.teacher_feats[0][t].double(), 1.0)
-            for i, (s, t) in enumerate(zip(term.student_layers, term.teacher_layers[0]))
+        expected = (
+            3
+            / 1000
+            * sum(
+                2.0 ** (i - 2) * ref_ab(out.feats[s].double(), out.teacher_feats[0][t].double(), 1.0)
+                for i, (s, t) in enumerate(zip(term.student_layers, term.teacher_layers[0]))
+            )
         )
         close(term(out), expected, rtol=1e-5)
-    wide = Distiller(student, [models.create("smallcnn_wide", num_classes=10, in_chans=1)], LossConfig(terms={"ab": {}}))
+    wide = Distiller(
+        student, [models.create("smallcnn_wide", num_classes=10, in_chans=1)], LossConfig(terms={"ab": {}})
+    )
     wide.build(x, y)
     assert all(isinstance(c[0], nn.Conv2d) and len(c) == 2 for c in wide.terms["ab"].connectors)  # conv + BN, no ReLU
 
@@ -388,12 +424,12 @@ class Batches:
 
     def __iter__(self):
         for i in range(0, len(self.y), self.batch):
-            yield self.x[i:i + self.batch], self.y[i:i + self.batch]
+            yield self.x[i : i + self.batch], self.y[i : i + self.batch]
 
 
 @pytest.mark.parametrize("term, teacher", [("ab", "smallcnn_wide"), ("fsp", "smallcnn")])
 def test_init_stage_lowers_its_loss_is_saved_and_reloaded(term, teacher, tmp_path: Path):
-    from kdlab.stages import StageContext
+    from kdlab.stages import StageContext, run_stages
 
     student, t_model = digits_pair(teacher)
     d = Distiller(student, [t_model], LossConfig(terms={term: {"init_epochs": 4, "init_lr": 0.05}}))
@@ -401,8 +437,16 @@ def test_init_stage_lowers_its_loss_is_saved_and_reloaded(term, teacher, tmp_pat
     x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
     d.build(x[:8], y[:8])
     assert d.term_names() == ["ce"]  # two-stage: the term is not part of the main loss
-    ctx = StageContext(student=student, teachers=d.teachers, train_loader=Batches(x, y, 16), device=torch.device("cpu"),
-                       run_dir=tmp_path, autocast=contextlib.nullcontext, log=lambda msg: None, forward=d.outputs)
+    ctx = StageContext(
+        student=student,
+        teachers=d.teachers,
+        train_loader=Batches(x, y, 16),
+        device=torch.device("cpu"),
+        run_dir=tmp_path,
+        autocast=contextlib.nullcontext,
+        log=lambda msg: None,
+        forward=d.outputs,
+    )
 
     def loss():  # in train mode, as the stage sees it (the teacher stays in eval mode)
         d.train()
@@ -412,7 +456,7 @@ def test_init_stage_lowers_its_loss_is_saved_and_reloaded(term, teacher, tmp_pat
     before = loss()
     fc = student.fc.weight.detach().clone()
     d.train()
-    d.terms[term].pre_stage(ctx)
+    run_stages(ctx, [d.terms[term]])
     trained = {k: v.clone() for k, v in student.state_dict().items()}
     after = loss()
     assert after < 0.9 * before
@@ -422,7 +466,15 @@ def test_init_stage_lowers_its_loss_is_saved_and_reloaded(term, teacher, tmp_pat
     fresh, t2 = digits_pair(teacher)
     d2 = Distiller(fresh, [t2], LossConfig(terms={term: {"init_epochs": 4}}))
     d2.build(x[:8], y[:8])
-    ctx2 = StageContext(student=fresh, teachers=d2.teachers, train_loader=Batches(x, y, 16), device=torch.device("cpu"),
-                        run_dir=tmp_path, autocast=contextlib.nullcontext, log=lambda msg: None, forward=d2.outputs)
-    d2.terms[term].pre_stage(ctx2)
+    ctx2 = StageContext(
+        student=fresh,
+        teachers=d2.teachers,
+        train_loader=Batches(x, y, 16),
+        device=torch.device("cpu"),
+        run_dir=tmp_path,
+        autocast=contextlib.nullcontext,
+        log=lambda msg: None,
+        forward=d2.outputs,
+    )
+    run_stages(ctx2, [d2.terms[term]])
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())

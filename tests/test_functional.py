@@ -1,4 +1,5 @@
-"""Tests of kdlab.losses.functional against naive float64 references.
+"""Tests of kdlab.losses.functional, and of NST (feature_functional) and LP (relational), against naive
+float64 references.
 
 Every reference below works on Python floats with explicit loops over samples, channels, positions
 and pairs; none calls the code under test or a vectorised form of the same formula.
@@ -13,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.errors import ConfigError, DataError, LayerError
+from kdlab.losses import feature_functional as FF
 from kdlab.losses import functional as KF
+from kdlab.losses import relational as R
 
 EPS = 1e-12  # the normalisation rule: v / max(||v||, EPS)
 
@@ -127,10 +130,11 @@ def ref_nst(fs, ft, kernel: str, sigma2=None, teacher_term: bool = True) -> floa
     for n in range(len(s_all)):
         s_vecs = [r_normalize(v) for v in s_all[n]]
         t_vecs = [r_normalize(v) for v in t_all[n]]
+        sig = None
         if kernel == "gaussian":
             sig = ref_nst_sigma2(s_vecs, t_vecs) if sigma2 is None else sigma2
 
-        def k(x, y):
+        def k(x, y, sig=sig):
             if kernel == "linear":
                 return r_dot(x, y)
             if kernel == "poly":
@@ -298,25 +302,25 @@ NST_KERNELS = [("linear", None), ("poly", None), ("gaussian", None), ("gaussian"
 @pytest.mark.parametrize("teacher_term", [True, False])
 def test_nst_matches_reference(case, kernel, sigma2, teacher_term):
     fs, ft = _nst_cases()[case]
-    value = KF.nst(fs, ft, kernel=kernel, sigma2=sigma2, teacher_term=teacher_term)
+    value = FF.nst(fs, ft, kernel=kernel, sigma2=sigma2, teacher_term=teacher_term)
     assert torch.isfinite(value)
     close(value, ref_nst(fs, ft, kernel, sigma2, teacher_term), rtol=1e-9, atol=1e-13)
 
 
 def test_nst_default_is_poly_with_teacher_term():
     fs, ft = _nst_cases()[0]
-    close(KF.nst(fs, ft), ref_nst(fs, ft, "poly", None, True))
+    close(FF.nst(fs, ft), ref_nst(fs, ft, "poly", None, True))
 
 
 @pytest.mark.parametrize("kernel,sigma2", NST_KERNELS)
 def test_nst_is_nonnegative_mmd(kernel, sigma2):
     for fs, ft in _nst_cases():
-        assert float(KF.nst(fs, ft, kernel=kernel, sigma2=sigma2)) >= 0.0
-        same = KF.nst(ft, ft.clone(), kernel=kernel, sigma2=sigma2)
+        assert float(FF.nst(fs, ft, kernel=kernel, sigma2=sigma2)) >= 0.0
+        same = FF.nst(ft, ft.clone(), kernel=kernel, sigma2=sigma2)
         assert 0.0 <= float(same) < 1e-12
     # the teacher-free form is not an MMD: it can go negative (here with student == teacher)
     fs, ft = _nst_cases()[0]
-    assert float(KF.nst(ft, ft.clone(), kernel=kernel, sigma2=sigma2, teacher_term=False)) < 0.0
+    assert float(FF.nst(ft, ft.clone(), kernel=kernel, sigma2=sigma2, teacher_term=False)) < 0.0
 
 
 def _lp_cases():
@@ -344,13 +348,13 @@ def test_lp_matches_reference(name, sigma2, normalize):
     fs, ft = _lp_cases()[name]
     n = fs.shape[0]
     for k in sorted({1, 2, 3, n - 1}):
-        value = KF.lp(fs, ft, k=k, sigma2=sigma2, normalize=normalize)
+        value = R.lp(fs, ft, k=k, sigma2=sigma2, normalize=normalize)
         close(value, ref_lp(fs, ft, k, sigma2, normalize), rtol=1e-9, atol=1e-14)
 
 
 def test_lp_default_k5():
     fs, ft = _lp_cases()["random"]
-    close(KF.lp(fs, ft), ref_lp(fs, ft, 5))
+    close(R.lp(fs, ft), ref_lp(fs, ft, 5))
 
 
 @pytest.mark.parametrize("name,k", [("ties", 1), ("ties", 2), ("ties", 3), ("duplicates", 2)])
@@ -359,7 +363,7 @@ def test_lp_ties_go_to_the_lower_index(name, k):
     low, high = ref_lp(fs, ft, k), ref_lp(fs, ft, k, prefer_high=True)
     assert abs(low - high) > 1e-6, "the case must actually exercise a tie at the k-th neighbour"
     for dtype in (torch.float64, torch.float32):
-        close(KF.lp(fs.to(dtype), ft.to(dtype), k=k), low, rtol=1e-5 if dtype == torch.float32 else 1e-9)
+        close(R.lp(fs.to(dtype), ft.to(dtype), k=k), low, rtol=1e-5 if dtype == torch.float32 else 1e-9)
 
 
 @pytest.mark.parametrize("scale", [0.5, 3.0])
@@ -368,14 +372,14 @@ def test_lp_raw_is_lowered_by_shrinking_the_student_and_normalised_is_not(scale)
     feature (a dead ReLU, a smaller BN gain) lowers it without changing any neighbourhood; normalised LP
     sees directions only."""
     fs, ft = _lp_cases()["random"]
-    close(KF.lp(scale * fs, ft, k=3), scale**2 * ref_lp(fs, ft, 3), rtol=1e-9)
-    close(KF.lp(scale * fs, ft, k=3, normalize=True), ref_lp(fs, ft, 3, normalize=True), rtol=1e-9)
+    close(R.lp(scale * fs, ft, k=3), scale**2 * ref_lp(fs, ft, 3), rtol=1e-9)
+    close(R.lp(scale * fs, ft, k=3, normalize=True), ref_lp(fs, ft, 3, normalize=True), rtol=1e-9)
 
 
 def test_lp_no_gradient_through_teacher():
     fs, ft = _lp_cases()["random"]
     fs, ft = fs.clone().requires_grad_(), ft.clone().requires_grad_()
-    KF.lp(fs, ft, k=3).backward()
+    R.lp(fs, ft, k=3).backward()
     assert fs.grad is not None and torch.count_nonzero(fs.grad) > 0
     assert ft.grad is None
 
@@ -425,8 +429,11 @@ def test_tfkd_reg_defaults_and_modes_differ():
     assert abs(float(KF.tfkd_reg(z, y, mode="code")) - float(KF.tfkd_reg(z, y, mode="paper"))) > 1e-3
 
 
-def test_tfkd_teacher_is_near_uniform_as_in_spec_table():
-    # spec §2.4: K=100, a=0.99, T=20 -> teacher true-class prob 0.01050, others 0.009995
+def test_tfkd_teacher_is_near_uniform_at_the_default_a_and_T():
+    # Tf-KD (Yuan et al., "Revisiting Knowledge Distillation via Label Smoothing Regularization", CVPR 2020):
+    # the manually designed regularisation distribution p_d (a on the true class, (1-a)/(K-1) elsewhere),
+    # softened at a high temperature, is a near-uniform teacher. At K=100, a=0.99, T=20 (kdlab's defaults),
+    # softmax(p_d / T) worked out by hand: true class 0.01050, every other class 0.009995.
     p_d = KF.tfkd_reg_target(torch.tensor([3]), 100, 0.99, dtype=torch.float64)
     teacher = torch.softmax(p_d / 20.0, dim=1)
     assert abs(float(teacher[0, 3]) - 0.01050) < 5e-6
@@ -461,11 +468,11 @@ GRAD_CASES = {
     "kd": (lambda s, t: KF.kd(s, t, T=3.0), (3, 5), (3, 5)),
     "at_p2": (lambda s, t: KF.at(s, t), (2, 3, 3, 3), (2, 4, 3, 3)),
     "at_p3": (lambda s, t: KF.at(s, t, p=3), (2, 3, 3, 3), (2, 2, 3, 3)),
-    "nst_linear": (lambda s, t: KF.nst(s, t, "linear"), (2, 3, 3, 3), (2, 4, 3, 3)),
-    "nst_poly_cc": (lambda s, t: KF.nst(s, t, "poly"), (2, 3, 3, 3), (2, 4, 3, 3)),
-    "nst_poly_hw": (lambda s, t: KF.nst(s, t, "poly"), (2, 9, 2, 2), (2, 8, 2, 2)),
-    "nst_gauss": (lambda s, t: KF.nst(s, t, "gaussian", sigma2=0.8), (2, 3, 3, 3), (2, 4, 3, 3)),
-    "nst_no_tt": (lambda s, t: KF.nst(s, t, "gaussian", sigma2=0.8, teacher_term=False), (2, 3, 3, 3), (2, 4, 3, 3)),
+    "nst_linear": (lambda s, t: FF.nst(s, t, "linear"), (2, 3, 3, 3), (2, 4, 3, 3)),
+    "nst_poly_cc": (lambda s, t: FF.nst(s, t, "poly"), (2, 3, 3, 3), (2, 4, 3, 3)),
+    "nst_poly_hw": (lambda s, t: FF.nst(s, t, "poly"), (2, 9, 2, 2), (2, 8, 2, 2)),
+    "nst_gauss": (lambda s, t: FF.nst(s, t, "gaussian", sigma2=0.8), (2, 3, 3, 3), (2, 4, 3, 3)),
+    "nst_no_tt": (lambda s, t: FF.nst(s, t, "gaussian", sigma2=0.8, teacher_term=False), (2, 3, 3, 3), (2, 4, 3, 3)),
     "factor": (KF.factor, (2, 3, 2, 2), (2, 3, 2, 2)),
     "hint": (KF.hint, (2, 3, 2, 2), (2, 3, 2, 2)),
     "recon_l1": (lambda s, t: KF.recon_error(s, t, "l1"), (2, 3, 2), (2, 3, 2)),
@@ -485,9 +492,9 @@ def test_gradcheck_student_and_teacher(name):
 def test_gradcheck_lp_student(sigma2, normalize):
     fs, ft = _lp_cases()["ties"]
     (s,) = _req(fs)
-    assert torch.autograd.gradcheck(lambda x: KF.lp(x, ft, k=3, sigma2=sigma2, normalize=normalize), (s,))
+    assert torch.autograd.gradcheck(lambda x: R.lp(x, ft, k=3, sigma2=sigma2, normalize=normalize), (s,))
     (s,) = _req(rand(5, 4, seed=72))
-    assert torch.autograd.gradcheck(lambda x: KF.lp(x, rand(5, 6, seed=73), k=4, sigma2=sigma2), (s,))
+    assert torch.autograd.gradcheck(lambda x: R.lp(x, rand(5, 6, seed=73), k=4, sigma2=sigma2), (s,))
 
 
 @pytest.mark.parametrize("mode", ["code", "paper"])
@@ -512,14 +519,14 @@ def test_nst_gaussian_auto_sigma_is_detached():
     t_vecs = [r_normalize(v) for v in ft.flatten(2).tolist()[0]]
     sig = ref_nst_sigma2(s_vecs, t_vecs)
     a, b = _req(fs, fs)
-    auto = KF.nst(a, ft, "gaussian", sigma2=None)
-    fixed = KF.nst(b, ft, "gaussian", sigma2=sig)
+    auto = FF.nst(a, ft, "gaussian", sigma2=None)
+    fixed = FF.nst(b, ft, "gaussian", sigma2=sig)
     torch.testing.assert_close(auto, fixed, rtol=1e-12, atol=1e-15)
     auto.backward()
     fixed.backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-14)
     (c,) = _req(fs)
-    assert torch.autograd.gradcheck(lambda x: KF.nst(x, ft, "gaussian", sigma2=sig), (c,))
+    assert torch.autograd.gradcheck(lambda x: FF.nst(x, ft, "gaussian", sigma2=sig), (c,))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,27 +553,27 @@ def test_shape_errors_name_both_shapes():
     )
     _raises(LayerError, lambda: KF.at(x(2, 8, 4, 4), x(3, 8, 4, 4)), "(2, 8, 4, 4)", "(3, 8, 4, 4)")
     _raises(LayerError, lambda: KF.at(x(2, 8), x(2, 8)), "at:")
-    _raises(LayerError, lambda: KF.nst(x(2, 3, 4, 4), x(2, 5, 2, 2)), "nst: spatial", "(3, 4, 4)", "(5, 2, 2)")
+    _raises(LayerError, lambda: FF.nst(x(2, 3, 4, 4), x(2, 5, 2, 2)), "nst: spatial", "(3, 4, 4)", "(5, 2, 2)")
     _raises(LayerError, lambda: KF.kd(x(4, 10), x(4, 100)), "kd:", "(4, 10)", "(4, 100)")
     _raises(LayerError, lambda: KF.factor(x(2, 4, 3, 3), x(2, 5, 3, 3)), "factor:", "(2, 4, 3, 3)", "(2, 5, 3, 3)")
     _raises(LayerError, lambda: KF.hint(x(2, 4, 3, 3), x(2, 4, 6, 6)), "hint:", "(2, 4, 3, 3)", "(2, 4, 6, 6)")
     _raises(LayerError, lambda: KF.recon_error(x(2, 4), x(2, 5)), "recon_error:", "(2, 4)", "(2, 5)")
-    _raises(LayerError, lambda: KF.lp(x(4, 3), x(5, 3)), "lp:", "(4, 3)", "(5, 3)")
+    _raises(LayerError, lambda: R.lp(x(4, 3), x(5, 3)), "lp:", "(4, 3)", "(5, 3)")
     _raises(LayerError, lambda: KF.lsr(x(4, 3), torch.zeros(5, dtype=torch.long)), "lsr:", "(4, 3)", "(5,)")
     _raises(LayerError, lambda: KF.tfkd_reg(x(4, 3), torch.zeros(4, 1, dtype=torch.long)), "tfkd_reg:")
 
 
 @pytest.mark.parametrize("n,k", [(8, 8), (8, 9), (5, 0), (1, 1)])
 def test_lp_bad_k(n, k):
-    _raises(ConfigError, lambda: KF.lp(torch.randn(n, 3), torch.randn(n, 4), k=k), f"k={k}", f"N={n}")
+    _raises(ConfigError, lambda: R.lp(torch.randn(n, 3), torch.randn(n, 4), k=k), f"k={k}", f"N={n}")
 
 
 def test_option_errors():
     x = torch.randn(2, 3, 4, 4)
     y = torch.tensor([0, 1])
-    _raises(ConfigError, lambda: KF.nst(x, x, kernel="cubic"), "cubic", "poly")
-    _raises(ConfigError, lambda: KF.nst(x, x, kernel="gaussian", sigma2=0.0), "sigma2")
-    _raises(ConfigError, lambda: KF.lp(torch.randn(4, 2), torch.randn(4, 2), k=2, sigma2=-1.0), "sigma2")
+    _raises(ConfigError, lambda: FF.nst(x, x, kernel="cubic"), "cubic", "poly")
+    _raises(ConfigError, lambda: FF.nst(x, x, kernel="gaussian", sigma2=0.0), "sigma2")
+    _raises(ConfigError, lambda: R.lp(torch.randn(4, 2), torch.randn(4, 2), k=2, sigma2=-1.0), "sigma2")
     _raises(ConfigError, lambda: KF.kd(torch.randn(2, 3), torch.randn(2, 3), T=0), "T")
     _raises(ConfigError, lambda: KF.tfkd_reg(torch.randn(2, 3), y, mode="eq9"), "eq9")
     _raises(ConfigError, lambda: KF.lsr(torch.randn(2, 3), y, spread="none"), "none")
@@ -596,12 +603,12 @@ def _all_losses(dtype: torch.dtype, then: torch.dtype | None = None):
     return [
         ("kd", lambda: KF.kd(zs, zt)),
         ("at", lambda: KF.at(fs, ft)),
-        ("nst_linear", lambda: KF.nst(fs, ft, "linear")),
-        ("nst_poly", lambda: KF.nst(fs, ft, "poly")),
-        ("nst_gauss", lambda: KF.nst(fs, ft, "gaussian")),
-        ("nst_gauss_fixed", lambda: KF.nst(fs, ft, "gaussian", sigma2=0.5)),
-        ("lp", lambda: KF.lp(ls, lt, k=3)),
-        ("lp_norm", lambda: KF.lp(ls, lt, k=7, normalize=True)),
+        ("nst_linear", lambda: FF.nst(fs, ft, "linear")),
+        ("nst_poly", lambda: FF.nst(fs, ft, "poly")),
+        ("nst_gauss", lambda: FF.nst(fs, ft, "gaussian")),
+        ("nst_gauss_fixed", lambda: FF.nst(fs, ft, "gaussian", sigma2=0.5)),
+        ("lp", lambda: R.lp(ls, lt, k=3)),
+        ("lp_norm", lambda: R.lp(ls, lt, k=7, normalize=True)),
         ("factor", lambda: KF.factor(fs, gs)),
         ("hint", lambda: KF.hint(fs, gs)),
         ("tfkd_code", lambda: KF.tfkd_reg(zs, y)),
@@ -643,8 +650,8 @@ def test_bf16_autocast_backward_is_finite():
         loss = (
             KF.kd(h, torch.randn(4, 16))
             + KF.at(fmap, t)
-            + KF.nst(fmap, t, "gaussian")
-            + KF.lp(h, torch.randn(4, 8), k=2)
+            + FF.nst(fmap, t, "gaussian")
+            + R.lp(h, torch.randn(4, 8), k=2)
             + KF.factor(fmap, t)
             + KF.hint(fmap, t)
             + KF.tfkd_reg(h, y)

@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py: its CPU dry run goes through every section, and without CUDA the real check says so in one line."""
+"""benchmarks/gpu_check.py: its CPU dry run goes through every section, and without CUDA the real check
+says so in one line."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ def test_cpu_dry_run_runs_every_section(tmp_path, capsys):
     report = json.loads(out.read_text())
     sections = report["sections"]
     assert {k: v["status"] for k, v in sections.items()} == {
-        "graph_vs_eager": "ok", "bf16_vs_fp32": "ok", "fast_recipe": "ok", "bench": "ok", "torchrun_nccl": "skipped"}
+        "graph_vs_eager": "ok",
+        "bf16_vs_fp32": "ok",
+        "fast_recipe": "ok",
+        "bench": "ok",
+        "torchrun_nccl": "skipped",
+    }
     graph = sections["graph_vs_eager"]
     assert graph["graph"].startswith("RerunGraphs") and graph["steps"] == 6
     # the same kernels on the CPU: the captured (re-run) steps equal the eager ones exactly

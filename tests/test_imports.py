@@ -8,7 +8,11 @@ import sys
 SCRIPT = r"""
 import importlib, pkgutil, sys
 import kdlab
-names = sorted(m.name for m in pkgutil.walk_packages(kdlab.__path__, "kdlab.") if not m.name.startswith("kdlab.recipes") and m.name != "kdlab.__main__")
+names = sorted(
+    m.name
+    for m in pkgutil.walk_packages(kdlab.__path__, "kdlab.")
+    if not m.name.startswith("kdlab.recipes") and m.name != "kdlab.__main__"
+)
 failed = []
 for name in names:
     for loaded in [k for k in sys.modules if k == "kdlab" or k.startswith("kdlab.")]:

@@ -86,9 +86,11 @@ def _hook_all(model: nn.Module):
     seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     handles = []
     for mod_name, module in model.named_modules():
+
         def hook(_m, _inp, out, mod_name=mod_name):
             if isinstance(out, torch.Tensor):
                 seen.setdefault(mod_name, []).append((out, out.detach().clone()))
+
         handles.append(module.register_forward_hook(hook))
     return seen, handles
 
@@ -125,10 +127,10 @@ def test_forward_backward_and_taps(name):
         prev_reduction = s["reduction"]
         size = 32 // s["reduction"]
         expected = (n, s["channels"], size, size)
-        (post, _), = seen[s["module"]]  # each tapped module runs exactly once
+        ((post, _),) = seen[s["module"]]  # each tapped module runs exactly once
         assert post.shape == expected, (name, s)
         if s["preact_module"] is not None:
-            (pre, _), = seen[s["preact_module"]]
+            ((pre, _),) = seen[s["preact_module"]]
             assert pre.shape == expected, (name, s)
             if name.startswith("wrn"):
                 # pre-activation net: the stage is the raw group output and `pre` the BN that follows it
@@ -141,7 +143,7 @@ def test_forward_backward_and_taps(name):
 
     fc = modules[model.classifier_module]
     assert isinstance(fc, nn.Linear) and fc.out_features == 100
-    (emb, _), = seen[model.embedding_module]
+    ((emb, _),) = seen[model.embedding_module]
     assert emb.shape == (n, fc.in_features)
     torch.testing.assert_close(fc(emb), logits)
 
@@ -189,7 +191,16 @@ def test_vgg_block0_is_the_stem_and_wrn_stages_are_raw_group_outputs():
 
 # PyTorch's default init draws every conv weight from U(-b, b) with b = 1/sqrt(fan_in) (kaiming_uniform
 # with a = sqrt(5)); a Kaiming-normal fan_out init exceeds that bound somewhere in any of these nets
-DEFAULT_INIT = ["mobilenetv2", "shufflenetv2", "googlenet", "densenet121", "resnet18", "resnet50", "shufflev1", "shufflev2"]
+DEFAULT_INIT = [
+    "mobilenetv2",
+    "shufflenetv2",
+    "googlenet",
+    "densenet121",
+    "resnet18",
+    "resnet50",
+    "shufflev1",
+    "shufflev2",
+]
 KAIMING_INIT = ["resnext29_8x64d", "resnet20", "vgg8", "wrn_16_2", "mobilenetv2_half"]
 
 
@@ -221,6 +232,7 @@ def test_hooked_output_equals_recomputation_after_backward():
     def keep(key):
         def hook(_m, _inp, out):
             kept[key] = (out, out.detach().clone())
+
         return hook
 
     for s in model.feature_info:

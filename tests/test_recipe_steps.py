@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.student import Data, build_model
-from kdlab.config import Recipe, load_recipe
+from kdlab.config import Recipe
 from kdlab.data import ArrayDataset
 from kdlab.distiller import Distiller
+from kdlab.optim import lr_at, make_optimizer
+from kdlab.recipe_files import load_recipe
+from kdlab.stages import StageContext, run_stages
+from kdlab.student import Data, build_model
 from kdlab.tools.reproduce import build_recipe, load_table
-from kdlab.stages import StageContext
-from kdlab.train import lr_at, make_optimizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "kdlab" / "recipes"
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagefolder": 1000}
@@ -38,7 +39,9 @@ def shipped() -> list[tuple[str, Recipe]]:
         if rel.parts[0] == "tables":
             table = load_table(path)
             for cell in table.cells:
-                out.append((f"{rel}:{cell.name}", build_recipe(table, path, cell, 0, Path("/nonexistent/out"), [], None)))
+                out.append(
+                    (f"{rel}:{cell.name}", build_recipe(table, path, cell, 0, Path("/nonexistent/out"), [], None))
+                )
         else:
             out.append((str(rel), load_recipe(path)))
     return out
@@ -48,12 +51,24 @@ def step_signature(recipe: Recipe) -> str:
     """What one training step of the recipe depends on."""
     raw = recipe.model_dump(mode="json")
     teachers = [{"name": t["name"], "kwargs": t["kwargs"]} for t in raw["teachers"]]
-    train = {k: v for k, v in raw["train"].items() if k in ("lr", "momentum", "nesterov", "weight_decay", "decay_norm_and_bias",
-                                                            "grad_clip", "channels_last")}
+    train = {
+        k: v
+        for k, v in raw["train"].items()
+        if k in ("lr", "momentum", "nesterov", "weight_decay", "decay_norm_and_bias", "grad_clip", "channels_last")
+    }
     train["lr0"] = lr_at(recipe.train, 0.0)
     train["fold_teacher"] = recipe.train.fast.fold_teacher
-    return json.dumps({"data": raw["data"] | {"root": None}, "student": raw["student"], "teachers": teachers,
-                       "generations": bool(recipe.generations), "loss": raw["loss"], "train": train}, sort_keys=True)
+    return json.dumps(
+        {
+            "data": raw["data"] | {"root": None},
+            "student": raw["student"],
+            "teachers": teachers,
+            "generations": bool(recipe.generations),
+            "loss": raw["loss"],
+            "train": train,
+        },
+        sort_keys=True,
+    )
 
 
 def _grouped() -> list[tuple[str, Recipe, list[str]]]:
@@ -81,9 +96,16 @@ def random_data(recipe: Recipe, n: int, n_train: int | None = None) -> Data:
     g = torch.Generator().manual_seed(0)
 
     def split(which: str, count: int) -> ArrayDataset:
-        return ArrayDataset(torch.randint(0, 256, (count, c, size, size), dtype=torch.uint8, generator=g),
-                            torch.randint(0, k, (count,), generator=g), k, (0.5,) * c, (0.25,) * c,
-                            [str(i) for i in range(k)], name, source=f"random {which}")
+        return ArrayDataset(
+            torch.randint(0, 256, (count, c, size, size), dtype=torch.uint8, generator=g),
+            torch.randint(0, k, (count,), generator=g),
+            k,
+            (0.5,) * c,
+            (0.25,) * c,
+            [str(i) for i in range(k)],
+            name,
+            source=f"random {which}",
+        )
 
     return Data(split("train", n_train or n), split("test", n), k, c)
 
@@ -114,7 +136,9 @@ def one_step(recipe: Recipe, tmp_path: Path) -> dict[str, float]:
     # a kNN term needs more samples than neighbours; every other term runs at batch 2
     batch = max([2] + [int(opts.get("k", 5)) + 1 for name, opts in terms.items() if name == "lp"])
     # the teacher-logit cache is left out: it reproduces the online teachers (tests/test_fast.py), which run here
-    cfg = recipe.train.model_copy(update={"batch_size": batch, "device": "cpu", "max_steps_per_epoch": 1, "teacher_cache": False})
+    cfg = recipe.train.model_copy(
+        update={"batch_size": batch, "device": "cpu", "max_steps_per_epoch": 1, "teacher_cache": False}
+    )
     # CRD's memory bank holds one entry per training sample and draws its negatives among them: a real-size set
     data = random_data(recipe, batch, TRAIN_SIZES[recipe.data.name] if "crd" in terms else None)
     device = torch.device("cpu")
@@ -129,12 +153,23 @@ def one_step(recipe: Recipe, tmp_path: Path) -> dict[str, float]:
     if teachers and cfg.fast.fold_teacher:
         from kdlab.fast.teachers import prepare_teachers
 
-        prepare_teachers(distiller, data.train, train_loader, cfg, None, lambda: torch.autocast("cpu", enabled=False), lambda m: None)
-    ctx = StageContext(student=student, teachers=distiller.teachers, train_loader=train_loader, device=device,
-                       run_dir=tmp_path, autocast=lambda: torch.autocast("cpu", enabled=False), log=lambda m: None,
-                       forward=distiller.outputs, max_steps=1, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    for term in distiller.terms.values():
-        term.pre_stage(ctx)
+        prepare_teachers(
+            distiller, data.train, train_loader, cfg, None, lambda: torch.autocast("cpu", enabled=False), lambda m: None
+        )
+    ctx = StageContext(
+        student=student,
+        teachers=distiller.teachers,
+        train_loader=train_loader,
+        device=device,
+        run_dir=tmp_path,
+        autocast=lambda: torch.autocast("cpu", enabled=False),
+        log=lambda m: None,
+        forward=distiller.outputs,
+        max_steps=1,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
+    run_stages(ctx, distiller.terms.values())
     opt = make_optimizer(distiller, cfg, device)
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, 0.0)
@@ -156,9 +191,11 @@ def one_step(recipe: Recipe, tmp_path: Path) -> dict[str, float]:
     assert logits.shape == (batch, data.num_classes)
     assert all(torch.isfinite(v) for v in values.values()), values
     if lr_at(cfg, 0.0) > 0:
-        assert any(not torch.equal(a, b) for a, b in zip(before, distiller.student.parameters())), "the step changed nothing"
-    # the terms of the main stage must all be there (a two-stage term's own stage ran in pre_stage above)
-    main = [n for n, t in distiller.terms.items() if getattr(t, "active_in_main", True)]
+        assert any(not torch.equal(a, b) for a, b in zip(before, distiller.student.parameters())), (
+            "the step changed nothing"
+        )
+    # the terms of the main stage must all be there (a two-stage term's own stage ran in run_stages above)
+    main = [n for n, t in distiller.terms.items() if t.active_in_main]
     assert set(main) <= set(values), (main, sorted(values))
     return {k: float(v.detach()) for k, v in values.items()}
 

@@ -117,8 +117,10 @@ def ref_rkd(fs, ft, wd: float, wa: float) -> float:
     n = len(s)
 
     def dists(x):
-        d = [[math.sqrt(sum((x[i][c] - x[j][c]) ** 2 for c in range(len(x[0])))) if i != j else 0.0 for j in range(n)]
-             for i in range(n)]
+        d = [
+            [math.sqrt(sum((x[i][c] - x[j][c]) ** 2 for c in range(len(x[0])))) if i != j else 0.0 for j in range(n)]
+            for i in range(n)
+        ]
         pos = [d[i][j] for i in range(n) for j in range(n) if i != j and d[i][j] > 0]
         mu = sum(pos) / len(pos)
         return [[v / mu for v in r] for r in d]
@@ -317,8 +319,12 @@ LOGITS = {
 @pytest.mark.parametrize("standardize", [False, True])
 def test_dist_matches_reference(case, T, beta, gamma, standardize):
     zs, zt = LOGITS[case]()
-    close(R.dist(zs, zt, T=T, beta=beta, gamma=gamma, standardize=standardize),
-          ref_dist(zs, zt, T, beta, gamma, standardize), rtol=1e-9, atol=1e-13)
+    close(
+        R.dist(zs, zt, T=T, beta=beta, gamma=gamma, standardize=standardize),
+        ref_dist(zs, zt, T, beta, gamma, standardize),
+        rtol=1e-9,
+        atol=1e-13,
+    )
 
 
 def test_dist_defaults_are_the_official_ones():
@@ -343,7 +349,9 @@ def test_logit_standardisation_ignores_each_samples_shift_and_scale():
     zs = a * zt + b
     assert float(KF.kd(zs, zt, T=2.0)) > 0.1
     close(KF.kd(zs, zt, T=2.0, standardize=True), 0.0, atol=1e-12)
-    close(R.dist(zs, zt, T=2.0, standardize=True), float(R.dist(zt, zt, T=2.0, standardize=True)), rtol=1e-6, atol=1e-12)
+    close(
+        R.dist(zs, zt, T=2.0, standardize=True), float(R.dist(zt, zt, T=2.0, standardize=True)), rtol=1e-6, atol=1e-12
+    )
 
 
 # --------------------------------------------------------------------------------------------------

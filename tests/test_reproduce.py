@@ -38,14 +38,18 @@ def write_cifar100(parent: Path, n_train=96, n_test=40) -> Path:
             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
         }
         (root / split).write_bytes(pickle.dumps(obj, protocol=3))
-    meta = {b"fine_label_names": [f"class{i:02d}".encode() for i in range(100)],
-            b"coarse_label_names": [f"super{i:02d}".encode() for i in range(20)]}
+    meta = {
+        b"fine_label_names": [f"class{i:02d}".encode() for i in range(100)],
+        b"coarse_label_names": [f"super{i:02d}".encode() for i in range(20)],
+    }
     (root / "meta").write_bytes(pickle.dumps(meta, protocol=3))
     return root
 
 
 RECIPE = {
-    "method": "kd", "data": {"name": "cifar100"}, "student": {"name": "resnet8"},
+    "method": "kd",
+    "data": {"name": "cifar100"},
+    "student": {"name": "resnet8"},
     "teachers": [{"name": "resnet14"}],
     "loss": {"ce": 0.1, "terms": {"kd": {"weight": 0.9, "T": 4}}},
     "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "schedule": {"type": "constant"}},
@@ -56,14 +60,34 @@ def write_table(folder: Path) -> Path:
     (folder / "recipes").mkdir(parents=True)
     (folder / "recipes" / "kd.yaml").write_text(yaml.safe_dump(RECIPE))
     table = {
-        "title": "tiny table", "source": "made up for the test", "metric": "last", "tolerance": 2.0,
+        "title": "tiny table",
+        "source": "made up for the test",
+        "metric": "last",
+        "tolerance": 2.0,
         "overrides": {"train.max_steps_per_epoch": 2},
         "cells": [
-            {"name": "vanilla", "recipe": "recipes/kd.yaml", "published": 99.0, "tolerance": 1.0,
-             "overrides": {"method": "vanilla", "teachers": [], "loss": {"ce": 1.0}}},
-            {"name": "kd", "recipe": "recipes/kd.yaml", "published": 1.5, "teacher_published": [50.0], "compare_to": ["vanilla"]},
-            {"name": "at", "recipe": "recipes/kd.yaml", "metric": "best", "published": 0.5, "compare_to": ["vanilla", "kd"],
-             "overrides": {"method": "at", "loss": {"ce": 1.0, "terms": {"at": {"weight": 1000}}}}},
+            {
+                "name": "vanilla",
+                "recipe": "recipes/kd.yaml",
+                "published": 99.0,
+                "tolerance": 1.0,
+                "overrides": {"method": "vanilla", "teachers": [], "loss": {"ce": 1.0}},
+            },
+            {
+                "name": "kd",
+                "recipe": "recipes/kd.yaml",
+                "published": 1.5,
+                "teacher_published": [50.0],
+                "compare_to": ["vanilla"],
+            },
+            {
+                "name": "at",
+                "recipe": "recipes/kd.yaml",
+                "metric": "best",
+                "published": 0.5,
+                "compare_to": ["vanilla", "kd"],
+                "overrides": {"method": "at", "loss": {"ce": 1.0, "terms": {"at": {"weight": 1000}}}},
+            },
         ],
     }
     path = folder / "tiny.yaml"
@@ -91,11 +115,27 @@ def test_table_runs_is_stopped_and_continues(tmp_path, capsys, one_thread):
     data = write_cifar100(tmp_path / "data")
     table = write_table(tmp_path / "t")
     out = tmp_path / "out"
-    args = ["reproduce", str(table), "--seeds", str(SEEDS), "--out", str(out), "--data-root", str(data), "--quiet",
-            "--set", "train.batch_size=8"]
+    args = [
+        "reproduce",
+        str(table),
+        "--seeds",
+        str(SEEDS),
+        "--out",
+        str(out),
+        "--data-root",
+        str(data),
+        "--quiet",
+        "--set",
+        "train.batch_size=8",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "kdlab", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdlab", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     first = out / "cells" / "kd" / "seed0" / "result.json"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -128,23 +168,34 @@ def test_table_runs_is_stopped_and_continues(tmp_path, capsys, one_thread):
 
     summary = json.loads((out / "results.json").read_text())
     rows = {r["cell"]: r for r in summary["cells"]}
-    for cell, published, metric, tol in (("vanilla", 99.0, "last", 1.0), ("kd", 1.5, "last", 2.0), ("at", 0.5, "best", 2.0)):
+    for cell, published, metric, tol in (
+        ("vanilla", 99.0, "last", 1.0),
+        ("kd", 1.5, "last", 2.0),
+        ("at", 0.5, "best", 2.0),
+    ):
         row = rows[cell]
         last = [results[cell, s]["top1_last"] for s in range(SEEDS)]
         best = [results[cell, s]["top1_best"] for s in range(SEEDS)]
         assert row["n"] == SEEDS
-        for got, want in zip((row["last_mean"], row["last_std"], row["best_mean"], row["best_std"]), naive_mean_std(last) + naive_mean_std(best)):
+        for got, want in zip(
+            (row["last_mean"], row["last_std"], row["best_mean"], row["best_std"]),
+            naive_mean_std(last) + naive_mean_std(best),
+        ):
             assert got == pytest.approx(want)
         ours = naive_mean_std(last if metric == "last" else best)[0]
         assert row["published"] == published and row["metric"] == metric
         assert row["delta"] == pytest.approx(ours - published)
         assert row["within_tolerance"] == (abs(ours - published) <= tol)
     assert rows["vanilla"]["within_tolerance"] is False  # 99 % is out of reach of two steps
-    assert rows["at"]["compare_to"]["kd"] == pytest.approx(naive_mean_std([results["at", s]["top1_best"] for s in range(SEEDS)])[0]
-                                                           - naive_mean_std([results["kd", s]["top1_best"] for s in range(SEEDS)])[0])
+    assert rows["at"]["compare_to"]["kd"] == pytest.approx(
+        naive_mean_std([results["at", s]["top1_best"] for s in range(SEEDS)])[0]
+        - naive_mean_std([results["kd", s]["top1_best"] for s in range(SEEDS)])[0]
+    )
     teacher = rows["kd"]["teachers"][0]
     assert teacher["published"] == 50.0
-    assert teacher["mean"] == pytest.approx(naive_mean_std([results["kd", s]["teachers"][0]["top1_last"] for s in range(SEEDS)])[0])
+    assert teacher["mean"] == pytest.approx(
+        naive_mean_std([results["kd", s]["teachers"][0]["top1_last"] for s in range(SEEDS)])[0]
+    )
 
     md = (out / "results.md").read_text()
     assert "| kd | last | 2 |" in md and "99.00" in md and f"{rows['kd']['delta']:+.2f}" in md
@@ -162,17 +213,20 @@ def test_changed_table_is_refused_for_an_existing_run(tmp_path):
         plan(load_table(table), table, out, 1, ["kd"], ["loss.terms.kd.T=8"], None)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t["cells"][1].update(compare_to=["nope"]), "compare_to names 'nope'"),
-    (lambda t: t["cells"].append(dict(t["cells"][0])), "duplicate cell name"),
-    (lambda t: t["cells"][0].update(colour="red"), "cells.0.colour: unknown key"),
-    (lambda t: t["cells"][0].update(recipe="missing.yaml"), "recipe 'missing.yaml' not found"),
-    (lambda t: t["cells"][0]["overrides"].update({"train.lr": -1}), "train.lr"),
-    (lambda t: t.update(tolerance=float("inf")), "tolerance"),  # YAML .inf
-    (lambda t: t["cells"][0].update(tolerance=float("inf")), "cells.0.tolerance"),
-    (lambda t: t.update(seeds=True), "seeds"),  # YAML yes
-    (lambda t: t["cells"][1].update(seeds=True), "cells.1.seeds"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t["cells"][1].update(compare_to=["nope"]), "compare_to names 'nope'"),
+        (lambda t: t["cells"].append(dict(t["cells"][0])), "duplicate cell name"),
+        (lambda t: t["cells"][0].update(colour="red"), "cells.0.colour: unknown key"),
+        (lambda t: t["cells"][0].update(recipe="missing.yaml"), "recipe 'missing.yaml' not found"),
+        (lambda t: t["cells"][0]["overrides"].update({"train.lr": -1}), "train.lr"),
+        (lambda t: t.update(tolerance=float("inf")), "tolerance"),  # YAML .inf
+        (lambda t: t["cells"][0].update(tolerance=float("inf")), "cells.0.tolerance"),
+        (lambda t: t.update(seeds=True), "seeds"),  # YAML yes
+        (lambda t: t["cells"][1].update(seeds=True), "cells.1.seeds"),
+    ],
+)
 def test_bad_table_is_one_clear_line(tmp_path, capsys, edit, message):
     path = write_table(tmp_path / "t")
     table = yaml.safe_load(path.read_text())

@@ -1,4 +1,5 @@
-"""kdlab reproduce --jobs 2: worker processes give what one process gives, share each teacher, and resume a killed cell."""
+"""kdlab reproduce --jobs 2: worker processes give what one process gives, share each teacher, and resume
+a killed cell."""
 
 import json
 import os
@@ -9,14 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
+from test_reproduce import RECIPE, write_cifar100
 
 from kdlab.checkpoint import load_weights
 from kdlab.tools.reproduce import load_table, plan
 from kdlab.tools.reproduce_run import tasks_of
-from test_reproduce import RECIPE, write_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -28,17 +28,42 @@ def write_table(folder: Path, epochs: int = 1) -> Path:
     (folder / "recipes" / "kd.yaml").write_text(yaml.safe_dump(RECIPE))
     teacher = {"name": "resnet14", "seed": 7}
     table = {
-        "title": "tiny parallel table", "published_numbers": False,
+        "title": "tiny parallel table",
+        "published_numbers": False,
         "overrides": {"train.max_steps_per_epoch": 3, "train.batch_size": 8, "train.epochs": epochs},
         "cells": [
-            {"name": "vanilla", "recipe": "recipes/kd.yaml", "seeds": 2,
-             "overrides": {"method": "vanilla", "teachers": [], "loss": {"ce": 1.0}}},
-            {"name": "kd", "recipe": "recipes/kd.yaml", "compare_to": ["vanilla"], "overrides": {"teachers": [teacher]}},
-            {"name": "at", "recipe": "recipes/kd.yaml", "compare_to": ["vanilla"],
-             "overrides": {"method": "at", "teachers": [teacher], "loss": {"ce": 1.0, "terms": {"at": {"weight": 1000}}}}},
-            {"name": "ensemble", "recipe": "recipes/kd.yaml", "compare_to": ["vanilla"],
-             "overrides": {"method": "ensemble_kd", "teachers": [teacher, {"name": "resnet8", "seed": 8}],
-                           "loss": {"ce": 0.1, "terms": {"ensemble_kd": {"weight": 0.9, "T": 4}}}}},
+            {
+                "name": "vanilla",
+                "recipe": "recipes/kd.yaml",
+                "seeds": 2,
+                "overrides": {"method": "vanilla", "teachers": [], "loss": {"ce": 1.0}},
+            },
+            {
+                "name": "kd",
+                "recipe": "recipes/kd.yaml",
+                "compare_to": ["vanilla"],
+                "overrides": {"teachers": [teacher]},
+            },
+            {
+                "name": "at",
+                "recipe": "recipes/kd.yaml",
+                "compare_to": ["vanilla"],
+                "overrides": {
+                    "method": "at",
+                    "teachers": [teacher],
+                    "loss": {"ce": 1.0, "terms": {"at": {"weight": 1000}}},
+                },
+            },
+            {
+                "name": "ensemble",
+                "recipe": "recipes/kd.yaml",
+                "compare_to": ["vanilla"],
+                "overrides": {
+                    "method": "ensemble_kd",
+                    "teachers": [teacher, {"name": "resnet8", "seed": 8}],
+                    "loss": {"ce": 0.1, "terms": {"ensemble_kd": {"weight": 0.9, "T": 4}}},
+                },
+            },
         ],
     }
     path = folder / "tiny.yaml"
@@ -50,8 +75,20 @@ RUNS = [("vanilla", 0), ("vanilla", 1), ("kd", 0), ("at", 0), ("ensemble", 0)]
 
 
 def reproduce(table: Path, data: Path, out: Path, jobs: int, **popen) -> subprocess.Popen:
-    args = [sys.executable, "-m", "kdlab", "reproduce", str(table), "--out", str(out), "--data-root", str(data),
-            "--quiet", "--jobs", str(jobs)]
+    args = [
+        sys.executable,
+        "-m",
+        "kdlab",
+        "reproduce",
+        str(table),
+        "--out",
+        str(out),
+        "--data-root",
+        str(data),
+        "--quiet",
+        "--jobs",
+        str(jobs),
+    ]
     return subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -102,8 +139,10 @@ def test_two_workers_give_what_one_process_gives(tmp_path):
     assert sum(said.count(f"started teacher {d.name}") for d in teacher_dirs) == 2  # each trained by one worker
     for d in teacher_dirs:  # trained once: one line per epoch in its metrics
         assert len((d / "metrics.jsonl").read_text().splitlines()) == 1
-    sources = {c: json.loads((two / "cells" / c / "seed0" / "result.json").read_text())["teachers"][0]["source"]
-               for c in ("kd", "at", "ensemble")}
+    sources = {
+        c: json.loads((two / "cells" / c / "seed0" / "result.json").read_text())["teachers"][0]["source"]
+        for c in ("kd", "at", "ensemble")
+    }
     assert len(set(sources.values())) == 1
     summary = json.loads((two / "results.json").read_text())
     rows = {r["cell"]: r for r in summary["cells"]}

@@ -16,7 +16,7 @@ def pooled(x, level):
     sh, sw = h // level, w // level
     for i in range(level):
         for j in range(level):
-            out[:, :, i, j] = x[:, :, i * sh:(i + 1) * sh, j * sw:(j + 1) * sw].mean(dim=(2, 3))
+            out[:, :, i, j] = x[:, :, i * sh : (i + 1) * sh, j * sw : (j + 1) * sw].mean(dim=(2, 3))
     return out
 
 
@@ -41,7 +41,10 @@ def ref_hcl(pairs):
 def test_hcl_matches_the_equation():
     g = torch.Generator().manual_seed(0)
     sizes = [(2, 3, 8, 8), (2, 4, 4, 4), (2, 5, 2, 2), (2, 6, 1, 1)]
-    pairs = [(torch.randn(s, generator=g, dtype=torch.float64), torch.randn(s, generator=g, dtype=torch.float64)) for s in sizes]
+    pairs = [
+        (torch.randn(s, generator=g, dtype=torch.float64), torch.randn(s, generator=g, dtype=torch.float64))
+        for s in sizes
+    ]
     got = hcl([a for a, _ in pairs], [b for _, b in pairs])
     assert got.item() == pytest.approx(ref_hcl(pairs), rel=1e-6)
 

@@ -6,7 +6,7 @@ import pytest
 
 from kdlab.config import TrainConfig
 from kdlab.models import create
-from kdlab.train import lr_at, param_groups
+from kdlab.optim import lr_at, param_groups
 
 
 def cfg(**kw):
@@ -15,12 +15,24 @@ def cfg(**kw):
 
 def test_multistep_published_240_epoch_protocol():
     c = cfg(lr=0.05, epochs=240, schedule={"type": "multistep", "milestones": [150, 180, 210], "gamma": 0.1})
-    for epoch, expected in [(0, 0.05), (149.99, 0.05), (150, 0.005), (179.5, 0.005), (180, 0.0005), (210, 0.00005), (239.9, 0.00005)]:
+    for epoch, expected in [
+        (0, 0.05),
+        (149.99, 0.05),
+        (150, 0.005),
+        (179.5, 0.005),
+        (180, 0.0005),
+        (210, 0.00005),
+        (239.9, 0.00005),
+    ]:
         assert lr_at(c, epoch) == pytest.approx(expected)
 
 
 def test_teacher_free_protocol_warmup_then_x02_steps():
-    c = cfg(lr=0.1, epochs=200, schedule={"type": "multistep", "milestones": [60, 120, 160], "gamma": 0.2, "warmup_epochs": 1})
+    c = cfg(
+        lr=0.1,
+        epochs=200,
+        schedule={"type": "multistep", "milestones": [60, 120, 160], "gamma": 0.2, "warmup_epochs": 1},
+    )
     assert lr_at(c, 0.0) == 0.0
     assert lr_at(c, 0.25) == pytest.approx(0.025)  # linear, per iteration, from 0
     assert lr_at(c, 1.0) == pytest.approx(0.1)

@@ -23,7 +23,10 @@ OPTIONS = {
     "reviewkd": {"warmup_epochs": 0},
     # every other-class sample of the 60-sample training set below is a negative: no sampling noise, so the
     # value is a function of the batch (order invariance holds)
-    "crd": {"nce_k": 54, "feat_dim": 16},  # its warm-up needs the trainer's progress: tests/test_dkd.py covers that path
+    "crd": {
+        "nce_k": 54,
+        "feat_dim": 16,
+    },  # its warm-up needs the trainer's progress: tests/test_dkd.py covers that path
 }
 TWO_TEACHERS = {"ensemble_kd", "feed"}
 SAME_WIDTH_TEACHER = {"fsp"}  # FSP matrices need the teacher's channel counts: a smallcnn teacher
@@ -41,7 +44,9 @@ CASES = [(t, {}) for t in sorted(TERMS)] + VARIANTS
 CASE_IDS = [t + "".join(f"-{k}={v}" for k, v in o.items()) for t, o in CASES]
 # terms whose value is a distance between student and teacher quantities without a trainable map in between
 ZERO_WHEN_EQUAL = [(t, {}) for t in ("kd", "ensemble_kd", "at", "nst", "sp", "rkd", "pkt", "fsp", "dkd")] + [
-    ("kd", {"logit_standardize": True}), ("pkt", {"mode": "paper"}), ("cc", {"embed_dim": None}),
+    ("kd", {"logit_standardize": True}),
+    ("pkt", {"mode": "paper"}),
+    ("cc", {"embed_dim": None}),
     ("cc", {"embed_dim": None, "mode": "paper"}),
 ]
 # CC's code mode multiplies consecutive samples' differences: it depends on the batch order
@@ -104,7 +109,9 @@ def test_finite_and_gradients_reach_student_and_side_modules_only(term, options)
     assert all(not k.startswith("_teachers") for k in d.state_dict())
 
 
-@pytest.mark.parametrize("term, options", ZERO_WHEN_EQUAL, ids=[t + "".join(f"-{k}={v}" for k, v in o.items()) for t, o in ZERO_WHEN_EQUAL])
+@pytest.mark.parametrize(
+    "term, options", ZERO_WHEN_EQUAL, ids=[t + "".join(f"-{k}={v}" for k, v in o.items()) for t, o in ZERO_WHEN_EQUAL]
+)
 def test_zero_when_student_equals_teacher(term, options):
     d, x, y = make(term, student_is_teacher_copy=True, options=options)
     d.eval()  # same BN statistics on both sides
@@ -175,7 +182,9 @@ def test_wrong_layer_name_fails_before_training_and_lists_names():
     student = models.create("smallcnn", num_classes=10, in_chans=1)
     teacher = models.create("smallcnn_wide", num_classes=10, in_chans=1)
     with pytest.raises(LayerError) as e:
-        Distiller(student, [teacher], LossConfig(terms={"at": {"student_layers": ["stage9"], "teacher_layers": ["stage3"]}}))
+        Distiller(
+            student, [teacher], LossConfig(terms={"at": {"student_layers": ["stage9"], "teacher_layers": ["stage3"]}})
+        )
     msg = str(e.value)
     assert "stage9" in msg and "stage3" in msg and "student" in msg
 
@@ -185,7 +194,9 @@ def test_spatial_mismatch_names_both_shapes_and_the_option():
 
     student = models.create("smallcnn", num_classes=10, in_chans=1)
     teacher = models.create("smallcnn_wide", num_classes=10, in_chans=1)
-    d = Distiller(student, [teacher], LossConfig(terms={"at": {"student_layers": ["stage1"], "teacher_layers": ["stage3"]}}))
+    d = Distiller(
+        student, [teacher], LossConfig(terms={"at": {"student_layers": ["stage1"], "teacher_layers": ["stage3"]}})
+    )
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     d.build(x, y)
     with pytest.raises(LayerError) as e:

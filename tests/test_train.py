@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdlab import checkpoint, models, pipeline
-from kdlab.config import load_recipe
+from kdlab.recipe_files import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "digits"
@@ -87,7 +87,9 @@ def test_learns_well_above_chance(tmp_path):
 
 def _kdlab(*args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "kdlab", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdlab", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **kw
+    )
 
 
 def _epochs_done(run_dir: Path) -> int:

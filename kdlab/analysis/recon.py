@@ -18,21 +18,29 @@ from pathlib import Path
 import torch
 
 from kdlab import checkpoint
-from kdlab.config import read_yaml, validate
+from kdlab.compute import autocast_factory, resolve_device
 from kdlab.losses import functional as F
+from kdlab.losses.base import PreStage
 from kdlab.losses.heads import Paraphraser
-from kdlab.student import build_model, load_data
-from kdlab.teachers import load_model_weights
-from kdlab.train import resolve_device
+from kdlab.recipe_files import read_yaml, validate
 from kdlab.stages import StageContext, run_stage
+from kdlab.student import build_model, load_data
 from kdlab.taps import FeatureTaps, default_layers
-from kdlab.train import autocast_factory
+from kdlab.teachers import load_model_weights
 
 RESULT = "recon.json"
 
 
-def analyze(run_dir: Path, layer: str | None = None, rate: float = 0.5, epochs: int = 10, lr: float = 0.1,
-            loss: str = "l1", log=print, curve: bool = False) -> dict:
+def analyze(
+    run_dir: Path,
+    layer: str | None = None,
+    rate: float = 0.5,
+    epochs: int = 10,
+    lr: float = 0.1,
+    loss: str = "l1",
+    log=print,
+    curve: bool = False,
+) -> dict:
     """Fit the autoencoder on the frozen student of `run_dir`; write and return recon.json's content.
 
     `curve`: also one point per kept epoch (and per generation of a sequential run), in `result["curve"]`."""
@@ -42,20 +50,35 @@ def analyze(run_dir: Path, layer: str | None = None, rate: float = 0.5, epochs: 
     device = resolve_device(recipe.train.device)
     settings = dict(layer=layer, rate=rate, epochs=epochs, lr=lr, loss=loss)
     final = _measure(recipe, data, device, run_dir / "student.safetensors", run_dir, "", log, **settings)
-    result = {"recon_error": final["error"], "loss": loss, "layer": final["layer"], "channels": final["channels"], "rate": rate,
-              "epochs": epochs, "lr": lr, "network": recipe.student.name, "method": recipe.method}
+    result = {
+        "recon_error": final["error"],
+        "loss": loss,
+        "layer": final["layer"],
+        "channels": final["channels"],
+        "rate": rate,
+        "epochs": epochs,
+        "lr": lr,
+        "network": recipe.student.name,
+        "method": recipe.method,
+    }
     if curve:
         points = []
         for generation, folder in _generation_dirs(recipe, run_dir):
             for epoch, weights in _snapshots(folder, recipe.train.epochs):
                 is_final = weights == run_dir / "student.safetensors"
-                m = final if is_final else _measure(recipe, data, device, weights, run_dir, f"g{generation}_e{epoch}_", log, **settings)
+                m = (
+                    final
+                    if is_final
+                    else _measure(recipe, data, device, weights, run_dir, f"g{generation}_e{epoch}_", log, **settings)
+                )
                 points.append({"generation": generation, "epoch": epoch, "recon_error": m["error"]})
         result["curve"] = points
         result["epochs_per_generation"] = recipe.train.epochs
     checkpoint.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
-    log(f"{run_dir}: reconstruction error ({loss}, {result['layer']}) {result['recon_error']:.5f}"
-        + (f"; {len(result['curve'])} point(s) along training" if curve else ""))
+    log(
+        f"{run_dir}: reconstruction error ({loss}, {result['layer']}) {result['recon_error']:.5f}"
+        + (f"; {len(result['curve'])} point(s) along training" if curve else "")
+    )
     return result
 
 
@@ -79,7 +102,9 @@ def _snapshots(folder: Path, epochs: int) -> list[tuple[int, Path]]:
     return sorted(kept.items())
 
 
-def _measure(recipe, data, device, weights: Path, run_dir: Path, tag_prefix: str, log, layer, rate, epochs, lr, loss) -> dict:
+def _measure(
+    recipe, data, device, weights: Path, run_dir: Path, tag_prefix: str, log, layer, rate, epochs, lr, loss
+) -> dict:
     """Test-set reconstruction error of one frozen network's map by an autoencoder fitted on the train set
     (fitted once: saved under `run_dir/stages/` and loaded by a rerun)."""
     net = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
@@ -97,12 +122,29 @@ def _measure(recipe, data, device, weights: Path, run_dir: Path, tag_prefix: str
     channels = features(next(iter(test_loader))[0][:2]).shape[1]
     torch.manual_seed(recipe.seed)
     ae = Paraphraser(channels, rate).to(device)
-    ctx = StageContext(student=net, teachers=[], train_loader=train_loader, device=device, run_dir=run_dir,
-                       autocast=autocast_factory(recipe.train, device), log=log, forward=None,
-                       momentum=recipe.train.momentum, weight_decay=recipe.train.weight_decay)
+    ctx = StageContext(
+        student=net,
+        teachers=[],
+        train_loader=train_loader,
+        device=device,
+        run_dir=run_dir,
+        autocast=autocast_factory(recipe.train, device),
+        log=log,
+        forward=None,
+        momentum=recipe.train.momentum,
+        weight_decay=recipe.train.weight_decay,
+    )
     tag = f"recon_{tag_prefix}{spec.replace(':', '_').replace('.', '_')}_{loss}_k{rate}_e{epochs}"
-    run_stage(ctx, tag, {"autoencoder": ae}, ae.parameters(), lambda x, y: F.recon_error(ae(features(x)), features(x), kind=loss),
-              epochs, lr, "--lr")
+    fit_autoencoder = PreStage(
+        tag,
+        {"autoencoder": ae},
+        ae.parameters,
+        lambda x, y: F.recon_error(ae(features(x)), features(x), kind=loss),
+        epochs,
+        lr,
+        "--lr",
+    )
+    run_stage(ctx, fit_autoencoder)
     ae.eval()
     total, count = 0.0, 0
     with torch.no_grad():

@@ -16,9 +16,12 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int_range(1, 100_000), default=10)
     p.add_argument("--lr", type=positive_float, default=0.1)
     p.add_argument("--loss", choices=["l1", "l2"], default="l1")
-    p.add_argument("--curve", action="store_true",
-                   help="also measure every kept epoch (train.keep_epochs) and every generation of a sequential run: "
-                   "the error along training (plot it with kdlab plot --recon --recon-curve)")
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="also measure every kept epoch (train.keep_epochs) and every generation of a sequential run: "
+        "the error along training (plot it with kdlab plot --recon --recon-curve)",
+    )
 
 
 def run(args) -> int:
@@ -29,7 +32,9 @@ def run(args) -> int:
 
     if args.epochs < 1 or args.rate <= 0 or args.lr <= 0:
         raise KdlabError("analyze recon: --epochs >= 1, --rate > 0 and --lr > 0 are required")
-    rows = [analyze(Path(r), args.layer, args.rate, args.epochs, args.lr, args.loss, curve=args.curve) for r in args.runs]
+    rows = [
+        analyze(Path(r), args.layer, args.rate, args.epochs, args.lr, args.loss, curve=args.curve) for r in args.runs
+    ]
     width = max(len(r) for r in args.runs)
     print(f"{'run':<{width}}  {'method':<10}  recon error ({args.loss})")
     for path, row in zip(args.runs, rows):

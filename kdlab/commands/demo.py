@@ -8,7 +8,9 @@ ORDER = 2
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--out", default="runs/demo", help="output folder; rerun the same command to continue an interrupted demo")
+    p.add_argument(
+        "--out", default="runs/demo", help="output folder; rerun the same command to continue an interrupted demo"
+    )
     p.add_argument("--only", nargs="*", help="only these methods")
     p.add_argument("--quiet", action="store_true")
 
@@ -19,8 +21,14 @@ def run(args) -> int:
 
     from kdlab.tools.demo import run_demo
 
-    again = ["kdlab", "demo", "--out", args.out] + (["--only", *args.only] if args.only else []) + (["--quiet"] if args.quiet else [])
-    args.resume_hint = lambda: (f"rerun '{shlex.join(again)}' to continue (finished recipes are kept, the interrupted "
-                                "one resumes from its last finished epoch)")
+    again = (
+        ["kdlab", "demo", "--out", args.out]
+        + (["--only", *args.only] if args.only else [])
+        + (["--quiet"] if args.quiet else [])
+    )
+    args.resume_hint = lambda: (
+        f"rerun '{shlex.join(again)}' to continue (finished recipes are kept, the interrupted "
+        "one resumes from its last finished epoch)"
+    )
     run_demo(Path(args.out), only=args.only, quiet=args.quiet)
     return 0

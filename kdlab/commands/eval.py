@@ -24,11 +24,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from kdlab import checkpoint, models
-    from kdlab.config import DataConfig, read_yaml
+    from kdlab.compute import resolve_device
+    from kdlab.config import DataConfig
     from kdlab.data import DeviceLoader, load_dataset
     from kdlab.errors import KdlabError
+    from kdlab.recipe_files import read_yaml
     from kdlab.student import EVAL_BATCH, resolve_weights
-    from kdlab.train import evaluate, resolve_device
+    from kdlab.train import evaluate
 
     path, meta = resolve_weights(Path(args.weights))
     if "model" not in meta:
@@ -40,13 +42,21 @@ def run(args) -> int:
     kw = {"image_size": data.image_size, "skip_unreadable": data.skip_unreadable} if name == "imagefolder" else {}
     test = load_dataset(name, root, split="test", **kw)
     if test.skipped:
-        sys.stderr.write(f"kdlab: {len(test.skipped)} unreadable file(s) left out of the test set; first: {test.skipped[0]}\n")
-    model = models.create(meta["model"], num_classes=meta.get("num_classes", test.num_classes), in_chans=meta.get("in_chans", 3),
-                          **meta.get("kwargs", {}))
+        sys.stderr.write(
+            f"kdlab: {len(test.skipped)} unreadable file(s) left out of the test set; first: {test.skipped[0]}\n"
+        )
+    model = models.create(
+        meta["model"],
+        num_classes=meta.get("num_classes", test.num_classes),
+        in_chans=meta.get("in_chans", 3),
+        **meta.get("kwargs", {}),
+    )
     checkpoint.load_state_into(model, checkpoint.load(path)[0], str(path))
     if test.num_classes != meta.get("num_classes", test.num_classes) or test.images.shape[1] != meta.get("in_chans", 3):
-        raise KdlabError(f"{path}: model has {meta.get('num_classes')} classes / {meta.get('in_chans')} channels, "
-                         f"data {name} has {test.num_classes} / {test.images.shape[1]}")
+        raise KdlabError(
+            f"{path}: model has {meta.get('num_classes')} classes / {meta.get('in_chans')} channels, "
+            f"data {name} has {test.num_classes} / {test.images.shape[1]}"
+        )
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     metrics = evaluate(model.to(device), DeviceLoader(test, EVAL_BATCH, train=False, device=device))

@@ -30,9 +30,17 @@ def add_arguments(p) -> None:
     p.add_argument("source", metavar="RUN_DIR", help="a run directory, or a student .safetensors file written by kdlab")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write (.safetensors or .onnx)")
     p.add_argument("--format", dest="fmt", choices=["safetensors", "onnx"], help="default: from the suffix of --out")
-    p.add_argument("--checkpoint", metavar="NAME",
-                   help="take the student from checkpoints/NAME.safetensors (last, prev, epoch_N) instead of student.safetensors")
-    p.add_argument("--image-size", type=int_range(1, 65_536), metavar="PIXELS", help="ONNX input height = width (default: from the run's data set)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="NAME",
+        help="take the student from checkpoints/NAME.safetensors (last, prev, epoch_N) instead of student.safetensors",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int_range(1, 65_536),
+        metavar="PIXELS",
+        help="ONNX input height = width (default: from the run's data set)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,7 +48,7 @@ def add_arguments(p) -> None:
 
 
 def _run_config(run_dir: Path) -> dict:
-    from kdlab.config import read_yaml
+    from kdlab.recipe_files import read_yaml
 
     path = run_dir / "config.yaml"
     return read_yaml(path) if path.exists() else {}
@@ -84,7 +92,7 @@ def load_student(source: Path, checkpoint_name: str | None = None):
         path = source / "checkpoints" / f"{checkpoint_name.removesuffix('.safetensors')}.safetensors"
         tensors, _ = checkpoint.load(path)
         if any(k.startswith("model.") for k in tensors):  # a training checkpoint: the Distiller's state and more
-            state = {k[len("model.student."):]: v for k, v in tensors.items() if k.startswith("model.student.")}
+            state = {k[len("model.student.") :]: v for k, v in tensors.items() if k.startswith("model.student.")}
             if not state:
                 raise CheckpointError(f"{path}: no student weights in this checkpoint")
         else:  # kept epoch weights (train.keep_epochs): the student's state already
@@ -99,8 +107,12 @@ def load_student(source: Path, checkpoint_name: str | None = None):
             raise CheckpointError(f"{path}: no model name in its metadata; was it written by kdlab?")
         state = checkpoint.load(path)[0]
         dropped = 0
-    model = models.create(meta["model"], num_classes=meta.get("num_classes", 100), in_chans=meta.get("in_chans", 3),
-                          **meta.get("kwargs", {}))
+    model = models.create(
+        meta["model"],
+        num_classes=meta.get("num_classes", 100),
+        in_chans=meta.get("in_chans", 3),
+        **meta.get("kwargs", {}),
+    )
     checkpoint.load_state_into(model, state, str(path))  # strict: a key too many or missing fails here
     cfg = _run_config(path.parent if checkpoint_name is None else source)
     data = cfg.get("data") or {}
@@ -143,7 +155,9 @@ def export_safetensors(model, meta: dict, out: Path) -> None:
     from kdlab import checkpoint
 
     keep = ("model", "kwargs", "num_classes", "in_chans", "data", "image_size", *PREPROCESSING_KEYS)
-    checkpoint.save(out, model.state_dict(), {k: meta[k] for k in keep if k in meta} | {"exported_from": meta["source"]})
+    checkpoint.save(
+        out, model.state_dict(), {k: meta[k] for k in keep if k in meta} | {"exported_from": meta["source"]}
+    )
 
 
 def export_onnx(model, meta: dict, out: Path, image_size: int | None) -> float | None:
@@ -166,8 +180,16 @@ def export_onnx(model, meta: dict, out: Path, image_size: int | None) -> float |
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice: it needs only 'onnx'
-            torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(tmp),
+                dynamo=False,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=ONNX_OPSET,
+            )
         add_onnx_metadata(tmp, meta, size)
     except Exception as e:  # a broken onnx install or an op the exporter cannot express: one line, not a traceback
         tmp.unlink(missing_ok=True)
@@ -185,15 +207,23 @@ def export_onnx(model, meta: dict, out: Path, image_size: int | None) -> float |
         want = model(batch)
     diff = float((got - want).abs().max())
     if not diff <= ONNX_TOLERANCE:
-        raise KdlabError(f"{out}: ONNX outputs differ from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE}); the file is kept for inspection")
+        raise KdlabError(
+            f"{out}: ONNX outputs differ from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE}); "
+            "the file is kept for inspection"
+        )
     return diff
 
 
 def onnx_metadata(meta: dict, size: int) -> dict[str, str]:
     """The metadata_props of an exported model: strings, JSON for lists."""
-    props = {"model": meta["model"], "num_classes": meta.get("num_classes"), "in_chans": meta.get("in_chans", 3),
-             "input_size": [meta.get("in_chans", 3), size, size], "input_layout": "NCHW, float32",
-             "normalization": "(pixels / 255 - mean) / std, per channel"}
+    props = {
+        "model": meta["model"],
+        "num_classes": meta.get("num_classes"),
+        "in_chans": meta.get("in_chans", 3),
+        "input_size": [meta.get("in_chans", 3), size, size],
+        "input_layout": "NCHW, float32",
+        "normalization": "(pixels / 255 - mean) / std, per channel",
+    }
     props.update({k: meta[k] for k in PREPROCESSING_KEYS if k in meta})
     if "data" in meta:
         props["data"] = meta["data"]
@@ -229,7 +259,11 @@ def run(args) -> int:
         check = ""
     else:
         diff = export_onnx(model, meta, out, args.image_size)
-        check = "; onnxruntime not installed, outputs not checked" if diff is None else f"; onnxruntime max |diff| {diff:.2e}"
+        check = (
+            "; onnxruntime not installed, outputs not checked"
+            if diff is None
+            else f"; onnxruntime max |diff| {diff:.2e}"
+        )
     dropped = f", {meta['dropped_tensors']} side-module/optimizer tensors dropped" if meta["dropped_tensors"] else ""
     if "preprocessing_missing" in meta:
         check += f"; no mean/std in the file: {meta['preprocessing_missing']}"

@@ -7,18 +7,37 @@ HELP = "plot test top-1 and every loss term over epochs (one line per run), or -
 
 
 def add_arguments(p) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders searched for them (a run holds result.json)")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories, or folders searched for them (a run holds result.json)",
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="figure to write (.png, .svg or .pdf)")
-    p.add_argument("--mean", action="store_true", help="one line per recipe: the mean over its seeds with a ±1 std band")
-    p.add_argument("--recon", action="store_true",
-                   help="bar chart of each recipe's reconstruction error, read from the runs' recon.json (kdlab analyze recon)")
-    p.add_argument("--recon-curve", action="store_true",
-                   help="with --recon: the reconstruction error along training (and across generations), one line per "
-                   "recipe, from recon.json curves (kdlab analyze recon --curve)")
-    p.add_argument("--labels", nargs="+", metavar="LABEL", help="one label per line (default: the runs' paths, shortened)")
+    p.add_argument(
+        "--mean", action="store_true", help="one line per recipe: the mean over its seeds with a ±1 std band"
+    )
+    p.add_argument(
+        "--recon",
+        action="store_true",
+        help="bar chart of each recipe's reconstruction error, read from the runs' recon.json (kdlab analyze recon)",
+    )
+    p.add_argument(
+        "--recon-curve",
+        action="store_true",
+        help="with --recon: the reconstruction error along training (and across generations), one line per "
+        "recipe, from recon.json curves (kdlab analyze recon --curve)",
+    )
+    p.add_argument(
+        "--labels", nargs="+", metavar="LABEL", help="one label per line (default: the runs' paths, shortened)"
+    )
     p.add_argument("--title", help="figure title")
-    p.add_argument("--all", dest="include_sub_runs", action="store_true",
-                   help="also take the teacher caches (teachers/) and earlier generations (generations/) found below")
+    p.add_argument(
+        "--all",
+        dest="include_sub_runs",
+        action="store_true",
+        help="also take the teacher caches (teachers/) and earlier generations (generations/) found below",
+    )
 
 
 def short_names(paths: list) -> list[str]:
@@ -35,21 +54,29 @@ def short_names(paths: list) -> list[str]:
 
 
 def run(args) -> int:
-    from kdlab.tools import plots, results
     from kdlab.errors import KdlabError
+    from kdlab.tools import plots, results
 
     runs, unfinished = results.find_runs(args.runs, include_sub_runs=args.include_sub_runs)
     if unfinished:
-        results.warn(f"skipped {len(unfinished)} unfinished run(s) (no result.json): {', '.join(map(str, unfinished[:5]))}")
+        results.warn(
+            f"skipped {len(unfinished)} unfinished run(s) (no result.json): {', '.join(map(str, unfinished[:5]))}"
+        )
     if args.recon:
         missing = [str(r.path) for r in runs if not (r.recon and "recon_error" in r.recon)]
         if missing:
-            raise KdlabError(f"no recon.json in {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
-                             f"compute it first with: kdlab analyze recon {' '.join(missing[:5])}")
-        settings = {(r.recon.get("loss"), r.recon.get("layer"), r.recon.get("rate"), r.recon.get("epochs")) for r in runs}
+            raise KdlabError(
+                f"no recon.json in {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                f"compute it first with: kdlab analyze recon {' '.join(missing[:5])}"
+            )
+        settings = {
+            (r.recon.get("loss"), r.recon.get("layer"), r.recon.get("rate"), r.recon.get("epochs")) for r in runs
+        }
         if len(settings) > 1:
-            raise KdlabError("the runs' recon.json were measured with different settings (loss, layer, rate, epochs): "
-                             f"{sorted(settings, key=str)}; rerun kdlab analyze recon with one setting for all")
+            raise KdlabError(
+                "the runs' recon.json were measured with different settings (loss, layer, rate, epochs): "
+                f"{sorted(settings, key=str)}; rerun kdlab analyze recon with one setting for all"
+            )
         loss, layer, rate, epochs = settings.pop()
         groups = results.group_runs(runs)
         labels = _labels(args.labels, [g.label for g in groups])
@@ -58,8 +85,10 @@ def run(args) -> int:
         if args.recon_curve:
             flat = [str(r.path) for r in runs if "curve" not in r.recon]
             if flat:
-                raise KdlabError(f"no curve in the recon.json of {', '.join(flat[:5])}; measure it with: "
-                                 f"kdlab analyze recon --curve {' '.join(flat[:5])}")
+                raise KdlabError(
+                    f"no curve in the recon.json of {', '.join(flat[:5])}; measure it with: "
+                    f"kdlab analyze recon --curve {' '.join(flat[:5])}"
+                )
             lines = [(label, [recon_points(r.recon) for r in g.runs]) for label, g in zip(labels, groups)]
             path = plots.plot_recon_curves(lines, args.out, ylabel=ylabel, title=title)
         else:
@@ -70,7 +99,9 @@ def run(args) -> int:
     elif args.mean:
         groups = results.group_runs(runs)
         labels = _labels(args.labels, [f"{g.label} (n={len(g.runs)})" for g in groups])
-        path = plots.plot_groups([(label, [r.path for r in g.runs]) for label, g in zip(labels, groups)], args.out, args.title)
+        path = plots.plot_groups(
+            [(label, [r.path for r in g.runs]) for label, g in zip(labels, groups)], args.out, args.title
+        )
     else:
         paths = [r.path for r in runs]
         path = plots.plot_runs(paths, args.out, labels=_labels(args.labels, short_names(paths)), title=args.title)

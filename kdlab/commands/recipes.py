@@ -14,16 +14,20 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import yaml
 
-    from kdlab.config import packaged_recipes
     from kdlab.errors import KdlabError
+    from kdlab.recipe_files import packaged_recipes
 
     recipes = packaged_recipes()
     if args.family:
         prefix = args.family.strip("/") + "/"
         recipes = {k: v for k, v in recipes.items() if k.startswith(prefix)}
         if not recipes:
-            families = sorted({"/".join(k.split("/")[:2]) if k.startswith("cifar100/") else k.split("/")[0]
-                               for k in packaged_recipes()})
+            families = sorted(
+                {
+                    "/".join(k.split("/")[:2]) if k.startswith("cifar100/") else k.split("/")[0]
+                    for k in packaged_recipes()
+                }
+            )
             raise KdlabError(f"no packaged recipes under {args.family!r}; families: {', '.join(families)}")
     width = max(map(len, recipes))
     for name, path in recipes.items():

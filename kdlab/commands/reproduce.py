@@ -16,13 +16,27 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="output folder (default: runs/reproduce/<table name>); rerun to continue")
     p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (the report still lists every cell)")
     p.add_argument("--data-root", help="data.root for every cell (default: the recipes' own, else $KDLAB_CIFAR100)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key in every cell, after the table's own overrides (repeatable)")
-    p.add_argument("--cache-dir", help="where teachers are trained and cached (default: OUT/teachers); "
-                   "tables sharing a teacher protocol can share one")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="run independent runs in N worker processes (teachers first, each trained once; "
-                   "on CPU one thread each, with several GPUs one GPU each)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key in every cell, after the table's own overrides (repeatable)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="where teachers are trained and cached (default: OUT/teachers); "
+        "tables sharing a teacher protocol can share one",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run independent runs in N worker processes (teachers first, each trained once; "
+        "on CPU one thread each, with several GPUs one GPU each)",
+    )
     p.add_argument("--quiet", action="store_true", help="only the per-run progress lines, no per-epoch lines")
 
 
@@ -43,8 +57,18 @@ def run(args) -> int:
         raise KdlabError(f"--jobs must be at most {MAX_JOBS}")
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / Path(args.table).stem
     try:
-        run_table(args.table, out, seeds=args.seeds, only=args.only, sets=args.overrides, data_root=args.data_root,
-                  quiet=args.quiet, cache_dir=args.cache_dir, jobs=args.jobs, say=lambda line: print(line, flush=True))
+        run_table(
+            args.table,
+            out,
+            seeds=args.seeds,
+            only=args.only,
+            sets=args.overrides,
+            data_root=args.data_root,
+            quiet=args.quiet,
+            cache_dir=args.cache_dir,
+            jobs=args.jobs,
+            say=lambda line: print(line, flush=True),
+        )
     except KeyboardInterrupt:  # finished runs are kept; the interrupted one resumes from its last checkpoint
         import sys
 

@@ -8,13 +8,22 @@ ORDER = 0  # the core commands first in `kdlab --help`
 
 
 def add_arguments(p) -> None:
-    p.add_argument("recipe", nargs="?", help="recipe YAML file, or a packaged recipe by name: kd, digits/kd, "
-                   "imagenet/kd (kdlab recipes lists them)")
+    p.add_argument(
+        "recipe",
+        nargs="?",
+        help="recipe YAML file, or a packaged recipe by name: kd, digits/kd, imagenet/kd (kdlab recipes lists them)",
+    )
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--seed", type=int, help="override the recipe's seed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.epochs=2 (repeatable)",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines on stdout (log.txt still written)")
 
 
@@ -23,8 +32,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from kdlab import pipeline
-    from kdlab.config import find_recipe, load_recipe
     from kdlab.errors import KdlabError, NonFiniteLoss
+    from kdlab.recipe_files import find_recipe, load_recipe
 
     out = Path(args.resume or args.out or ".")
     args.resume_hint = lambda: resume_hint(out)
@@ -53,5 +62,7 @@ def resume_hint(out) -> str:
 
     if not (out / "config.yaml").exists():
         return "nothing was started yet; run the same command again"
-    return (f"continue with 'kdlab train --resume {shlex.quote(str(out))}' (from the last finished epoch; "
-            "finished teachers are kept)")
+    return (
+        f"continue with 'kdlab train --resume {shlex.quote(str(out))}' (from the last finished epoch; "
+        "finished teachers are kept)"
+    )

@@ -1,11 +1,11 @@
 """Data layer: in-memory data sets, safe readers, device-side batched augmentation and loading.
 
-    ds = load_dataset("cifar100", root="data/", split="train")
-    loader = DeviceLoader(ds, 128, train=True, augment=default_augment("cifar100"), device="cuda")
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for x, y in loader:
-            ...
+ds = load_dataset("cifar100", root="data/", split="train")
+loader = DeviceLoader(ds, 128, train=True, augment=default_augment("cifar100"), device="cuda")
+for epoch in range(epochs):
+    loader.set_epoch(epoch)
+    for x, y in loader:
+        ...
 """
 
 from .arrays import ArrayDataset, channel_stats

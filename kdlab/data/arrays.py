@@ -42,9 +42,7 @@ class ArrayDataset:
         if not isinstance(images, torch.Tensor):
             raise DataError(f"{where}images must be a torch tensor, got {type(images).__name__}")
         if images.dim() != 4:
-            raise DataError(
-                f"{where}images must have 4 dimensions (N, C, H, W), got shape {tuple(images.shape)}"
-            )
+            raise DataError(f"{where}images must have 4 dimensions (N, C, H, W), got shape {tuple(images.shape)}")
         if images.dtype != torch.uint8:
             raise DataError(f"{where}images must be uint8, got {images.dtype}")
         if images.device.type != "cpu":
@@ -53,8 +51,7 @@ class ArrayDataset:
             raise DataError(f"{where}labels must be a torch tensor, got {type(labels).__name__}")
         if labels.dim() != 1 or labels.dtype != torch.int64:
             raise DataError(
-                f"{where}labels must be a 1-D int64 tensor, got shape {tuple(labels.shape)} "
-                f"dtype {labels.dtype}"
+                f"{where}labels must be a 1-D int64 tensor, got shape {tuple(labels.shape)} dtype {labels.dtype}"
             )
         n = images.shape[0]
         if labels.shape[0] != n:
@@ -67,10 +64,7 @@ class ArrayDataset:
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= self.num_classes:
                 bad = lo if lo < 0 else hi
-                raise DataError(
-                    f"{where}label {bad} out of range [0, {self.num_classes}) "
-                    f"(labels span {lo}..{hi})"
-                )
+                raise DataError(f"{where}label {bad} out of range [0, {self.num_classes}) (labels span {lo}..{hi})")
         c = images.shape[1]
         try:
             self.mean = tuple(float(m) for m in self.mean)
@@ -79,16 +73,13 @@ class ArrayDataset:
             raise DataError(f"{where}mean/std must be sequences of floats ({exc})") from None
         if len(self.mean) != c or len(self.std) != c:
             raise DataError(
-                f"{where}mean/std need one value per channel ({c}), "
-                f"got {len(self.mean)} and {len(self.std)}"
+                f"{where}mean/std need one value per channel ({c}), got {len(self.mean)} and {len(self.std)}"
             )
         if not all(s > 0 for s in self.std):
             raise DataError(f"{where}std must be positive, got {self.std}")
         self.class_names = [str(s) for s in self.class_names]
         if len(self.class_names) != self.num_classes:
-            raise DataError(
-                f"{where}{len(self.class_names)} class names for {self.num_classes} classes"
-            )
+            raise DataError(f"{where}{len(self.class_names)} class names for {self.num_classes} classes")
         self.images = images.contiguous()
 
     def __len__(self) -> int:
@@ -99,7 +90,7 @@ class ArrayDataset:
         """(C, H, W)."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
-    def subset(self, index, name: str | None = None) -> "ArrayDataset":
+    def subset(self, index, name: str | None = None) -> ArrayDataset:
         """The samples at ``index`` (int tensor / sequence / slice), keeping statistics and classes."""
         if not isinstance(index, slice):
             index = torch.as_tensor(index, dtype=torch.int64)

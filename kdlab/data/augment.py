@@ -48,12 +48,23 @@ class Views(NamedTuple):
     flip: torch.Tensor
     angle: torch.Tensor
 
-    def to(self, device) -> "Views":
+    def to(self, device) -> Views:
         return Views(*(t.to(device) for t in self))
 
-    def select(self, index) -> "Views":
+    def select(self, index) -> Views:
         """The views of the samples at ``index`` (slice or int tensor)."""
         return Views(*(t[index] for t in self))
+
+
+def uncacheable_views(rotation: float) -> str | None:
+    """Why the teacher-logit cache cannot hold this augmentation's views, or None. The cache enumerates every
+    crop/flip view of every image; a rotation draws a continuous angle per sample."""
+    if not rotation:
+        return None
+    return (
+        f"data.augment.rotation={rotation:g} draws a continuous angle per sample, so the views are "
+        "non-enumerable and cannot be cached; set train.teacher_cache=false (or data.augment.rotation=0)"
+    )
 
 
 @dataclass

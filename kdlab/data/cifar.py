@@ -26,8 +26,15 @@ from kdlab.errors import DataError
 
 from .arrays import ArrayDataset
 
-__all__ = ["RestrictedUnpickler", "restricted_loads", "load_cifar", "CIFAR10_MEAN", "CIFAR10_STD",
-           "CIFAR100_MEAN", "CIFAR100_STD"]
+__all__ = [
+    "RestrictedUnpickler",
+    "restricted_loads",
+    "load_cifar",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -80,8 +87,7 @@ def restricted_loads(data: bytes, source: str):
         ) from None
     except Exception as exc:  # corrupt bytes surface as many exception types
         raise DataError(
-            f"{source}: not a readable CIFAR pickle ({type(exc).__name__}: {exc}); "
-            "the file is corrupt or truncated"
+            f"{source}: not a readable CIFAR pickle ({type(exc).__name__}: {exc}); the file is corrupt or truncated"
         ) from None
 
 
@@ -167,8 +173,7 @@ def _parse_batch(obj, source: str, layout: _Layout) -> tuple[np.ndarray, np.ndar
         raise DataError(f"{source}: '{layout.label_key}' is not a list of ints ({exc})") from None
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(
-            f"{source}: '{layout.label_key}' must be a flat list of ints, got shape "
-            f"{labels.shape} dtype {labels.dtype}"
+            f"{source}: '{layout.label_key}' must be a flat list of ints, got shape {labels.shape} dtype {labels.dtype}"
         )
     if labels.shape[0] != n:
         raise DataError(f"{source}: {n} images but {labels.shape[0]} '{layout.label_key}'")

@@ -44,7 +44,8 @@ def _classes(train_dir: Path) -> list[str]:
 
 def _files(class_dir: Path) -> list[Path]:
     files = sorted(
-        p for p in class_dir.iterdir()
+        p
+        for p in class_dir.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
     if not files:
@@ -84,12 +85,17 @@ def _read_image(path: Path, size: int) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
-def _load_split(split_dir: Path, classes: list[str], size: int, require_all: bool, skip_unreadable: bool = False,
-                skipped: list[str] | None = None):
+def _load_split(
+    split_dir: Path,
+    classes: list[str],
+    size: int,
+    require_all: bool,
+    skip_unreadable: bool = False,
+    skipped: list[str] | None = None,
+):
     images, labels = [], []
     extra = sorted(
-        p.name for p in split_dir.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name not in classes
+        p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes
     )
     if extra:
         raise DataError(f"{split_dir}: class folder(s) {', '.join(extra)} not in the train split")
@@ -104,7 +110,9 @@ def _load_split(split_dir: Path, classes: list[str], size: int, require_all: boo
                 images.append(_read_image(f, size))
             except DataError as e:
                 if not skip_unreadable:
-                    raise DataError(f"{e}; skip_unreadable (data.skip_unreadable in a recipe) leaves such files out") from None
+                    raise DataError(
+                        f"{e}; skip_unreadable (data.skip_unreadable in a recipe) leaves such files out"
+                    ) from None
                 if skipped is not None:
                     skipped.append(str(e))
                 continue
@@ -123,7 +131,9 @@ def _fingerprint(train_dir: Path, classes: list[str]) -> tuple:
     return tuple(out)
 
 
-def load_imagefolder(root=None, split: str = "train", image_size: int = 32, skip_unreadable: bool = False) -> ArrayDataset:
+def load_imagefolder(
+    root=None, split: str = "train", image_size: int = 32, skip_unreadable: bool = False
+) -> ArrayDataset:
     if root is None:
         raise DataError("imagefolder: no root given (the folder holding train/ and test/)")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:

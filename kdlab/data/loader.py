@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -94,14 +94,18 @@ class DeviceLoader:
         self.dataset_size = n
         if self.train and world > 1:
             if not self.drop_last:
-                raise ConfigError("a sharded training loader drops the last partial global batch (drop_last=True), "
-                                  "so that every rank takes the same number of steps")
+                raise ConfigError(
+                    "a sharded training loader drops the last partial global batch (drop_last=True), "
+                    "so that every rank takes the same number of steps"
+                )
             global_batch = self.batch_size * world
             self._start, self._num_batches = 0, n // global_batch
             self.num_samples = self._num_batches * self.batch_size
             if self._num_batches == 0:
-                raise ConfigError(f"{dataset.name}: {n} samples make no global batch of {global_batch} "
-                                  f"({world} ranks x {self.batch_size})")
+                raise ConfigError(
+                    f"{dataset.name}: {n} samples make no global batch of {global_batch} "
+                    f"({world} ranks x {self.batch_size})"
+                )
         else:
             if self.train:
                 self._start, self.num_samples = 0, n

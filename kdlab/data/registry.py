@@ -18,7 +18,8 @@ def load_dataset(name: str, root=None, split: str = "train", **kwargs) -> ArrayD
 
     ``name``: cifar10 / cifar100 (official python files; ``root`` = the .tar.gz, its folder, the
     extracted folder or its parent), digits (scikit-learn, ``root`` ignored) or imagefolder
-    (``root/train/<class>/*``; keywords ``image_size``, default 32, and ``skip_unreadable``, default False). ``split``: train or test.
+    (``root/train/<class>/*``; keywords ``image_size``, default 32, and ``skip_unreadable``, default
+    False). ``split``: train or test.
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in DATASETS:

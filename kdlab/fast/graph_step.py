@@ -35,7 +35,7 @@ bookkeeping guarantees, on both:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -48,7 +48,8 @@ Forward = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor
 
 
 class CudaGraphs:  # pragma: no cover - needs a GPU
-    """The CUDA side of the capture: a warm-up side stream and ``torch.cuda.graph``, as in PyTorch's CUDA-graphs notes."""
+    """The CUDA side of the capture: a warm-up side stream and ``torch.cuda.graph``, as in PyTorch's
+    CUDA-graphs notes."""
 
     def __init__(self):
         self._side = None
@@ -168,8 +169,10 @@ class GraphStep:
         if self.capture and teacher_cache is not None and getattr(teacher_cache, "storage", "device") != "device":
             # a memory-mapped table is gathered on the host: index.to("cpu") waits for the device,
             # which a capture forbids
-            raise ConfigError("train.fast.cache_storage: a CUDA graph needs the teacher cache in device memory "
-                              "(cache_storage=device), or set train.fast.cuda_graph=false")
+            raise ConfigError(
+                "train.fast.cache_storage: a CUDA graph needs the teacher cache in device memory "
+                "(cache_storage=device), or set train.fast.cuda_graph=false"
+            )
         self.warmup = warmup
         self.lr = torch.zeros((), dtype=torch.float32, device=self.device)
         self.groups = []
@@ -180,7 +183,9 @@ class GraphStep:
             if group["momentum"]:
                 for p in params:
                     # zeros behave like SGD's first-step clone of the gradient, and exist before any capture
-                    optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    optimizer.state[p].setdefault(
+                        "momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format)
+                    )
             self.groups.append((params, group))
         self.optimizer = optimizer
         self.params = [p for params, _ in self.groups for p in params]
@@ -196,7 +201,9 @@ class GraphStep:
     @torch.no_grad()
     def _sgd(self) -> None:
         for params, group in self.groups:
-            live = [p for p in params if p.grad is not None]  # a side module unused this step keeps its weights, as in SGD
+            live = [
+                p for p in params if p.grad is not None
+            ]  # a side module unused this step keeps its weights, as in SGD
             if not live:
                 continue
             grads = [p.grad for p in live]
@@ -225,7 +232,9 @@ class GraphStep:
 
     def _state(self) -> list[torch.Tensor]:
         """What the step changes in place besides the modules: the weights and the optimizer's state."""
-        return self.params + [t for p in self.params for t in self.optimizer.state[p].values() if isinstance(t, torch.Tensor)]
+        return self.params + [
+            t for p in self.params for t in self.optimizer.state[p].values() if isinstance(t, torch.Tensor)
+        ]
 
     def _zero_grad(self) -> None:
         for p in self.params:
@@ -261,7 +270,9 @@ class GraphStep:
 
     def _eager(self, x, y, index, view):
         self.eager_calls += 1
-        kept = [p.grad for p in self.params]  # after a capture: the graph's gradient tensors, kept alive for its replays
+        kept = [
+            p.grad for p in self.params
+        ]  # after a capture: the graph's gradient tensors, kept alive for its replays
         try:
             return self._step(x, y, index, view)
         finally:

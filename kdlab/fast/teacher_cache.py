@@ -31,17 +31,17 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from kdlab.data.arrays import ArrayDataset
-from kdlab.data.augment import AugmentSpec, Views, num_views, view_from_index
 from kdlab import distributed
+from kdlab.data.arrays import ArrayDataset
+from kdlab.data.augment import AugmentSpec, Views, num_views, uncacheable_views, view_from_index
 from kdlab.errors import ConfigError
 
 __all__ = ["TeacherCache", "LogitTable", "CacheTooLarge", "cache_key", "build_table", "check_cacheable", "table_bytes"]
@@ -54,15 +54,14 @@ DEVICE_SHARE = 0.75
 class CacheTooLarge(ConfigError):
     """The tables do not fit where they were asked to live (device memory or disk)."""
 
+
 _NUMPY_STORAGE = {torch.float32: np.float32, torch.bfloat16: np.uint16}  # bf16 travels as its raw 16 bits
 
 
 def check_cacheable(augment: AugmentSpec | None) -> None:
-    if augment is not None and augment.rotation:
-        raise ConfigError(
-            f"teacher cache: augmentation rotation={augment.rotation:g} draws a continuous angle per sample, so the "
-            "views cannot be enumerated and cached; set train.teacher_cache=false (or data.augment.rotation=0)"
-        )
+    problem = uncacheable_views(augment.rotation) if augment is not None else None
+    if problem:
+        raise ConfigError(f"teacher cache: {problem}")
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:
@@ -80,8 +79,12 @@ def cache_key(teacher: nn.Module, dataset: ArrayDataset, augment: AugmentSpec | 
         _hash_tensor(h, value)
     _hash_tensor(h, dataset.images)
     aug = (augment.crop_pad, augment.flip) if augment is not None else (0, False)
-    h.update(json.dumps({"mean": dataset.mean, "std": dataset.std, "augment": aug, "torch": torch.__version__,
-                         **settings}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"mean": dataset.mean, "std": dataset.std, "augment": aug, "torch": torch.__version__, **settings},
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()[:20]
 
 
@@ -116,8 +119,12 @@ def build_table(
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, c, 1, 1)
     spec = augment if augment is not None else AugmentSpec()
     no_angle = torch.zeros(batch_size, dtype=torch.float32, device=device)
-    all_views = [Views(*(torch.full((batch_size,), k, dtype=torch.int64, device=device) for k in view_from_index(v, pad)),
-                       no_angle) for v in range(views)]
+    all_views = [
+        Views(
+            *(torch.full((batch_size,), k, dtype=torch.int64, device=device) for k in view_from_index(v, pad)), no_angle
+        )
+        for v in range(views)
+    ]
     chunks = range(0, n, batch_size)
     # a table elsewhere (a memory-mapped file while computing on CUDA) gets one copy per block of
     # images, not one device-to-host wait per forward
@@ -126,7 +133,11 @@ def build_table(
         idx = torch.arange(start, start + batch_size, device=device) % n
         count = min(batch_size, n - start)
         block = images.index_select(0, idx)
-        dest = torch.empty((count, views, out.shape[2]), dtype=out.dtype, device=device) if staging else out[start : start + count]
+        dest = (
+            torch.empty((count, views, out.shape[2]), dtype=out.dtype, device=device)
+            if staging
+            else out[start : start + count]
+        )
         for v, view in enumerate(all_views):
             x = spec.apply(block, view)
             x.div_(255.0).sub_(m).div_(s)
@@ -169,7 +180,11 @@ def _open(root: Path, key: str, shape: tuple[int, int, int], dtype: torch.dtype,
     except json.JSONDecodeError:
         return None
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if tuple(meta.get("shape", ())) != shape or meta.get("dtype") != str(dtype) or data.stat().st_size != int(np.prod(shape)) * itemsize:
+    if (
+        tuple(meta.get("shape", ())) != shape
+        or meta.get("dtype") != str(dtype)
+        or data.stat().st_size != int(np.prod(shape)) * itemsize
+    ):
         return None
     arr = np.memmap(data, dtype=_NUMPY_STORAGE[dtype], mode="c", shape=shape)  # copy-on-write: never written back
     table = torch.from_numpy(arr)
@@ -246,14 +261,17 @@ def _check_fits(need_memory: int, need_disk: int, device: torch.device, cache_di
             raise CacheTooLarge(
                 f"train.fast.cache_storage: the teacher logit tables need {need_memory / GiB:.2f} GiB of {device.type} "
                 f"memory and {free / GiB:.2f} GiB are free (at most {DEVICE_SHARE:.0%} is used for them); set "
-                "train.fast.cache_storage=disk (with train.fast.cuda_graph=false on CUDA), train.fast.cache_dtype=bfloat16, "
-                "or train.teacher_cache=false")
+                "train.fast.cache_storage=disk (with train.fast.cuda_graph=false on CUDA), "
+                "train.fast.cache_dtype=bfloat16, or train.teacher_cache=false"
+            )
     if need_disk:
         free = free_bytes("disk", device, cache_dir)
         if free is not None and need_disk > free:
             raise CacheTooLarge(
-                f"train.teacher_cache: the teacher logit tables need {need_disk / GiB:.2f} GiB on disk in {cache_dir} and "
-                f"{free / GiB:.2f} GiB are free; free some space, point cache_dir elsewhere, or set train.teacher_cache=false")
+                f"train.teacher_cache: the teacher logit tables need {need_disk / GiB:.2f} GiB on disk in "
+                f"{cache_dir} and {free / GiB:.2f} GiB are free; free some space, point cache_dir elsewhere, "
+                "or set train.teacher_cache=false"
+            )
 
 
 class TeacherCache:
@@ -285,7 +303,7 @@ class TeacherCache:
         channels_last: bool = False,
         autocast: Callable | None = None,
         log: Callable[[str], None] = lambda _m: None,
-    ) -> "TeacherCache":
+    ) -> TeacherCache:
         """Compute (or read back from ``cache_dir``) every teacher's table for ``dataset`` under ``augment``.
 
         The size is checked first (:class:`CacheTooLarge` when it does not fit). Under torchrun with a
@@ -300,8 +318,19 @@ class TeacherCache:
         if storage == "disk" and cache_dir is None:
             raise ConfigError("teacher cache: storage 'disk' needs a cache directory")
         device = torch.device(device)
-        args = (teachers, dataset, augment, device, batch_size, dtype, storage,
-                Path(cache_dir) if cache_dir is not None else None, channels_last, autocast, log)
+        args = (
+            teachers,
+            dataset,
+            augment,
+            device,
+            batch_size,
+            dtype,
+            storage,
+            Path(cache_dir) if cache_dir is not None else None,
+            channels_last,
+            autocast,
+            log,
+        )
         built: list[list[LogitTable]] = []
         if distributed.world_size() > 1 and cache_dir is not None:
             # rank 0 computes and writes; an error there is raised on every rank
@@ -311,11 +340,17 @@ class TeacherCache:
         return cls(built[0], device, storage)
 
 
-def _tables(teachers, dataset, augment, device, batch_size, dtype, storage, cache_dir, channels_last, autocast, log
-            ) -> list[LogitTable]:
+def _tables(
+    teachers, dataset, augment, device, batch_size, dtype, storage, cache_dir, channels_last, autocast, log
+) -> list[LogitTable]:
     pad = augment.crop_pad if augment is not None else 0
-    settings = {"batch_size": batch_size, "dtype": str(dtype), "channels_last": channels_last,
-                "autocast": autocast not in (None, contextlib.nullcontext), "device": device.type}
+    settings = {
+        "batch_size": batch_size,
+        "dtype": str(dtype),
+        "channels_last": channels_last,
+        "autocast": autocast not in (None, contextlib.nullcontext),
+        "device": device.type,
+    }
     plans = []
     for teacher in teachers:
         key = cache_key(teacher, dataset, augment, settings)
@@ -324,11 +359,16 @@ def _tables(teachers, dataset, augment, device, batch_size, dtype, storage, cach
         stored = cache_dir is not None and _open(cache_dir, key, shape, dtype, "disk", device) is not None
         plans.append((key, shape, stored))
     size = sum(table_bytes(shape, dtype) for _, shape, _ in plans)
-    log(f"teacher cache: {len(plans)} table(s) of {plans[0][1][0]} images x {plans[0][1][1]} views, "
-        f"{size / GiB:.2f} GiB in {str(dtype).removeprefix('torch.')} ({storage} storage)")
-    _check_fits(size if storage == "device" else 0,
-                sum(table_bytes(shape, dtype) for _, shape, stored in plans if not stored) if cache_dir is not None else 0,
-                device, cache_dir)
+    log(
+        f"teacher cache: {len(plans)} table(s) of {plans[0][1][0]} images x {plans[0][1][1]} views, "
+        f"{size / GiB:.2f} GiB in {str(dtype).removeprefix('torch.')} ({storage} storage)"
+    )
+    _check_fits(
+        size if storage == "device" else 0,
+        sum(table_bytes(shape, dtype) for _, shape, stored in plans if not stored) if cache_dir is not None else 0,
+        device,
+        cache_dir,
+    )
     images = None
     tables = []
     for i, (teacher, (key, shape, stored)) in enumerate(zip(teachers, plans)):

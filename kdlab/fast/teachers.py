@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -18,8 +18,11 @@ __all__ = ["feature_terms", "prepare_teachers"]
 
 def feature_terms(distiller) -> list[str]:
     """The distiller's terms that read more of a teacher than its logits."""
-    return [name for name, term in distiller.terms.items()
-            if term.reads_teacher_features or any(layers for layers in term.teacher_layers)]
+    return [
+        name
+        for name, term in distiller.terms.items()
+        if term.reads_teacher_features or any(layers for layers in term.teacher_layers)
+    ]
 
 
 def prepare_teachers(
@@ -36,7 +39,7 @@ def prepare_teachers(
     The teachers are put in the memory format ``fit`` will use and folded first, so the cache holds
     exactly what the online teachers of the same run would output.
     """
-    from kdlab.train import use_channels_last
+    from kdlab.compute import use_channels_last
 
     if not distiller.teachers or not distiller.uses_teachers:
         return None
@@ -53,10 +56,13 @@ def prepare_teachers(
         return None
     readers = feature_terms(distiller)
     if readers:
-        raise ConfigError(f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features, and the cache holds "
-                          "logits only; set train.teacher_cache=false for this method")
+        raise ConfigError(
+            f"train.teacher_cache: term(s) {', '.join(readers)} read teacher features, and the cache holds "
+            "logits only; set train.teacher_cache=false for this method"
+        )
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        cfg.fast.cache_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        cfg.fast.cache_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
     storage = cfg.fast.cache_storage
     if storage == "auto":
         storage = "device" if device.type == "cuda" else "disk"
@@ -64,5 +70,16 @@ def prepare_teachers(
     batch = train_loader.batch_size if device.type == "cpu" else max(train_loader.batch_size, 1024)
     # a table that does not fit raises CacheTooLarge naming the keys to change; no silent fallback to
     # disk, which would add a device-to-host wait per step
-    return TeacherCache.build(distiller.teachers, dataset, train_loader.augment, device, batch, dtype, storage,
-                              cache_dir, channels_last, autocast, log)
+    return TeacherCache.build(
+        distiller.teachers,
+        dataset,
+        train_loader.augment,
+        device,
+        batch,
+        dtype,
+        storage,
+        cache_dir,
+        channels_last,
+        autocast,
+        log,
+    )

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from kdlab.losses import functional as F
-from kdlab.losses.base import Outputs, Term, TermOptions, pool_to_match, register
+from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class ATOptions(TermOptions):
@@ -36,9 +36,7 @@ class AT(Term):
 
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        teacher = out.teacher_feats[0]
-        for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[0]):
-            fs, ft = pool_to_match(out.feats[s_spec], teacher[t_spec], self.opts.pool, f"at {s_spec}/{t_spec}")
+        for fs, ft in self.layer_pairs(out, pool=self.opts.pool):
             if self.opts.mode == "code":
                 total = total + F.at(fs, ft, p=self.opts.p)
             else:

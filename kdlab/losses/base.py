@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -9,14 +10,35 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from kdlab import taps
-from kdlab.strict import Strict
+from kdlab import distributed, taps
 from kdlab.errors import LayerError
+from kdlab.strict import Strict
 
-TERMS: dict[str, type["Term"]] = {}
+TERMS: dict[str, type[Term]] = {}
 
 
-def register(cls: type["Term"]) -> type["Term"]:
+@dataclass
+class PreStage:
+    """A short training stage a term asks for before the main one (FitNet's hints, FT's paraphraser).
+
+    The term only describes it; `kdlab.stages.run_stage` trains it, saves ``modules`` under the run's
+    ``stages/`` folder and loads them instead on a rerun. ``loss``: (x, y) -> scalar on one training
+    batch. ``lr_option``: the recipe key that sets ``lr``, named by the non-finite-loss message.
+    ``trainable_only_here``: the modules are frozen in the main stage (FT's paraphraser sits on the teacher
+    side) and trainable only during this one.
+    """
+
+    name: str
+    modules: dict[str, nn.Module]
+    params: Callable[[], Iterable[nn.Parameter]]  # read when the stage starts, after the modules are unfrozen
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    epochs: int
+    lr: float
+    lr_option: str | None = None
+    trainable_only_here: bool = False
+
+
+def register(cls: type[Term]) -> type[Term]:
     TERMS[cls.name] = cls
     return cls
 
@@ -67,10 +89,19 @@ class Term(nn.Module):
         if self.needs_teacher and not teachers:
             raise LayerError(f"loss term {self.name!r} needs a teacher")
         self.student_layers = self._layers(student, "student_layers", self.default_student_layers, "student")
-        self.teacher_layers = [
-            self._layers(t, "teacher_layers", self.default_teacher_layers, f"teacher {i}") for i, t in enumerate(teachers)
-        ] if self.reads_teacher_features else [[] for _ in teachers]
-        if self.reads_teacher_features and self.student_layers and any(len(tl) != len(self.student_layers) for tl in self.teacher_layers):
+        self.teacher_layers = (
+            [
+                self._layers(t, "teacher_layers", self.default_teacher_layers, f"teacher {i}")
+                for i, t in enumerate(teachers)
+            ]
+            if self.reads_teacher_features
+            else [[] for _ in teachers]
+        )
+        if (
+            self.reads_teacher_features
+            and self.student_layers
+            and any(len(tl) != len(self.student_layers) for tl in self.teacher_layers)
+        ):
             raise LayerError(
                 f"{self.name}: {len(self.student_layers)} student layer(s) {self.student_layers} but teacher layers "
                 f"{self.teacher_layers}; give the same number (student_layers / teacher_layers options)"
@@ -89,10 +120,28 @@ class Term(nn.Module):
         """Create side modules from the shapes of one probe batch (no-op by default)."""
 
     def attach_training_set(self, labels: torch.Tensor) -> None:
-        """Size per-sample state (a memory bank over the training set) from the labels in index order; no-op by default."""
+        """Size per-sample state (a memory bank over the training set) from the labels in index order;
+        no-op by default."""
 
-    def pre_stage(self, ctx) -> None:
-        """A stage that runs before the main training (FitNet hints, FT paraphraser); no-op by default."""
+    def pre_stages(self, student: nn.Module, forward: Callable[..., Outputs]) -> list[PreStage]:
+        """Stages to train before the main one, in order (none by default). ``forward(x, y, student=True)``
+        runs the student with grad and the teachers without, as one main step does."""
+        return []
+
+    def layer_pairs(
+        self, out: Outputs, teacher: int = 0, *, pool: bool | None = None, gather: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(student map, teacher map) of every tapped layer pair, in the order the layer options list them.
+
+        ``pool``: None leaves the spatial sizes alone; otherwise `pool_to_match` refuses (False) or
+        average-pools (True) a pair whose sizes differ. ``gather``: both maps of the global batch (`gather_pair`).
+        """
+        feats = out.teacher_feats[teacher]
+        for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[teacher]):
+            fs, ft = out.feats[s_spec], feats[t_spec]
+            if pool is not None:
+                fs, ft = pool_to_match(fs, ft, pool, f"{self.name} {s_spec}/{t_spec}")
+            yield gather_pair(fs, ft, gather)
 
     def forward(self, out: Outputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -110,3 +159,14 @@ def pool_to_match(a: torch.Tensor, b: torch.Tensor, pool: bool, what: str) -> tu
     if a.shape[-1] > b.shape[-1]:
         return nn.functional.adaptive_avg_pool2d(a, b.shape[-2:]), b
     return a, nn.functional.adaptive_avg_pool2d(b, a.shape[-2:])
+
+
+def gather_pair(a: torch.Tensor, b: torch.Tensor, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tensors over the global batch when ``gather`` (a term's option of that name), else as given.
+
+    Relational terms compare the samples of a batch with each other, so under torchrun each rank
+    otherwise sees only its own share of the pairs; `distributed.gather_batch` is the identity on one process.
+    """
+    if not gather:
+        return a, b
+    return distributed.gather_batch(a), distributed.gather_batch(b)

@@ -8,9 +8,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from kdlab import distributed
 from kdlab.losses import relational as R
-from kdlab.losses.base import Outputs, Term, TermOptions, register
+from kdlab.losses.base import Outputs, Term, TermOptions, gather_pair, register
 
 
 class CCOptions(TermOptions):
@@ -21,12 +20,18 @@ class CCOptions(TermOptions):
         "|e_s - e_t|, batch-order dependent; paper: MSE between the two Taylor-RBF correlation matrices of the batch",
     )
     embed_dim: int | None = Field(
-        default=128, ge=1, description="a linear head on each side maps the embedding to this width, trained with the "
-        "student (RepDistiller's LinearEmbed; the teacher's head is trained too); null: no heads")
+        default=128,
+        ge=1,
+        description="a linear head on each side maps the embedding to this width, trained with the "
+        "student (RepDistiller's LinearEmbed; the teacher's head is trained too); null: no heads",
+    )
     gamma: float = Field(default=0.4, gt=0, description="mode 'paper': RBF kernel exp(-gamma ||x - y||^2)")
     order: int = Field(default=2, ge=0, le=10, description="mode 'paper': order P of the kernel's Taylor series")
-    gather: bool = Field(default=False, description="under torchrun: relate the samples of the global batch (every rank's "
-                         "embeddings (after the heads) gathered, the student's differentiably) instead of each rank's share")
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: relate the samples of the global batch (every rank's "
+        "embeddings (after the heads) gathered, the student's differentiably) instead of each rank's share",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
@@ -46,18 +51,17 @@ class CC(Term):
         self.embed_t = nn.ModuleList()
         if self.opts.embed_dim is None:
             return
-        for s, t in zip(self.student_layers, self.teacher_layers[0]):
-            self.embed_s.append(nn.Linear(probe.feats[s].flatten(1).shape[1], self.opts.embed_dim))
-            self.embed_t.append(nn.Linear(probe.teacher_feats[0][t].flatten(1).shape[1], self.opts.embed_dim))
+        for s, t in self.layer_pairs(probe):
+            self.embed_s.append(nn.Linear(s.flatten(1).shape[1], self.opts.embed_dim))
+            self.embed_t.append(nn.Linear(t.flatten(1).shape[1], self.opts.embed_dim))
 
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        teacher = out.teacher_feats[0]
-        for i, (s_spec, t_spec) in enumerate(zip(self.student_layers, self.teacher_layers[0])):
-            es, et = out.feats[s_spec].flatten(1), teacher[t_spec].flatten(1)
+        for i, (s, t) in enumerate(self.layer_pairs(out)):
+            es, et = s.flatten(1), t.flatten(1)
             if self.opts.embed_dim is not None:
                 es, et = self.embed_s[i](es), self.embed_t[i](et)
-            if self.opts.gather:
-                es, et = distributed.gather_batch(es), distributed.gather_batch(et)
+            # after the heads: gathering first would run each rank's heads on every rank's rows
+            es, et = gather_pair(es, et, self.opts.gather)
             total = total + R.cc(es, et, mode=self.opts.mode, gamma=self.opts.gamma, order=self.opts.order)
         return total

@@ -30,7 +30,8 @@ def nce_loss(scores: Tensor, n_data: int) -> Tensor:
     r"""RepDistiller's ContrastLoss on (N, 1+K) scores, column 0 the positive, the others noise samples.
 
     .. math::
-        L = -\frac{1}{N}\sum_n \Big[\log\frac{s_{n0}}{s_{n0} + K P_n} + \sum_{k\ge1}\log\frac{K P_n}{s_{nk} + K P_n}\Big],
+        L = -\frac{1}{N}\sum_n \Big[\log\frac{s_{n0}}{s_{n0} + K P_n}
+            + \sum_{k\ge1}\log\frac{K P_n}{s_{nk} + K P_n}\Big],
         \quad P_n = 1 / n_{data}
 
     (with RepDistiller's 1e-7 in both denominators).
@@ -50,7 +51,9 @@ def contrast_scores(v: Tensor, bank: Tensor, sample_idx: Tensor, T: float) -> Te
     return torch.exp(torch.bmm(weight, v.unsqueeze(2)).squeeze(2) / T)
 
 
-def sample_contrast(indices: Tensor, labels: Tensor, k: int, mode: str = "exact", generator: torch.Generator | None = None) -> Tensor:
+def sample_contrast(
+    indices: Tensor, labels: Tensor, k: int, mode: str = "exact", generator: torch.Generator | None = None
+) -> Tensor:
     """(N, 1+K) bank rows to score: the positive (the sample itself, or in 'relax' mode a random sample of its
     class), then K samples of other classes drawn without replacement (random keys, the K smallest)."""
     y = labels[indices]
@@ -66,13 +69,18 @@ def sample_contrast(indices: Tensor, labels: Tensor, k: int, mode: str = "exact"
 
 
 class CRDOptions(TermOptions):
-    weight: float = Field(default=0.8, ge=0, description="beta; RepDistiller's CRD weight (with CE 1, or CE 1 + KD 1 for CRD+KD)")
+    weight: float = Field(
+        default=0.8, ge=0, description="beta; RepDistiller's CRD weight (with CE 1, or CE 1 + KD 1 for CRD+KD)"
+    )
     feat_dim: int = Field(default=128, ge=1, description="dimension of the projected embeddings")
     nce_k: int = Field(default=16384, ge=1, description="negatives per sample")
     nce_t: float = Field(default=0.07, gt=0, description="temperature of the scores")
     nce_m: float = Field(default=0.5, ge=0, lt=1, description="momentum of the memory-bank update")
-    mode: Literal["exact", "relax"] = Field(default="exact", description="exact: the positive is the sample itself; relax: "
-                                            "a random sample of the same class (RepDistiller's two modes)")
+    mode: Literal["exact", "relax"] = Field(
+        default="exact",
+        description="exact: the positive is the sample itself; relax: "
+        "a random sample of the same class (RepDistiller's two modes)",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
@@ -110,8 +118,10 @@ class CRD(Term):
         n = len(labels)
         pool = n - int(torch.bincount(labels).max())
         if self.opts.nce_k > pool:
-            raise ConfigError(f"loss.terms.crd.nce_k={self.opts.nce_k}: the largest class leaves only {pool} negatives "
-                              f"among the {n} training samples; lower nce_k")
+            raise ConfigError(
+                f"loss.terms.crd.nce_k={self.opts.nce_k}: the largest class leaves only {pool} negatives "
+                f"among the {n} training samples; lower nce_k"
+            )
         stdv = 1.0 / math.sqrt(self.opts.feat_dim / 3)
         device = next(self.parameters()).device if any(True for _ in self.parameters()) else labels.device
         for name in ("memory_s", "memory_t"):
@@ -135,7 +145,7 @@ class CRD(Term):
         everyone = distributed.gather_batch(indices)
         rows = sample_contrast(everyone, self.labels, self.opts.nce_k, self.opts.mode, self.sampler)
         start = distributed.rank() * len(indices) if distributed.world_size() > 1 else 0
-        return rows[start:start + len(indices)]
+        return rows[start : start + len(indices)]
 
     def get_extra_state(self) -> Tensor:
         return self.sampler.get_state() if hasattr(self, "sampler") else torch.empty(0, dtype=torch.uint8)
@@ -146,12 +156,18 @@ class CRD(Term):
 
     def forward(self, out: Outputs) -> Tensor:
         if out.indices is None:
-            raise LayerError("crd: needs each sample's index in the training set, which kdlab's trainer passes; "
-                             "call the Distiller with indices=<(N,) int64>")
+            raise LayerError(
+                "crd: needs each sample's index in the training set, which kdlab's trainer passes; "
+                "call the Distiller with indices=<(N,) int64>"
+            )
         if not hasattr(self, "memory_s"):
-            raise LayerError("crd: no memory bank yet: call Distiller.attach_training_set(train_labels) before training")
+            raise LayerError(
+                "crd: no memory bank yet: call Distiller.attach_training_set(train_labels) before training"
+            )
         f_s = nn.functional.normalize(self.embed_s(out.feats[self.student_layers[0]].flatten(1).float()), dim=1)
-        f_t = nn.functional.normalize(self.embed_t(out.teacher_feats[0][self.teacher_layers[0][0]].flatten(1).float()), dim=1)
+        f_t = nn.functional.normalize(
+            self.embed_t(out.teacher_feats[0][self.teacher_layers[0][0]].flatten(1).float()), dim=1
+        )
         with torch.no_grad():
             sample_idx = self.sample(out.indices)
         out_s = contrast_scores(f_s, self.memory_t, sample_idx, self.opts.nce_t)  # student vs the teacher's bank
@@ -168,7 +184,11 @@ class CRD(Term):
     @torch.no_grad()
     def update_banks(self, indices: Tensor, f_s: Tensor, f_t: Tensor) -> None:
         """bank[i] <- normalise(m * bank[i] + (1 - m) * f_i), with every rank's samples, so all ranks hold one bank."""
-        indices, f_s, f_t = distributed.gather_batch(indices), distributed.gather_batch(f_s), distributed.gather_batch(f_t)
+        indices, f_s, f_t = (
+            distributed.gather_batch(indices),
+            distributed.gather_batch(f_s),
+            distributed.gather_batch(f_t),
+        )
         m = self.opts.nce_m
         for bank, f in ((self.memory_s, f_s), (self.memory_t, f_t)):
             bank.index_copy_(0, indices, nn.functional.normalize(bank[indices] * m + f * (1 - m), dim=1))

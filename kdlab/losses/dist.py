@@ -13,20 +13,34 @@ from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 class DISTOptions(TermOptions):
     weight: float = Field(default=1.0, ge=0, description="the official kd_loss_weight (1), on top of CE weight 1")
-    T: float = Field(default=1.0, gt=0, description="temperature tau of both softmaxes; the loss is scaled by tau^2 "
-                     "(official default 1; its CIFAR-100 recipes use 4)")
-    beta: float = Field(default=1.0, ge=0, description="weight of the inter-class term (correlation within each sample)")
-    gamma: float = Field(default=1.0, ge=0, description="weight of the intra-class term (correlation within each class)")
-    logit_standardize: bool = Field(default=False, description="z-score both logits per sample before the temperature "
-                                    "(logit standardisation, Sun et al. 2024)")
+    T: float = Field(
+        default=1.0,
+        gt=0,
+        description="temperature tau of both softmaxes; the loss is scaled by tau^2 "
+        "(official default 1; its CIFAR-100 recipes use 4)",
+    )
+    beta: float = Field(
+        default=1.0, ge=0, description="weight of the inter-class term (correlation within each sample)"
+    )
+    gamma: float = Field(
+        default=1.0, ge=0, description="weight of the intra-class term (correlation within each class)"
+    )
+    logit_standardize: bool = Field(
+        default=False,
+        description="z-score both logits per sample before the temperature (logit standardisation, Sun et al. 2024)",
+    )
     teacher: int = Field(default=0, ge=0, description="which teacher (index in 'teachers')")
-    gather: bool = Field(default=False, description="under torchrun: correlate each class over the global batch (every rank's "
-                         "logits gathered, the student's differentiably) instead of each rank's share")
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: correlate each class over the global batch (every rank's "
+        "logits gathered, the student's differentiably) instead of each rank's share",
+    )
 
 
 @register
 class DIST(Term):
-    """`T^2 [beta (1 - mean_n rho(y_s[n], y_t[n])) + gamma (1 - mean_k rho(y_s[:, k], y_t[:, k]))]`, y = softmax(z/T)."""
+    """`T^2 [beta (1 - mean_n rho(y_s[n], y_t[n])) + gamma (1 - mean_k rho(y_s[:, k], y_t[:, k]))]`,
+    y = softmax(z/T)."""
 
     name = "dist"
     Options = DISTOptions
@@ -34,7 +48,9 @@ class DIST(Term):
     def __init__(self, opts, student, teachers):
         super().__init__(opts, student, teachers)
         if opts.teacher >= len(teachers):
-            raise ConfigError(f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)")
+            raise ConfigError(
+                f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)"
+            )
 
     def forward(self, out: Outputs) -> torch.Tensor:
         o = self.opts

@@ -14,12 +14,18 @@ from pydantic import Field
 from torch import Tensor
 
 from kdlab.errors import ConfigError, LayerError
-from kdlab.losses import functional as F
 from kdlab.losses.base import Outputs, Term, TermOptions, register
+from kdlab.losses.checks import as_float, check_logits_targets, check_positive, check_same_shape, kl_bm
 
 
-def dkd(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float = 1.0, beta: float = 8.0,
-        T: float = 4.0) -> Tensor:
+def dkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    T: float = 4.0,
+) -> Tensor:
     r"""``alpha * TCKD + beta * NCKD``, each ``T^2 * (1/N) sum_n KL(teacher || student)``.
 
     .. math::
@@ -30,20 +36,20 @@ def dkd(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: 
     with p = softmax(z / T). The non-target distribution is computed exactly (the target class removed),
     where mdistiller subtracts 1000 from the target logit; the two agree to float precision.
     """
-    T = F._check_positive("dkd", "temperature T", T)
+    T = check_positive("dkd", "temperature T", T)
     for what, value in (("alpha", alpha), ("beta", beta)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
             raise ConfigError(f"dkd: {what} must be a number >= 0, got {value!r}")
-    F._check_same_shape("dkd", student_logits, teacher_logits, "logit", "student and teacher must share the classes")
-    F._check_logits_targets("dkd", student_logits, targets)
+    check_same_shape("dkd", student_logits, teacher_logits, "logit", "student and teacher must share the classes")
+    check_logits_targets("dkd", student_logits, targets)
     if student_logits.shape[1] < 2:
         raise LayerError(f"dkd: needs at least 2 classes, got logits {tuple(student_logits.shape)}")
-    zs, zt = F._as_float(student_logits, teacher_logits)
+    zs, zt = as_float(student_logits, teacher_logits)
     target = torch.nn.functional.one_hot(targets, zs.shape[1]).bool()
     ps, pt = torch.softmax(zs / T, dim=1), torch.softmax(zt / T, dim=1)
     bs = torch.stack([ps[target], (ps.masked_fill(target, 0)).sum(1)], dim=1)
     bt = torch.stack([pt[target], (pt.masked_fill(target, 0)).sum(1)], dim=1)
-    tckd = F._kl_bm(bt.clamp_min(1e-30).log(), bs.clamp_min(1e-30).log())
+    tckd = kl_bm(bt.clamp_min(1e-30).log(), bs.clamp_min(1e-30).log())
     # the target class removed: log-softmax over the other K-1 logits
     log_ns = torch.log_softmax(zs.masked_fill(target, float("-inf")) / T, dim=1).masked_fill(target, 0.0)
     log_nt = torch.log_softmax(zt.masked_fill(target, float("-inf")) / T, dim=1).masked_fill(target, 0.0)
@@ -66,18 +72,28 @@ def ramp(term: str, value: Tensor, progress: Tensor | float | None, warmup_epoch
     if warmup_epochs <= 0:
         return value
     if progress is None:
-        raise LayerError(f"{term}: its warm-up needs the training progress, which kdlab's trainer passes; "
-                         "call the Distiller with progress=<epochs completed> or set warmup_epochs: 0")
+        raise LayerError(
+            f"{term}: its warm-up needs the training progress, which kdlab's trainer passes; "
+            "call the Distiller with progress=<epochs completed> or set warmup_epochs: 0"
+        )
     return value * warmup_factor(progress, warmup_epochs)
 
 
 class DKDOptions(TermOptions):
-    weight: float = Field(default=1.0, ge=0, description="multiplies alpha * TCKD + beta * NCKD (mdistiller: CE 1, DKD 1)")
+    weight: float = Field(
+        default=1.0, ge=0, description="multiplies alpha * TCKD + beta * NCKD (mdistiller: CE 1, DKD 1)"
+    )
     alpha: float = Field(default=1.0, ge=0, description="weight of the target-class part (TCKD)")
-    beta: float = Field(default=8.0, ge=0, description="weight of the non-target part (NCKD); mdistiller uses 8 by default, "
-                        "2 for resnet56->resnet20 and resnet110->resnet32, 6 for vgg13->vgg8 and vgg13->MobileNetV2")
+    beta: float = Field(
+        default=8.0,
+        ge=0,
+        description="weight of the non-target part (NCKD); mdistiller uses 8 by default, "
+        "2 for resnet56->resnet20 and resnet110->resnet32, 6 for vgg13->vgg8 and vgg13->MobileNetV2",
+    )
     T: float = Field(default=4.0, gt=0)
-    warmup_epochs: float = Field(default=20.0, ge=0, description="linear ramp of the whole term over the first epochs (0: none)")
+    warmup_epochs: float = Field(
+        default=20.0, ge=0, description="linear ramp of the whole term over the first epochs (0: none)"
+    )
     teacher: int = Field(default=0, ge=0, description="which teacher (index in 'teachers')")
 
 
@@ -95,5 +111,7 @@ class DKD(Term):
             raise ConfigError(f"loss.terms.dkd.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)")
 
     def forward(self, out: Outputs) -> Tensor:
-        value = dkd(out.logits, out.teacher_logits[self.opts.teacher], out.targets, self.opts.alpha, self.opts.beta, self.opts.T)
+        value = dkd(
+            out.logits, out.teacher_logits[self.opts.teacher], out.targets, self.opts.alpha, self.opts.beta, self.opts.T
+        )
         return ramp(self.name, value, out.progress, self.opts.warmup_epochs)

@@ -8,12 +8,14 @@ import torch
 from pydantic import Field
 
 from kdlab.losses import functional as F
-from kdlab.losses.base import Outputs, Term, TermOptions, register
+from kdlab.losses.base import Outputs, PreStage, Term, TermOptions, register
 from kdlab.losses.heads import conv_regressor
 
 
 class FitNetOptions(TermOptions):
-    weight: float = Field(default=100.0, ge=0, description="weight of the hint MSE (mean over elements) in single-stage mode")
+    weight: float = Field(
+        default=100.0, ge=0, description="weight of the hint MSE (mean over elements) in single-stage mode"
+    )
     stages: Literal["two", "single"] = Field(
         default="two",
         description="two: the paper's hint stage first (student up to the guided layer + regressor), then the main "
@@ -41,25 +43,28 @@ class FitNet(Term):
 
     def build(self, probe: Outputs) -> None:
         self.regressors = torch.nn.ModuleList(
-            conv_regressor(tuple(probe.feats[s].shape[1:]), tuple(probe.teacher_feats[0][t].shape[1:]))
-            for s, t in zip(self.student_layers, self.teacher_layers[0])
+            conv_regressor(tuple(s.shape[1:]), tuple(t.shape[1:])) for s, t in self.layer_pairs(probe)
         )
 
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        for reg, s, t in zip(self.regressors, self.student_layers, self.teacher_layers[0]):
-            total = total + F.hint(reg(out.feats[s]), out.teacher_feats[0][t])
+        for reg, (s, t) in zip(self.regressors, self.layer_pairs(out)):
+            total = total + F.hint(reg(s), t)
         return total
 
-    def pre_stage(self, ctx) -> None:
+    def pre_stages(self, student, forward) -> list[PreStage]:
         if self.opts.stages != "two":
-            return
-        from kdlab.stages import run_stage
-
+            return []
         # Every student parameter is offered to the optimizer, but only those before the guided
         # layer receive gradients (the rest keep grad None, so SGD leaves them and their decay alone).
-        params = list(ctx.student.parameters()) + list(self.regressors.parameters())
-        run_stage(
-            ctx, "fitnet_hint", {"student": ctx.student, "regressors": self.regressors}, params,
-            lambda x, y: self(ctx.forward(x, y)), self.opts.hint_epochs, self.opts.hint_lr, f"loss.terms.{self.name}.hint_lr",
-        )
+        return [
+            PreStage(
+                "fitnet_hint",
+                {"student": student, "regressors": self.regressors},
+                lambda: list(student.parameters()) + list(self.regressors.parameters()),
+                lambda x, y: self(forward(x, y)),
+                self.opts.hint_epochs,
+                self.opts.hint_lr,
+                f"loss.terms.{self.name}.hint_lr",
+            )
+        ]

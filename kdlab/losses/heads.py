@@ -10,7 +10,9 @@ from torch import nn
 from kdlab.errors import LayerError
 
 
-def conv_regressor(s_shape: tuple[int, ...], t_shape: tuple[int, ...], relu: bool = True, what: str = "fitnet") -> nn.Module:
+def conv_regressor(
+    s_shape: tuple[int, ...], t_shape: tuple[int, ...], relu: bool = True, what: str = "fitnet"
+) -> nn.Module:
     """Maps the student's guided map (C_s, H_s, W_s) onto the teacher's hint (C_t, H_t, W_t).
 
     The kernel choice follows RepDistiller's ConvReg: a stride-2 conv for a 2x larger student map, a

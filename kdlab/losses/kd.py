@@ -44,7 +44,9 @@ class KD(Term):
         if opts.teacher >= len(teachers):
             from kdlab.errors import ConfigError
 
-            raise ConfigError(f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)")
+            raise ConfigError(
+                f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)"
+            )
 
     def teacher_logits(self, out: Outputs) -> torch.Tensor:
         return out.teacher_logits[self.opts.teacher]
@@ -57,7 +59,9 @@ class KD(Term):
 
 
 class EnsembleKDOptions(KDOptions):
-    average: Literal["logits", "probs"] = Field(default="logits", description="average the teachers' logits, or their tempered probabilities")
+    average: Literal["logits", "probs"] = Field(
+        default="logits", description="average the teachers' logits, or their tempered probabilities"
+    )
 
 
 @register

@@ -7,22 +7,33 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kdlab import distributed
-from kdlab.losses import functional as F
+from kdlab.losses import relational as R
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class LPOptions(TermOptions):
-    weight: float = Field(default=1.5, ge=0, description="gamma; the third-party implementation's 1.5 with the 1/(N k) scaling")
+    weight: float = Field(
+        default=1.5, ge=0, description="gamma; the third-party implementation's 1.5 with the 1/(N k) scaling"
+    )
     k: int = Field(default=5, ge=1)
-    sigma2: float | None = Field(default=None, gt=0, description="None: the detached mean teacher distance over the kNN pairs")
-    normalize: bool = Field(default=False, description="L2-normalise both features before any distance; without it the "
-                            "loss can be lowered by shrinking the student's features, which stalls a CIFAR student (docs/methods/lp.md)")
+    sigma2: float | None = Field(
+        default=None, gt=0, description="None: the detached mean teacher distance over the kNN pairs"
+    )
+    normalize: bool = Field(
+        default=False,
+        description="L2-normalise both features before any distance; without it the "
+        "loss can be lowered by shrinking the student's features, which stalls a CIFAR student (docs/methods/lp.md)",
+    )
     placement: Literal["embedding", "hint"] = Field(
-        default="embedding", description="default layers when none are named: the penultimate embedding, or FitNet's "
-        "hint layer (the 'middle' stage), where the LP paper places the loss")
-    gather: bool = Field(default=False, description="under torchrun: build the kNN graph over the global batch (every "
-                         "rank's embeddings gathered) instead of within each rank's share of it")
+        default="embedding",
+        description="default layers when none are named: the penultimate embedding, or FitNet's "
+        "hint layer (the 'middle' stage), where the LP paper places the loss",
+    )
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: build the kNN graph over the global batch (every "
+        "rank's embeddings gathered) instead of within each rank's share of it",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
@@ -49,10 +60,6 @@ class LP(Term):
 
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        teacher = out.teacher_feats[0]
-        for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[0]):
-            s, t = out.feats[s_spec], teacher[t_spec]
-            if self.opts.gather:
-                s, t = distributed.gather_batch(s), distributed.gather_batch(t)
-            total = total + F.lp(s, t, k=self.opts.k, sigma2=self.opts.sigma2, normalize=self.opts.normalize)
+        for s, t in self.layer_pairs(out, gather=self.opts.gather):
+            total = total + R.lp(s, t, k=self.opts.k, sigma2=self.opts.sigma2, normalize=self.opts.normalize)
         return total

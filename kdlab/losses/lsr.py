@@ -14,7 +14,8 @@ from kdlab.losses.base import Outputs, Term, TermOptions, register
 class LSROptions(TermOptions):
     eps: float = Field(default=0.1, ge=0, lt=1)
     spread: Literal["all", "others"] = Field(
-        default="all", description="all: eps/K on every class (Szegedy); others: eps/(K-1) on the wrong classes (Tf-KD repo)"
+        default="all",
+        description="all: eps/K on every class (Szegedy); others: eps/(K-1) on the wrong classes (Tf-KD repo)",
     )
 
 
@@ -38,9 +39,13 @@ class TfKDRegOptions(TermOptions):
     a: float = Field(default=0.99, gt=0, lt=1, description="probability of the true class in the manual distribution")
     T: float = Field(default=20.0, gt=0)
     mode: Literal["code", "paper"] = Field(
-        default="code", description="code: KL(softmax(p_d/T) || softmax(z)), student untempered (official); paper: both tempered, T^2-scaled"
+        default="code",
+        description="code: KL(softmax(p_d/T) || softmax(z)), student untempered (official); "
+        "paper: both tempered, T^2-scaled",
     )
-    reduction: Literal["batchmean", "mean"] = Field(default="mean", description="mean divides by K as the official code's nn.KLDivLoss")
+    reduction: Literal["batchmean", "mean"] = Field(
+        default="mean", description="mean divides by K as the official code's nn.KLDivLoss"
+    )
 
 
 @register

@@ -7,18 +7,26 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kdlab.losses import functional as F
-from kdlab.losses.base import Outputs, Term, TermOptions, pool_to_match, register
+from kdlab.losses import feature_functional as FF
+from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class NSTOptions(TermOptions):
     weight: float = Field(default=50.0, ge=0, description="multiplies MMD^2 (the official code's 50 = lambda/2)")
     kernel: Literal["linear", "poly", "gaussian"] = "poly"
-    sigma2: float | None = Field(default=None, gt=0, description="gaussian bandwidth; None: the detached mean pairwise squared distance per sample")
-    teacher_term: bool = Field(default=True, description="keep the constant teacher-teacher term (true MMD^2 >= 0); the official code drops it")
+    sigma2: float | None = Field(
+        default=None,
+        gt=0,
+        description="gaussian bandwidth; None: the detached mean pairwise squared distance per sample",
+    )
+    teacher_term: bool = Field(
+        default=True, description="keep the constant teacher-teacher term (true MMD^2 >= 0); the official code drops it"
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
-    pool: bool = Field(default=True, description="average-pool the larger map when spatial sizes differ (as RepDistiller)")
+    pool: bool = Field(
+        default=True, description="average-pool the larger map when spatial sizes differ (as RepDistiller)"
+    )
 
 
 @register
@@ -36,8 +44,8 @@ class NST(Term):
 
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        teacher = out.teacher_feats[0]
-        for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[0]):
-            fs, ft = pool_to_match(out.feats[s_spec], teacher[t_spec], self.opts.pool, f"nst {s_spec}/{t_spec}")
-            total = total + F.nst(fs, ft, kernel=self.opts.kernel, sigma2=self.opts.sigma2, teacher_term=self.opts.teacher_term)
+        for fs, ft in self.layer_pairs(out, pool=self.opts.pool):
+            total = total + FF.nst(
+                fs, ft, kernel=self.opts.kernel, sigma2=self.opts.sigma2, teacher_term=self.opts.teacher_term
+            )
         return total

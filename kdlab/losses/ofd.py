@@ -41,7 +41,7 @@ def bn_before(model: nn.Module, spec: str, role: str = "teacher") -> nn.Module:
     parent = modules[parent_name] if parent_name else base
     siblings = list(parent.named_children())
     names = [n for n, _ in siblings]
-    for sib_name, sib in reversed(siblings[: names.index(child)]):
+    for _sib_name, sib in reversed(siblings[: names.index(child)]):
         if isinstance(sib, _BN):
             return sib
         if isinstance(sib, (nn.Conv2d, nn.Identity)):
@@ -54,17 +54,24 @@ def bn_before(model: nn.Module, spec: str, role: str = "teacher") -> nn.Module:
 
 
 class OFDOptions(TermOptions):
-    weight: float = Field(default=0.001, ge=0, description="for the partial L2 summed over C, H, W and averaged over N "
-                          "(the official code's / batch / 1000; mdistiller's 0.001)")
+    weight: float = Field(
+        default=0.001,
+        ge=0,
+        description="for the partial L2 summed over C, H, W and averaged over N "
+        "(the official code's / batch / 1000; mdistiller's 0.001)",
+    )
     kernel_size: int = Field(default=1, ge=1, description="kernel of the connector's conv (official: 1)")
-    pool: bool = Field(default=True, description="average-pool the teacher map to the student's size when they differ (mdistiller)")
+    pool: bool = Field(
+        default=True, description="average-pool the teacher map to the student's size when they differ (mdistiller)"
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
 
 @register
 class OFD(Term):
-    """`sum_l 2^-(L-1-l) * OFD(connector_l(s_l), t_l, margin_l)`; defaults to every stage before its ReLU (`stageN:pre`)."""
+    """`sum_l 2^-(L-1-l) * OFD(connector_l(s_l), t_l, margin_l)`; defaults to every stage before its ReLU
+    (`stageN:pre`)."""
 
     name = "ofd"
     Options = OFDOptions
@@ -75,30 +82,37 @@ class OFD(Term):
     def __init__(self, opts, student, teachers):
         super().__init__(opts, student, teachers)
         # from the teacher as given, before any BatchNorm folding of the fast path
-        self._margins = [FF.ofd_margin(bn.weight, bn.bias) for bn in (bn_before(teachers[0], t) for t in self.teacher_layers[0])]
+        self._margins = [
+            FF.ofd_margin(bn.weight, bn.bias) for bn in (bn_before(teachers[0], t) for t in self.teacher_layers[0])
+        ]
 
     def build(self, probe: Outputs) -> None:
         self.connectors = nn.ModuleList()
         for i, (s, t) in enumerate(zip(self.student_layers, self.teacher_layers[0])):
             cs, ct = probe.feats[s].shape[1], probe.teacher_feats[0][t].shape[1]
             if self._margins[i].shape[0] != ct:
-                raise LayerError(f"ofd: teacher layer {t!r} has {ct} channels but its BatchNorm {self._margins[i].shape[0]}")
+                raise LayerError(
+                    f"ofd: teacher layer {t!r} has {ct} channels but its BatchNorm {self._margins[i].shape[0]}"
+                )
             self.connectors.append(conv_bn_connector(cs, ct, self.opts.kernel_size))
             self.register_buffer(f"margin{i}", self._margins[i].clone())
 
-    def _teacher_map(self, fs: torch.Tensor, ft: torch.Tensor, what: str) -> torch.Tensor:
+    def _teacher_map(self, fs: torch.Tensor, ft: torch.Tensor, i: int) -> torch.Tensor:
         if ft.shape[-2:] == fs.shape[-2:]:
             return ft
         if not self.opts.pool:
-            raise LayerError(f"{what}: spatial sizes differ, student {tuple(fs.shape[1:])} vs teacher {tuple(ft.shape[1:])}; "
-                             "set the term's option pool: true to average-pool the teacher map to the student's")
+            raise LayerError(
+                f"ofd {self.student_layers[i]}/{self.teacher_layers[0][i]}: spatial sizes differ, "
+                f"student {tuple(fs.shape[1:])} vs teacher {tuple(ft.shape[1:])}; "
+                "set the term's option pool: true to average-pool the teacher map to the student's"
+            )
         return nnf.adaptive_avg_pool2d(ft, fs.shape[-2:])
 
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
         n = len(self.student_layers)
-        for i, (conn, s, t) in enumerate(zip(self.connectors, self.student_layers, self.teacher_layers[0])):
-            fs = conn(out.feats[s])
-            ft = self._teacher_map(fs, out.teacher_feats[0][t], f"ofd {s}/{t}")
+        for i, (conn, (s, t)) in enumerate(zip(self.connectors, self.layer_pairs(out))):
+            fs = conn(s)
+            ft = self._teacher_map(fs, t, i)
             total = total + FF.ofd(fs, ft, getattr(self, f"margin{i}")) / 2.0 ** (n - 1 - i)
         return total

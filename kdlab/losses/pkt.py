@@ -7,20 +7,24 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kdlab import distributed
 from kdlab.losses import relational as R
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class PKTOptions(TermOptions):
-    weight: float = Field(default=30000.0, ge=0, description="for the mean over the N^2 KL entries (RepDistiller's 30000)")
+    weight: float = Field(
+        default=30000.0, ge=0, description="for the mean over the N^2 KL entries (RepDistiller's 30000)"
+    )
     mode: Literal["code", "paper"] = Field(
         default="code",
         description="code: the authors' code (each sample's self-similarity kept in its distribution, mean over N^2); "
         "paper: conditional distributions over the other samples only (mean over N(N-1))",
     )
-    gather: bool = Field(default=False, description="under torchrun: relate the samples of the global batch (every rank's "
-                         "embeddings gathered, the student's differentiably) instead of each rank's share")
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: relate the samples of the global batch (every rank's "
+        "embeddings gathered, the student's differentiably) instead of each rank's share",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
@@ -35,14 +39,8 @@ class PKT(Term):
     default_student_layers = "embedding"
     default_teacher_layers = "embedding"
 
-    def _pair(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.opts.gather:
-            return distributed.gather_batch(s), distributed.gather_batch(t)
-        return s, t
-
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        teacher = out.teacher_feats[0]
-        for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[0]):
-            total = total + R.pkt(*self._pair(out.feats[s_spec], teacher[t_spec]), mode=self.opts.mode)
+        for s, t in self.layer_pairs(out, gather=self.opts.gather):
+            total = total + R.pkt(s, t, mode=self.opts.mode)
         return total

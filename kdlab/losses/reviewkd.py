@@ -25,7 +25,8 @@ from kdlab.losses.dkd import ramp
 def hcl(student_maps: list[Tensor], teacher_maps: list[Tensor]) -> Tensor:
     r"""Hierarchical context loss summed over the map pairs.
 
-    For maps of size h: ``(mse(f_s, f_t) + sum_{l in (4, 2, 1), l < h} 2^{-i_l} mse(pool_l f_s, pool_l f_t)) / (1 + sum 2^{-i_l})``
+    For maps of size h:
+    ``(mse(f_s, f_t) + sum_{l in (4, 2, 1), l < h} 2^{-i_l} mse(pool_l f_s, pool_l f_t)) / (1 + sum 2^{-i_l})``
     with i_l = 1, 2, 3 for the levels actually used (mdistiller's ``hcl_loss``), each mse a mean over N*C*l*l.
     """
     if len(student_maps) != len(teacher_maps):
@@ -33,7 +34,9 @@ def hcl(student_maps: list[Tensor], teacher_maps: list[Tensor]) -> Tensor:
     total = student_maps[0].new_zeros((), dtype=torch.float32)
     for fs, ft in zip(student_maps, teacher_maps):
         if fs.shape != ft.shape:
-            raise LayerError(f"reviewkd: fused student map {tuple(fs.shape)} does not match the teacher's {tuple(ft.shape)}")
+            raise LayerError(
+                f"reviewkd: fused student map {tuple(fs.shape)} does not match the teacher's {tuple(ft.shape)}"
+            )
         fs, ft = fs.float(), ft.float()
         loss, weight, norm = nnf.mse_loss(fs, ft), 1.0, 1.0
         for level in (4, 2, 1):
@@ -53,7 +56,9 @@ class ABF(nn.Module):
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
-        self.conv2 = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
+        )
         self.att = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
         for conv in (self.conv1[0], self.conv2[0]):  # the reference code's init
             nn.init.kaiming_uniform_(conv.weight, a=1)
@@ -72,15 +77,24 @@ class ABF(nn.Module):
 
 class ReviewKDOptions(TermOptions):
     weight: float = Field(default=1.0, ge=0, description="mdistiller's CIFAR-100 ReviewKD weight (with CE 1)")
-    warmup_epochs: float = Field(default=20.0, ge=0, description="linear ramp of the term over the first epochs (0: none)")
-    max_mid_channels: int = Field(default=512, ge=1, description="the ABFs' middle width: min(this, the student's last width)")
-    student_layers: list[str] | None = Field(default=None, description="default: every stage's output, then the embedding")
-    teacher_layers: list[str] | None = Field(default=None, description="default: every stage's pre-activation output, then the embedding")
+    warmup_epochs: float = Field(
+        default=20.0, ge=0, description="linear ramp of the term over the first epochs (0: none)"
+    )
+    max_mid_channels: int = Field(
+        default=512, ge=1, description="the ABFs' middle width: min(this, the student's last width)"
+    )
+    student_layers: list[str] | None = Field(
+        default=None, description="default: every stage's output, then the embedding"
+    )
+    teacher_layers: list[str] | None = Field(
+        default=None, description="default: every stage's pre-activation output, then the embedding"
+    )
 
 
 @register
 class ReviewKD(Term):
-    """ReviewKD. mdistiller's CIFAR-100 recipe: `loss: {ce: 1.0, terms: {reviewkd: {weight: 1.0, warmup_epochs: 20}}}`."""
+    """ReviewKD. mdistiller's CIFAR-100 recipe:
+    `loss: {ce: 1.0, terms: {reviewkd: {weight: 1.0, warmup_epochs: 20}}}`."""
 
     name = "reviewkd"
     Options = ReviewKDOptions
@@ -94,11 +108,18 @@ class ReviewKD(Term):
         if opts.student_layers is None or opts.teacher_layers is None:
             from kdlab import taps
 
-            opts = opts.model_copy(update={
-                "student_layers": opts.student_layers or taps.default_layers(student, "all", "student") + ["embedding"],
-                "teacher_layers": opts.teacher_layers or [s + ":pre" for s in taps.default_layers(teachers[0], "all", "teacher 0")]
-                + ["embedding"],
-            }) if teachers else opts
+            opts = (
+                opts.model_copy(
+                    update={
+                        "student_layers": opts.student_layers
+                        or taps.default_layers(student, "all", "student") + ["embedding"],
+                        "teacher_layers": opts.teacher_layers
+                        or [s + ":pre" for s in taps.default_layers(teachers[0], "all", "teacher 0")] + ["embedding"],
+                    }
+                )
+                if teachers
+                else opts
+            )
         super().__init__(opts, student, teachers)
         if len(teachers) != 1:
             raise ConfigError(f"loss.terms.reviewkd: ReviewKD distils one teacher, got {len(teachers)}")

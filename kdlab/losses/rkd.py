@@ -5,17 +5,25 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kdlab import distributed
 from kdlab.losses import relational as R
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
 
 class RKDOptions(TermOptions):
-    weight: float = Field(default=1.0, ge=0, description="multiplies distance_weight * L_D + angle_weight * L_A (RepDistiller's 1)")
-    distance_weight: float = Field(default=25.0, ge=0, description="weight of the distance term inside the loss (RepDistiller's 25)")
-    angle_weight: float = Field(default=50.0, ge=0, description="weight of the angle term inside the loss (RepDistiller's 50)")
-    gather: bool = Field(default=False, description="under torchrun: relate the samples of the global batch (every rank's "
-                         "embeddings gathered, the student's differentiably) instead of each rank's share")
+    weight: float = Field(
+        default=1.0, ge=0, description="multiplies distance_weight * L_D + angle_weight * L_A (RepDistiller's 1)"
+    )
+    distance_weight: float = Field(
+        default=25.0, ge=0, description="weight of the distance term inside the loss (RepDistiller's 25)"
+    )
+    angle_weight: float = Field(
+        default=50.0, ge=0, description="weight of the angle term inside the loss (RepDistiller's 50)"
+    )
+    gather: bool = Field(
+        default=False,
+        description="under torchrun: relate the samples of the global batch (every rank's "
+        "embeddings gathered, the student's differentiably) instead of each rank's share",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
@@ -30,14 +38,8 @@ class RKD(Term):
     default_student_layers = "embedding"
     default_teacher_layers = "embedding"
 
-    def _pair(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.opts.gather:
-            return distributed.gather_batch(s), distributed.gather_batch(t)
-        return s, t
-
     def forward(self, out: Outputs) -> torch.Tensor:
         total = out.logits.new_zeros((), dtype=torch.float32)
-        teacher = out.teacher_feats[0]
-        for s_spec, t_spec in zip(self.student_layers, self.teacher_layers[0]):
-            total = total + R.rkd(*self._pair(out.feats[s_spec], teacher[t_spec]), self.opts.distance_weight, self.opts.angle_weight)
+        for s, t in self.layer_pairs(out, gather=self.opts.gather):
+            total = total + R.rkd(s, t, self.opts.distance_weight, self.opts.angle_weight)
         return total

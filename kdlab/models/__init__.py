@@ -24,9 +24,8 @@ ResNets, the digits nets) have one stage per resolution group, deepest map last.
 No zoo model computes anything in place, so tensors captured by forward hooks stay valid.
 """
 
-from .registry import REGISTRY, create, names, register
-
 # importing the zoo modules registers their models
-from . import imagenet_resnet, mobilenetv2, resnet, shufflenet, small, tfkd_nets, vgg, wrn  # noqa: E402,F401
+from . import imagenet_resnet, mobilenetv2, resnet, shufflenet, small, tfkd_nets, vgg, wrn
+from .registry import REGISTRY, create, names, register
 
 __all__ = ["REGISTRY", "create", "names", "register"]

@@ -25,7 +25,7 @@ The CIFAR ResNets (``resnet8`` .. ``resnet110``, ``resnet8x4``, ``resnet32x4``) 
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -71,10 +71,15 @@ def _shufflev2(key: str) -> str:
         if name in ("conv1", "bn1", "conv2", "bn2"):
             return f"layer{layer}.0.left.{name}.{rest}"
         return f"layer{layer}.0.right.{_DOWN_RIGHT.get(name, name)}.{rest}"
-    for ref, ours in (("conv1.", "stem.conv1."), ("bn1.", "stem.bn1."), ("conv2.", "conv_last.conv1."),
-                      ("bn2.", "conv_last.bn1."), ("linear.", "fc.")):
+    for ref, ours in (
+        ("conv1.", "stem.conv1."),
+        ("bn1.", "stem.bn1."),
+        ("conv2.", "conv_last.conv1."),
+        ("bn2.", "conv_last.bn1."),
+        ("linear.", "fc."),
+    ):
         if key.startswith(ref):
-            return ours + key[len(ref):]
+            return ours + key[len(ref) :]
     return key
 
 
@@ -89,7 +94,9 @@ def rule_for(model: nn.Module) -> Callable[[str], str] | None:
         return _vgg
     if isinstance(model, WideResNet):
         return _wrn
-    if isinstance(model, ResNet) and model.num_stages == 4:  # resnet18 / resnet50; the CIFAR ResNets share RepDistiller's names
+    if (
+        isinstance(model, ResNet) and model.num_stages == 4
+    ):  # resnet18 / resnet50; the CIFAR ResNets share RepDistiller's names
         return _kuangliu_resnet
     if isinstance(model, ShuffleNetV1):
         return _shufflev1
@@ -134,11 +141,16 @@ def adapt(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict
         file_key = file_names.get(key, key)
         shown = repr(file_key) if file_key == key else f"{file_key!r} (read as {key!r})"
         if key not in own:
-            raise CheckpointError(f"{source}: key {shown} does not fit {name}: it has no such parameter or buffer "
-                                  f"(a checkpoint of another architecture?)")
+            raise CheckpointError(
+                f"{source}: key {shown} does not fit {name}: it has no such parameter or buffer "
+                f"(a checkpoint of another architecture?)"
+            )
         if value.shape != own[key].shape:
-            raise CheckpointError(f"{source}: key {shown} does not fit {name}: shape {tuple(value.shape)} in the file, "
-                                  f"{tuple(own[key].shape)} in the model")
+            raise CheckpointError(
+                f"{source}: key {shown} does not fit {name}: shape {tuple(value.shape)} in the file, "
+                f"{tuple(own[key].shape)} in the model"
+            )
     missing = next(k for k in own if k not in state)
-    raise CheckpointError(f"{source}: the file has no {missing!r}, which {name} needs (a checkpoint of a smaller "
-                          f"architecture?)")
+    raise CheckpointError(
+        f"{source}: the file has no {missing!r}, which {name} needs (a checkpoint of a smaller architecture?)"
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -59,9 +59,7 @@ def create(name: str, num_classes: int = 100, in_chans: int = 3, **kwargs) -> nn
         valid = names()
         hint = _closest(str(name), valid)
         did_you_mean = f" (closest match: {hint!r})" if hint else ""
-        raise ConfigError(
-            f"unknown model {name!r}{did_you_mean}; valid names: {', '.join(valid)}"
-        )
+        raise ConfigError(f"unknown model {name!r}{did_you_mean}; valid names: {', '.join(valid)}")
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("in_chans", in_chans)
     try:

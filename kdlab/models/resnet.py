@@ -168,5 +168,6 @@ def resnet18(num_classes: int = 100, in_chans: int = 3, init: Literal["torch", "
 
 @register("resnet50")
 def resnet50(num_classes: int = 100, in_chans: int = 3, init: Literal["torch", "kaiming"] = "torch") -> ResNet:
-    """CIFAR ResNet-50 (bottlenecks 3-4-6-3, 256-2048 output channels); init: torch (Tf-KD) or kaiming (RepDistiller)."""
+    """CIFAR ResNet-50 (bottlenecks 3-4-6-3, 256-2048 output channels); init: torch (Tf-KD) or kaiming
+    (RepDistiller)."""
     return ResNet(Bottleneck, 64, [64, 128, 256, 512], [3, 4, 6, 3], num_classes, in_chans, init)

@@ -30,7 +30,9 @@ from .common import ChannelShuffle, head, set_taps, stage
 from .registry import register
 
 
-def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False, relu: bool = False):
+def _conv_bn(
+    in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False, relu: bool = False
+):
     """conv-BN(-ReLU) as a list of (name, module) pairs."""
     layers = [
         ("conv", nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=bias)),
@@ -86,7 +88,9 @@ class ShuffleV1Unit(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
-    def __init__(self, out_planes: list[int], num_blocks: list[int], groups: int, num_classes: int = 100, in_chans: int = 3):
+    def __init__(
+        self, out_planes: list[int], num_blocks: list[int], groups: int, num_classes: int = 100, in_chans: int = 3
+    ):
         super().__init__()
         stem = 24
         self.conv1 = nn.Conv2d(in_chans, stem, 1, bias=False)
@@ -98,7 +102,9 @@ class ShuffleNetV1(nn.Module):
             units = []
             for j in range(n):
                 if j == 0:  # stride 2; the pooled input is concatenated
-                    units.append(ShuffleV1Unit(in_planes, planes - in_planes, 2, groups, 1 if in_planes == stem else groups))
+                    units.append(
+                        ShuffleV1Unit(in_planes, planes - in_planes, 2, groups, 1 if in_planes == stem else groups)
+                    )
                 else:
                     units.append(ShuffleV1Unit(planes, planes, 1, groups, groups))
                 in_planes = planes

@@ -131,7 +131,9 @@ class DenseLayer(nn.Module):
 
 
 class DenseNet(nn.Module):
-    def __init__(self, blocks: list[int], growth: int, compression: float = 0.5, num_classes: int = 100, in_chans: int = 3):
+    def __init__(
+        self, blocks: list[int], growth: int, compression: float = 0.5, num_classes: int = 100, in_chans: int = 3
+    ):
         super().__init__()
         ch = 2 * growth
         self.conv1 = nn.Conv2d(in_chans, ch, 3, padding=1, bias=False)
@@ -232,7 +234,10 @@ class CifarResNeXt(nn.Module):
         in_ch = widths[0]
         reduction = 1
         for i, (out_ch, stride) in enumerate(zip(widths[1:], (1, 2, 2)), start=1):
-            blocks = [ResNeXtBlock(in_ch if j == 0 else out_ch, out_ch, stride if j == 0 else 1, cardinality, widen) for j in range(n)]
+            blocks = [
+                ResNeXtBlock(in_ch if j == 0 else out_ch, out_ch, stride if j == 0 else 1, cardinality, widen)
+                for j in range(n)
+            ]
             self.add_module(f"stage{i}", nn.Sequential(*blocks))
             reduction *= stride
             info.append(stage(f"stage{i}", f"stage{i}", f"stage{i}.{n - 1}.preact", out_ch, reduction))

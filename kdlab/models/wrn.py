@@ -32,9 +32,7 @@ class WideBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
         self.equal_in_out = in_planes == out_planes and stride == 1
         self.shortcut = (
-            None
-            if self.equal_in_out
-            else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
+            None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
         )
 
     def forward(self, x: Tensor) -> Tensor:

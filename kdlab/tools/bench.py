@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
-import json
 import os
 import platform
 import resource
@@ -33,9 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as nnf
@@ -47,6 +46,7 @@ from kdlab.data import ArrayDataset, DeviceLoader, default_augment
 from kdlab.data.cifar import CIFAR100_MEAN, CIFAR100_STD
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError
+from kdlab.losses import feature_functional as kdff
 from kdlab.losses import functional as kdf
 from kdlab.losses.heads import translator
 
@@ -58,7 +58,10 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
 
 @dataclass(frozen=True)
-class Method:
+class BenchMethod:
+    """A distillation method as the benchmark runs it: how many teachers, the loss, and whether it reads
+    the teachers' logits only (then the teacher cache may serve them)."""
+
     teachers: int
     loss: LossConfig
     logit_only: bool
@@ -66,16 +69,20 @@ class Method:
 
 # The published weights of each method (RepDistiller's KD, NST with its polynomial kernel, pFEED beta 500).
 METHODS = {
-    "kd": Method(1, LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4.0}}), True),
-    "nst": Method(1, LossConfig(ce=1.0, terms={"nst": {"weight": 50.0, "kernel": "poly"}}), False),
-    "pfeed2": Method(2, LossConfig(ce=1.0, terms={"feed": {"weight": 500.0}}), False),
+    "kd": BenchMethod(1, LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4.0}}), True),
+    "nst": BenchMethod(1, LossConfig(ce=1.0, terms={"nst": {"weight": 50.0, "kernel": "poly"}}), False),
+    "pfeed2": BenchMethod(2, LossConfig(ce=1.0, terms={"feed": {"weight": 500.0}}), False),
     # mdistiller's DKD (beta 8) and RepDistiller's CRD (16,384 negatives from a bank over the training set)
-    "dkd": Method(1, LossConfig(ce=1.0, terms={"dkd": {"weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup_epochs": 20}}), True),
-    "crd": Method(1, LossConfig(ce=1.0, terms={"crd": {"weight": 0.8}}), False),
+    "dkd": BenchMethod(
+        1,
+        LossConfig(ce=1.0, terms={"dkd": {"weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup_epochs": 20}}),
+        True,
+    ),
+    "crd": BenchMethod(1, LossConfig(ce=1.0, terms={"crd": {"weight": 0.8}}), False),
 }
 CRD_K, CRD_T, CRD_M, CRD_DIM = 16384, 0.07, 0.5, 128
 CRD_MIN_IMAGES = 50_000  # a CIFAR-sized bank, so that the negatives cost what they cost on CIFAR-100
-STUDENT_ONLY = Method(0, LossConfig(ce=1.0), False)
+STUDENT_ONLY = BenchMethod(0, LossConfig(ce=1.0), False)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -86,8 +93,11 @@ def synthetic_dataset(n: int, seed: int = 0) -> ArrayDataset:
     return ArrayDataset(
         images=torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
         labels=torch.randint(0, 100, (n,), generator=g),
-        num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD,
-        class_names=[str(i) for i in range(100)], name="synthetic",
+        num_classes=100,
+        mean=CIFAR100_MEAN,
+        std=CIFAR100_STD,
+        class_names=[str(i) for i in range(100)],
+        name="synthetic",
     )
 
 
@@ -218,7 +228,7 @@ class PeakMemory:
 # ------------------------------------------------------------------------------------------ hand-written loops
 
 
-class Hooks:
+class HandFeatureHooks:
     """Forward hooks keeping the outputs of named modules, as hand-written KD code does it."""
 
     def __init__(self, model: nn.Module, names: list[str]):
@@ -283,15 +293,24 @@ class HandCRD:
         return loss
 
 
-def hand_loss(method: str, s_logits, y, s_feats, t_logits, t_feats, translators, crd: HandCRD | None = None,
-              idx: torch.Tensor | None = None) -> torch.Tensor:
+def hand_loss(
+    method: str,
+    s_logits,
+    y,
+    s_feats,
+    t_logits,
+    t_feats,
+    translators,
+    crd: HandCRD | None = None,
+    idx: torch.Tensor | None = None,
+) -> torch.Tensor:
     ce = nnf.cross_entropy(s_logits.float(), y)
     if method == "student":
         return ce
     if method == "kd":
         return 0.1 * ce + 0.9 * kdf.kd(s_logits, t_logits[0], T=4.0)
     if method == "nst":
-        return ce + 50.0 * sum(kdf.nst(*_matched(fs, ft), kernel="poly") for fs, ft in zip(s_feats, t_feats[0]))
+        return ce + 50.0 * sum(kdff.nst(*_matched(fs, ft), kernel="poly") for fs, ft in zip(s_feats, t_feats[0]))
     if method == "pfeed2":
         return ce + 500.0 * sum(kdf.factor(tr(s_feats[-1]), ft[-1]) for tr, ft in zip(translators, t_feats))
     if method == "dkd":  # past its warm-up: the full term
@@ -308,7 +327,7 @@ class Models:
     teachers: list[nn.Module]
     student: nn.Module
 
-    def fresh(self, n_teachers: int) -> "Models":
+    def fresh(self, n_teachers: int) -> Models:
         return Models([copy.deepcopy(t) for t in self.teachers[:n_teachers]], copy.deepcopy(self.student))
 
 
@@ -319,8 +338,17 @@ def _translators(models_: Models, method: str, device: torch.device) -> list[nn.
     return [translator(cs, t.feature_info[-1]["channels"]).to(device) for t in models_.teachers]
 
 
-def hand_loop(method: str, models_: Models, batches: Iterable, device: torch.device, channels_last: bool,
-              autocast: Callable, sync_every_step: bool, fold_teachers: bool = False, labels: torch.Tensor | None = None) -> None:
+def hand_loop(
+    method: str,
+    models_: Models,
+    batches: Iterable,
+    device: torch.device,
+    channels_last: bool,
+    autocast: Callable,
+    sync_every_step: bool,
+    fold_teachers: bool = False,
+    labels: torch.Tensor | None = None,
+) -> None:
     from kdlab.fast.fold import fold_batchnorm
 
     student, teachers = models_.student.to(device).train(), [t.to(device).eval() for t in models_.teachers]
@@ -330,8 +358,8 @@ def hand_loop(method: str, models_: Models, batches: Iterable, device: torch.dev
             m.to(memory_format=torch.channels_last)
     for t in teachers if fold_teachers else []:
         fold_batchnorm(t)  # its default probe: two zero 32x32 images on the teacher's device
-    s_hooks = Hooks(student, _stage_names(student, method))
-    t_hooks = [Hooks(t, _stage_names(t, method)) for t in teachers]
+    s_hooks = HandFeatureHooks(student, _stage_names(student, method))
+    t_hooks = [HandFeatureHooks(t, _stage_names(t, method)) for t in teachers]
     crd = HandCRD(models_, labels, device) if method == "crd" else None
     params = [p for m in [student, *translators] for p in m.parameters()] + (crd.parameters() if crd else [])
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -390,22 +418,35 @@ class Measure:
 
 
 def _default_cfg(s: Setting, **update) -> TrainConfig:
-    return TrainConfig(epochs=1, batch_size=s.batch_size, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                       max_steps_per_epoch=s.warmup + s.steps, device=s.device.type, **update)
+    return TrainConfig(
+        epochs=1,
+        batch_size=s.batch_size,
+        lr=LR,
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        max_steps_per_epoch=s.warmup + s.steps,
+        device=s.device.type,
+        **update,
+    )
 
 
-def _fast_cfg(s: Setting, method: Method) -> TrainConfig:
+def _fast_cfg(s: Setting, method: BenchMethod) -> TrainConfig:
     from kdlab.losses import TERMS
 
     # terms that read the progress or the indices run in the eager step (the graph step refuses them)
     eager = any(TERMS[t].needs_progress or TERMS[t].needs_indices for t in method.loss.terms)
-    return _default_cfg(s, amp="bf16" if s.device.type == "cuda" else "off", channels_last="on", compile=s.compile,
-                        teacher_cache=s.teacher_cache and method.logit_only,
-                        fast=FastConfig(graph_step=not eager, cuda_graph=not eager, fold_teacher=True))
+    return _default_cfg(
+        s,
+        amp="bf16" if s.device.type == "cuda" else "off",
+        channels_last="on",
+        compile=s.compile,
+        teacher_cache=s.teacher_cache and method.logit_only,
+        fast=FastConfig(graph_step=not eager, cuda_graph=not eager, fold_teacher=True),
+    )
 
 
 def _options(cfg: TrainConfig, device: torch.device, teachers: bool = True) -> str:
-    from kdlab.train import use_channels_last
+    from kdlab.compute import use_channels_last
 
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     parts = ["bf16" if amp else "fp32", "channels_last" if use_channels_last(cfg, device) else "NCHW"]
@@ -429,8 +470,8 @@ def _teacher_input(s: Setting) -> torch.Tensor:
 
 def measure_teacher(mode: str, models_: Models, s: Setting) -> Measure:
     """Forward passes of one teacher on a fixed batch."""
+    from kdlab.compute import autocast_factory, use_channels_last
     from kdlab.fast.fold import fold_batchnorm
-    from kdlab.train import autocast_factory, use_channels_last
 
     teacher = models_.teachers[0].to(s.device).eval().requires_grad_(False)
     x = _teacher_input(s)
@@ -461,8 +502,15 @@ def measure_teacher(mode: str, models_: Models, s: Setting) -> Measure:
             teacher.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
             fold_batchnorm(teacher, x[:2])
-            options = _options(cfg.model_copy(update={"teacher_cache": False, "compile": False,
-                                                      "fast": FastConfig(fold_teacher=True)}), s.device) + ", inference_mode"
+            options = (
+                _options(
+                    cfg.model_copy(
+                        update={"teacher_cache": False, "compile": False, "fast": FastConfig(fold_teacher=True)}
+                    ),
+                    s.device,
+                )
+                + ", inference_mode"
+            )
             if s.device.type == "cuda":
                 options += ", CUDA graph"
             grad_mode = lambda: _chain(torch.inference_mode(), autocast())  # noqa: E731
@@ -496,9 +544,9 @@ def _cuda_graphed(run: Callable, grad_mode: Callable) -> Callable:  # pragma: no
     return graph.replay
 
 
-def measure_training(mode: str, task: str, method: Method, models_: Models, s: Setting) -> Measure:
+def measure_training(mode: str, task: str, method: BenchMethod, models_: Models, s: Setting) -> Measure:
     """Training steps of the student alone (task 'student') or with a method's teachers, in one mode."""
-    from kdlab.train import autocast_factory, use_channels_last
+    from kdlab.compute import autocast_factory, use_channels_last
 
     fresh = models_.fresh(method.teachers)
     window = Window(s.warmup, s.steps, s.device)
@@ -506,19 +554,41 @@ def measure_training(mode: str, task: str, method: Method, models_: Models, s: S
     with PeakMemory(s.device) as mem:
         if mode == "reference":
             loader = torch.utils.data.DataLoader(
-                PerImageAugmented(s.data), batch_size=s.batch_size, shuffle=True, drop_last=True,
-                num_workers=s.workers, pin_memory=s.device.type == "cuda",
+                PerImageAugmented(s.data),
+                batch_size=s.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=s.workers,
+                pin_memory=s.device.type == "cuda",
             )
-            hand_loop(task, fresh, window.wrap(loader), s.device, False, contextlib.nullcontext, sync_every_step=True,
-                      labels=s.data.labels)
+            hand_loop(
+                task,
+                fresh,
+                window.wrap(loader),
+                s.device,
+                False,
+                contextlib.nullcontext,
+                sync_every_step=True,
+                labels=s.data.labels,
+            )
             options = f"fp32, NCHW, DataLoader({s.workers} workers, per-image crop/flip), .item() per step"
         elif mode == "minimal":
             cfg = _default_cfg(s)
-            loader = DeviceLoader(s.data, s.batch_size, train=True, augment=default_augment("cifar100"), device=s.device)
+            loader = DeviceLoader(
+                s.data, s.batch_size, train=True, augment=default_augment("cifar100"), device=s.device
+            )
             batches = loader.iter_batches(with_meta=True) if task == "crd" else loader
-            hand_loop(task, fresh, window.wrap(batches), s.device, use_channels_last(cfg, s.device),
-                      autocast_factory(cfg, s.device), sync_every_step=False, fold_teachers=cfg.fast.fold_teacher,
-                      labels=s.data.labels)
+            hand_loop(
+                task,
+                fresh,
+                window.wrap(batches),
+                s.device,
+                use_channels_last(cfg, s.device),
+                autocast_factory(cfg, s.device),
+                sync_every_step=False,
+                fold_teachers=cfg.fast.fold_teacher,
+                labels=s.data.labels,
+            )
             options = _options(cfg, s.device, bool(method.teachers)) + ", hand-written loop"
         else:
             cfg = _default_cfg(s) if mode == "kdlab" else _fast_cfg(s, method)
@@ -527,9 +597,10 @@ def measure_training(mode: str, task: str, method: Method, models_: Models, s: S
     return Measure(window.seconds, s.steps * s.batch_size, mem.mib, mem.kind, options, setup, extra, mem.reserved_mib)
 
 
-def _fit(fresh: Models, method: Method, cfg: TrainConfig, window: Window, s: Setting) -> tuple[float, dict]:
+def _fit(fresh: Models, method: BenchMethod, cfg: TrainConfig, window: Window, s: Setting) -> tuple[float, dict]:
+    from kdlab.compute import autocast_factory
     from kdlab.fast.teachers import prepare_teachers
-    from kdlab.train import autocast_factory, fit
+    from kdlab.train import fit
 
     distiller = Distiller(fresh.student, fresh.teachers, method.loss).to(s.device)
     probe = _teacher_input(s)[:8]
@@ -540,8 +611,9 @@ def _fit(fresh: Models, method: Method, cfg: TrainConfig, window: Window, s: Set
     cache = None
     extra = {}
     if fresh.teachers and (cfg.teacher_cache or cfg.fast.fold_teacher):
-        cache = prepare_teachers(distiller, s.data, loader, cfg, s.tmp / "logits", autocast_factory(cfg, s.device),
-                                 lambda _m: None)
+        cache = prepare_teachers(
+            distiller, s.data, loader, cfg, s.tmp / "logits", autocast_factory(cfg, s.device), lambda _m: None
+        )
         if cache is not None:
             extra["cache_views"] = int(cache.tables[0].logits.shape[1])
     setup = time.perf_counter() - t0
@@ -582,9 +654,20 @@ def device_name(device: torch.device) -> str:
     return f"{os.cpu_count()}-core CPU ({platform.machine()})"
 
 
-def run_bench(pairs: list[tuple[str, str]], methods: list[str], modes: list[str], device: torch.device,
-              batch_size: int = 64, steps: int = 10, warmup: int | None = None, repeats: int = 1, workers: int | None = None,
-              compile: bool = False, teacher_cache: bool | None = None, log: Callable[[str], None] = print) -> dict:
+def run_bench(
+    pairs: list[tuple[str, str]],
+    methods: list[str],
+    modes: list[str],
+    device: torch.device,
+    batch_size: int = 64,
+    steps: int = 10,
+    warmup: int | None = None,
+    repeats: int = 1,
+    workers: int | None = None,
+    compile: bool = False,
+    teacher_cache: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Measure every (pair, task, mode); returns the JSON-ready report."""
     if steps < 1 or batch_size < 1 or repeats < 1:
         raise ConfigError("bench: --steps, --batch-size and --repeats must be >= 1")
@@ -598,13 +681,24 @@ def run_bench(pairs: list[tuple[str, str]], methods: list[str], modes: list[str]
     t_start = time.perf_counter()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kdlab-bench-") as tmp:
-        setting = Setting(device, batch_size, steps, warmup, workers, compile, teacher_cache,
-                          synthetic_dataset(max(batch_size * (warmup + steps + 1), CRD_MIN_IMAGES if "crd" in methods else 0)),
-                          Path(tmp), log)
+        setting = Setting(
+            device,
+            batch_size,
+            steps,
+            warmup,
+            workers,
+            compile,
+            teacher_cache,
+            synthetic_dataset(max(batch_size * (warmup + steps + 1), CRD_MIN_IMAGES if "crd" in methods else 0)),
+            Path(tmp),
+            log,
+        )
         for teacher_name, student_name in pairs:
             n_teachers = max([1] + [METHODS[m].teachers for m in methods])
             torch.manual_seed(0)
-            base = Models([models.create(teacher_name, 100) for _ in range(n_teachers)], models.create(student_name, 100))
+            base = Models(
+                [models.create(teacher_name, 100) for _ in range(n_teachers)], models.create(student_name, 100)
+            )
             tasks = ["teacher", "student", *methods]
             for task in tasks:
                 samples: dict[str, list[Measure]] = {m: [] for m in modes}
@@ -618,31 +712,57 @@ def run_bench(pairs: list[tuple[str, str]], methods: list[str], modes: list[str]
                             result = measure_training(mode, task, method, fresh, setting)
                         samples[mode].append(result)
                         log(f"  {teacher_name}:{student_name} {task:<8} {mode:<10} {result.images_per_s:9.1f} img/s")
-                reference = statistics.median(r.images_per_s for r in samples["reference"]) if "reference" in samples else None
+                reference = (
+                    statistics.median(r.images_per_s for r in samples["reference"]) if "reference" in samples else None
+                )
                 for mode in modes:
                     runs = samples[mode]
                     ips = statistics.median(r.images_per_s for r in runs)
                     peaks = [r.peak_mib for r in runs if r.peak_mib is not None]
                     reserved = [r.reserved_mib for r in runs if r.reserved_mib is not None]
-                    rows.append({
-                        "pair": f"{teacher_name}:{student_name}", "teacher": teacher_name, "student": student_name,
-                        "task": task, "mode": mode, "images_per_s": round(ips, 2),
-                        "images_per_s_runs": [round(r.images_per_s, 2) for r in runs],
-                        "ratio_to_reference": round(ips / reference, 3) if reference else None,
-                        "peak_memory_mib": round(max(peaks), 1) if peaks else None, "memory_kind": runs[0].memory_kind,
-                        "peak_reserved_mib": round(max(reserved), 1) if reserved else None,
-                        "options": runs[0].options, "setup_seconds": round(max(r.setup_seconds for r in runs), 2),
-                        **runs[0].extra,
-                    })
+                    rows.append(
+                        {
+                            "pair": f"{teacher_name}:{student_name}",
+                            "teacher": teacher_name,
+                            "student": student_name,
+                            "task": task,
+                            "mode": mode,
+                            "images_per_s": round(ips, 2),
+                            "images_per_s_runs": [round(r.images_per_s, 2) for r in runs],
+                            "ratio_to_reference": round(ips / reference, 3) if reference else None,
+                            "peak_memory_mib": round(max(peaks), 1) if peaks else None,
+                            "memory_kind": runs[0].memory_kind,
+                            "peak_reserved_mib": round(max(reserved), 1) if reserved else None,
+                            "options": runs[0].options,
+                            "setup_seconds": round(max(r.setup_seconds for r in runs), 2),
+                            **runs[0].extra,
+                        }
+                    )
     return {
-        "benchmark": "kdlab bench", "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "benchmark": "kdlab bench",
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["kdlab", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
-        "device": device_name(device), "device_type": device.type, "torch": torch.__version__, "kdlab": __version__,
-        "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "load_average_before": [round(v, 2) for v in load_before], "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "batch_size": batch_size, "steps": steps, "warmup": warmup, "repeats": repeats, "workers": workers,
-        "data": DATA_NOTE, "modes": modes, "methods": methods, "pairs": [f"{t}:{s}" for t, s in pairs],
-        "seconds": round(time.perf_counter() - t_start, 1), "results": rows, "summary": summarise(rows),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "kdlab": __version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "workers": workers,
+        "data": DATA_NOTE,
+        "modes": modes,
+        "methods": methods,
+        "pairs": [f"{t}:{s}" for t, s in pairs],
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "results": rows,
+        "summary": summarise(rows),
     }
 
 
@@ -669,9 +789,11 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     load = report["load_average_before"]
-    table = Table(title=f"kdlab bench on {report['device']}: batch {report['batch_size']}, {report['steps']} timed steps "
-                        f"(+{report['warmup']} warm-up) x {report['repeats']}; load average {load[0]:.2f} before, "
-                        f"{report['load_average_after'][0]:.2f} after")
+    table = Table(
+        title=f"kdlab bench on {report['device']}: batch {report['batch_size']}, {report['steps']} timed steps "
+        f"(+{report['warmup']} warm-up) x {report['repeats']}; load average {load[0]:.2f} before, "
+        f"{report['load_average_after'][0]:.2f} after"
+    )
     spread = report["repeats"] > 1  # on a shared or virtual machine the repeats can differ by 20% or more
     columns = [("pair", "left"), ("task", "left"), ("mode", "left"), ("images/s", "right")]
     columns += [("min-max", "right")] if spread else []
@@ -704,7 +826,9 @@ def print_table(report: dict) -> None:
     console.print(table)
     for mode, text in options.items():
         console.print(f"  {mode}: {text}")
-    memory = "CUDA max_memory_allocated, and max_memory_reserved (a CUDA graph's pool included)" \
-        if report["device_type"] == "cuda" else \
-        "peak RSS of this process (DataLoader workers not counted)"
+    memory = (
+        "CUDA max_memory_allocated, and max_memory_reserved (a CUDA graph's pool included)"
+        if report["device_type"] == "cuda"
+        else "peak RSS of this process (DataLoader workers not counted)"
+    )
     console.print(f"  data: {report['data']}; memory: {memory}")

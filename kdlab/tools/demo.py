@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kdlab import pipeline
 from kdlab.checkpoint import atomic_write_text
-from kdlab.config import load_recipe
+from kdlab.recipe_files import load_recipe
 from kdlab.tools.results import mean_std
 
 
@@ -58,10 +58,17 @@ def summary_rows(rows: list[dict], base: dict | None) -> list[dict]:
             if seen:
                 continue
             seen = True
-            r = {**r, "top1_text": f"{base['mean']:.2f} ± {base['std']:.2f} ({base['n']} seeds)", "delta_text": "0 (baseline)"}
+            r = {
+                **r,
+                "top1_text": f"{base['mean']:.2f} ± {base['std']:.2f} ({base['n']} seeds)",
+                "delta_text": "0 (baseline)",
+            }
         else:
-            r = {**r, "top1_text": f"{r['top1_last']:.2f}",
-                 "delta_text": f"{r['delta_vs_vanilla']:+.2f}" if "delta_vs_vanilla" in r else f"n/a ({r['student']})"}
+            r = {
+                **r,
+                "top1_text": f"{r['top1_last']:.2f}",
+                "delta_text": f"{r['delta_vs_vanilla']:+.2f}" if "delta_vs_vanilla" in r else f"n/a ({r['student']})",
+            }
         out.append(r)
     return out
 
@@ -70,16 +77,26 @@ COLUMNS = ("recipe", "method", "student", "top-1 last", "Δ vs vanilla", "teache
 
 
 def cells(r: dict) -> list[str]:
-    return [r["recipe"], r["method"], f"{r['student']} ({r['params']:,})", r["top1_text"], r["delta_text"], teacher_text(r),
-            f"{r['seconds']:.1f}"]
+    return [
+        r["recipe"],
+        r["method"],
+        f"{r['student']} ({r['params']:,})",
+        r["top1_text"],
+        r["delta_text"],
+        teacher_text(r),
+        f"{r['seconds']:.1f}",
+    ]
 
 
 def markdown_table(rows: list[dict], base: dict | None) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(cells(r)) + " |" for r in summary_rows(rows, base)]
     if base is not None:
-        lines += ["", f"Δ: the recipe's top-1 (last epoch, test split, one seed) minus vanilla's mean over {base['n']} seeds; "
-                  f"vanilla's own spread is ±{base['std']:.2f} (sample std), so a Δ within about twice that is noise."]
+        lines += [
+            "",
+            f"Δ: the recipe's top-1 (last epoch, test split, one seed) minus vanilla's mean over {base['n']} seeds; "
+            f"vanilla's own spread is ±{base['std']:.2f} (sample std), so a Δ within about twice that is noise.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +111,10 @@ def print_table(rows: list[dict], base: dict | None, title: str) -> None:
         table.add_row(*cells(r))
     Console(width=140).print(table)
     if base is not None:
-        print(f"Δ vs vanilla's mean over {base['n']} seeds (its spread ±{base['std']:.2f}); teacher: the teacher's test top-1.")
+        print(
+            f"Δ vs vanilla's mean over {base['n']} seeds (its spread ±{base['std']:.2f}); "
+            "teacher: the teacher's test top-1."
+        )
 
 
 def run_demo(out: Path, only: list[str] | None = None, quiet: bool = False, overrides: list[str] = ()) -> list[dict]:
@@ -127,7 +147,14 @@ def run_demo(out: Path, only: list[str] | None = None, quiet: bool = False, over
             print(f"== {name}{f' seed {seed}' if seed else ''}: {recipe.method} ({path.name})", flush=True)
             resume = pipeline.resumable(run_dir)  # a folder left by a failed first epoch starts afresh
             result = pipeline.run(None if resume else recipe, run_dir, resume=resume, quiet=quiet)
-            rows.append({"recipe": name, "run": run_dir.name, **result, "seconds": result.get("wall_seconds", time.perf_counter() - t0)})
+            rows.append(
+                {
+                    "recipe": name,
+                    "run": run_dir.name,
+                    **result,
+                    "seconds": result.get("wall_seconds", time.perf_counter() - t0),
+                }
+            )
     total = time.perf_counter() - t_all
     base = add_deltas(rows)
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")

@@ -105,7 +105,8 @@ def cli_markdown() -> str:
     lines = [
         "# Command-line reference",
         "",
-        "Generated from kdlab's argument parser by `python -m kdlab.tools.docgen --write`; edit the parser, not this file.",
+        "Generated from kdlab's argument parser by `python -m kdlab.tools.docgen --write`; "
+        "edit the parser, not this file.",
         "Every command exits with code 2 and one line `kdlab: error: ...` on bad input.",
         "",
         "```text",
@@ -118,7 +119,17 @@ def cli_markdown() -> str:
     lines += [f"| [`{name}`](#kdlab-{name}) | {_cell(helps.get(name) or '')} |" for name in sub.choices]
     for name, p in sub.choices.items():
         usage = " ".join(["kdlab", name] + [_usage_part(a) for a in _visible(p)])
-        lines += ["", f"## kdlab {name}", "", (p.description or helps.get(name) or "").strip(), "", "```text", usage, "```", ""]
+        lines += [
+            "",
+            f"## kdlab {name}",
+            "",
+            (p.description or helps.get(name) or "").strip(),
+            "",
+            "```text",
+            usage,
+            "```",
+            "",
+        ]
         lines += _arguments_table(p)
     return "\n".join(lines) + "\n"
 
@@ -153,8 +164,8 @@ def _bounds(field) -> str:
 # options that many terms share, described once where a term's class leaves them blank
 COMMON_OPTIONS = {
     "weight": "multiplies the term's value (as the term defines it) in the total loss",
-    "student_layers": "student layers to tap: module names (`layer2.1`) or zoo aliases (`stage2`, `last`, `embedding`); "
-                      "null: the term's default layers",
+    "student_layers": "student layers to tap: module names (`layer2.1`) "
+    "or zoo aliases (`stage2`, `last`, `embedding`); null: the term's default layers",
     "teacher_layers": "teacher layers, paired one to one with `student_layers`; null: the term's default layers",
     "pool": "average-pool the larger map when student and teacher spatial sizes differ",
     "p": "exponent of the attention map: sum over channels of |A_c|^p",
@@ -173,8 +184,12 @@ def options_table(term_name: str) -> str:
     from kdlab.losses import TERMS
 
     opts = TERMS[term_name].Options
-    lines = [f"Options of the `{term_name}` term (`loss.terms.{term_name}` in a recipe; class `{opts.__name__}`):", "",
-             "| option | type | default | meaning |", "|---|---|---|---|"]
+    lines = [
+        f"Options of the `{term_name}` term (`loss.terms.{term_name}` in a recipe; class `{opts.__name__}`):",
+        "",
+        "| option | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
     for name, field in opts.model_fields.items():
         default = field.get_default(call_default_factory=True)
         bounds = _bounds(field)
@@ -186,8 +201,8 @@ def options_table(term_name: str) -> str:
 
 def method_terms(method: str) -> list[str]:
     """The terms a method's card documents: the method's own, then any other its digits recipe uses."""
-    from kdlab.config import read_yaml
     from kdlab.methods import METHODS
+    from kdlab.recipe_files import read_yaml
 
     terms = list(METHODS[method].terms)
     recipe = ROOT / "kdlab" / "recipes" / "digits" / f"{method}.yaml"

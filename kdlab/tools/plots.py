@@ -26,7 +26,7 @@ def panel_title(key: str) -> str:
         return "test top-1 (%)"
     if key == "train_loss":
         return "train loss (sum of the weighted terms)"
-    return f"train {key[len('train_'):]} (weighted)"
+    return f"train {key[len('train_') :]} (weighted)"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -87,7 +87,16 @@ def plot_groups(groups: list[tuple[str, list[Path]]], out: Path, title: str | No
     from matplotlib.ticker import MaxNLocator
 
     loaded = [(label, [read_metrics(d) for d in dirs]) for label, dirs in groups]
-    terms = sorted({k for _, runs in loaded for rows in runs for r in rows for k in r if k.startswith("train_") and k != "train_top1"})
+    terms = sorted(
+        {
+            k
+            for _, runs in loaded
+            for rows in runs
+            for r in rows
+            for k in r
+            if k.startswith("train_") and k != "train_top1"
+        }
+    )
     panels = ["test_top1"] + sorted(terms, key=lambda k: (k != "train_loss", k))  # the total first, then each term
     cols = min(3, len(panels))
     rows_n = (len(panels) + cols - 1) // cols
@@ -100,13 +109,18 @@ def plot_groups(groups: list[tuple[str, list[Path]]], out: Path, title: str | No
             style = line_style(i)
             ax.plot(epochs, mean, label=label, marker="." if len(epochs) < 30 else None, **style)
             if len(runs) > 1:
-                ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=style["color"], alpha=0.15)
+                ax.fill_between(
+                    epochs,
+                    [m - s for m, s in zip(mean, std)],
+                    [m + s for m, s in zip(mean, std)],
+                    color=style["color"],
+                    alpha=0.15,
+                )
         ax.set_title(panel_title(key))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
     ncol = min(4, max(1, len(names)))
@@ -130,7 +144,9 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None, 
     return plot_groups([(name, [d]) for name, d in zip(names, run_dirs)], out, title)
 
 
-def plot_recon(bars: list[tuple[str, list[float]]], out: Path, ylabel: str = "reconstruction error", title: str | None = None) -> Path:
+def plot_recon(
+    bars: list[tuple[str, list[float]]], out: Path, ylabel: str = "reconstruction error", title: str | None = None
+) -> Path:
     """One bar per label: the mean of its values, each value a dot, a +-1 std error bar when several."""
     import textwrap
 
@@ -138,13 +154,18 @@ def plot_recon(bars: list[tuple[str, list[float]]], out: Path, ylabel: str = "re
     width = max(4.0, 0.9 * len(bars) + 2)
     fig, ax = plt.subplots(figsize=(width, 3.6))
     xs = list(range(len(bars)))
-    for x, (label, values) in zip(xs, bars):
+    for x, (_label, values) in zip(xs, bars):
         m = sum(values) / len(values)
         s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
         ax.bar(x, m, color=f"C{x % 10}", alpha=0.8, yerr=s if len(values) > 1 else None, capsize=4)
         ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
-    ax.set_xticks(xs, [label for label, _ in bars], rotation=25 if len(bars) > 3 else 0, ha="right" if len(bars) > 3 else "center",
-                  fontsize=8)
+    ax.set_xticks(
+        xs,
+        [label for label, _ in bars],
+        rotation=25 if len(bars) > 3 else 0,
+        ha="right" if len(bars) > 3 else "center",
+        fontsize=8,
+    )
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     if title:  # wrapped to the figure's width: a long settings line was cut at both edges
@@ -155,8 +176,12 @@ def plot_recon(bars: list[tuple[str, list[float]]], out: Path, ylabel: str = "re
     return path
 
 
-def plot_recon_curves(lines: list[tuple[str, list[list[tuple[int, float]]]]], out: Path, ylabel: str = "reconstruction error",
-                      title: str | None = None) -> Path:
+def plot_recon_curves(
+    lines: list[tuple[str, list[list[tuple[int, float]]]]],
+    out: Path,
+    ylabel: str = "reconstruction error",
+    title: str | None = None,
+) -> Path:
     """One line per label (the mean over its runs at each shared epoch), each run's points as dots."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))

@@ -25,8 +25,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kdlab.config import Recipe, apply_overrides, format_validation_error, read_yaml, validate
+from kdlab.config import Recipe, format_validation_error
 from kdlab.errors import ConfigError
+from kdlab.recipe_files import apply_overrides, read_yaml, validate
 from kdlab.strict import Strict
 
 RECIPES_ROOT = Path(__file__).resolve().parents[1] / "recipes"
@@ -38,11 +39,19 @@ LOCATION_KEYS = (("data", "root"), ("cache_dir",), ("note",))
 class Cell(Strict):
     name: str = Field(description="unique; letters, digits, _ . + - and / (folders)")
     recipe: str = Field(description="recipe path, relative to the table file or to kdlab/recipes")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value, applied after the table's")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="dotted key -> value, applied after the table's"
+    )
     published: float | None = Field(default=None, ge=0, le=100, description="published top-1 %")
-    metric: Literal["last", "best"] | None = Field(default=None, description="which epoch the source reports; default: the table's")
-    teacher_published: list[float | None] = Field(default_factory=list, description="published top-1 of each teacher, in order")
-    tolerance: float | None = Field(default=None, gt=0, description="|ours - published| allowed, in points; default: the table's")
+    metric: Literal["last", "best"] | None = Field(
+        default=None, description="which epoch the source reports; default: the table's"
+    )
+    teacher_published: list[float | None] = Field(
+        default_factory=list, description="published top-1 of each teacher, in order"
+    )
+    tolerance: float | None = Field(
+        default=None, gt=0, description="|ours - published| allowed, in points; default: the table's"
+    )
     source: str | None = None
     compare_to: list[str] = Field(default_factory=list, description="cells of this table to print deltas against")
     seeds: int | None = Field(default=None, ge=1, description="number of seeds of this cell; default: the table's")
@@ -136,14 +145,24 @@ def run_dir_of(out: Path, cell: Cell, seed: int) -> Path:
     return out / "cells" / cell.name / f"seed{seed}"
 
 
-def build_recipe(table: Table, table_path: Path, cell: Cell, seed: int, out: Path, sets: list[str], data_root: str | None,
-                 cache_dir: Path | None = None) -> Recipe:
+def build_recipe(
+    table: Table,
+    table_path: Path,
+    cell: Cell,
+    seed: int,
+    out: Path,
+    sets: list[str],
+    data_root: str | None,
+    cache_dir: Path | None = None,
+) -> Recipe:
     from kdlab.methods import check_recipe
 
     path = resolve_recipe_path(table_path, cell.recipe)
     where = f"{table_path}: cell {cell.name}"
     try:
-        raw = apply_overrides(read_yaml(path), as_set_items(table.overrides) + as_set_items(cell.overrides) + list(sets))
+        raw = apply_overrides(
+            read_yaml(path), as_set_items(table.overrides) + as_set_items(cell.overrides) + list(sets)
+        )
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     raw["seed"] = seed
@@ -175,12 +194,22 @@ def check_unchanged(job: Job) -> None:
         return
     stored = validate(read_yaml(config), source=str(config))
     if _without_locations(stored.model_dump(mode="json")) != _without_locations(job.recipe.model_dump(mode="json")):
-        raise ConfigError(f"{job.label}: {job.run_dir} was started with a different recipe than the table now gives; "
-                          "move that folder away or use another --out (nothing was changed)")
+        raise ConfigError(
+            f"{job.label}: {job.run_dir} was started with a different recipe than the table now gives; "
+            "move that folder away or use another --out (nothing was changed)"
+        )
 
 
-def plan(table: Table, table_path: Path, out: Path, seeds: int | None, only: list[str] | None, sets: list[str],
-         data_root: str | None, cache_dir: Path | None = None) -> list[Job]:
+def plan(
+    table: Table,
+    table_path: Path,
+    out: Path,
+    seeds: int | None,
+    only: list[str] | None,
+    sets: list[str],
+    data_root: str | None,
+    cache_dir: Path | None = None,
+) -> list[Job]:
     names = [c.name for c in table.cells]
     for name in only or []:
         if name not in names:
@@ -216,8 +245,16 @@ class Invocation:
     quiet: bool = False
 
     def plan(self, table: Table) -> list[Job]:
-        return plan(table, Path(self.table), Path(self.out), self.seeds, self.only, list(self.sets), self.data_root,
-                    Path(self.cache_dir) if self.cache_dir else None)
+        return plan(
+            table,
+            Path(self.table),
+            Path(self.out),
+            self.seeds,
+            self.only,
+            list(self.sets),
+            self.data_root,
+            Path(self.cache_dir) if self.cache_dir else None,
+        )
 
     def recorded(self) -> dict:
         """The options that change what was trained or reported (not where things are or how many workers)."""

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from kdlab.checkpoint import atomic_write_text
+from kdlab.student import read_result
 from kdlab.tools.reproduce import Invocation, Table, run_dir_of
 from kdlab.tools.results import mean_std, teacher_accuracy
-from kdlab.student import read_result
 
 
 def relative_to(path: str, base: Path) -> str:
@@ -33,10 +33,22 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
     best_mean, best_std = mean_std([r["top1_best"] for r in results])
     ours = last_mean if metric == "last" else best_mean
     row = {
-        "cell": cell.name, "recipe": cell.recipe, "metric": metric, "n": len(results), "seeds": [s for s, r in by_seed.items() if r is not None],
-        "last_mean": last_mean, "last_std": last_std, "best_mean": best_mean, "best_std": best_std,
-        "published": cell.published, "tolerance": table.tolerance_of(cell), "source": cell.source or table.source or None,
-        "delta": None, "within_tolerance": None, "compare_to": {}, "teachers": [],
+        "cell": cell.name,
+        "recipe": cell.recipe,
+        "metric": metric,
+        "n": len(results),
+        "seeds": [s for s, r in by_seed.items() if r is not None],
+        "last_mean": last_mean,
+        "last_std": last_std,
+        "best_mean": best_mean,
+        "best_std": best_std,
+        "published": cell.published,
+        "tolerance": table.tolerance_of(cell),
+        "source": cell.source or table.source or None,
+        "delta": None,
+        "within_tolerance": None,
+        "compare_to": {},
+        "teachers": [],
         "wall_seconds": round(sum(r.get("wall_seconds", 0.0) for r in results), 1),
         "device": sorted({r.get("device", "?") for r in results}),
     }
@@ -51,12 +63,18 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
         accs = [a for a in (teacher_accuracy(i, metric) for i in infos) if a is not None]
         acc, acc_std = mean_std(accs)
         pub = cell.teacher_published[t] if t < len(cell.teacher_published) else None
-        row["teachers"].append({
-            "name": infos[0]["name"] if infos else None, "epoch": infos[0].get("epoch") if infos else None,
-            "mean": acc, "std": acc_std, "n": len(accs), "published": pub,
-            "delta": acc - pub if acc is not None and pub is not None else None,
-            "runs": sorted({relative_to(i.get("source", ""), out) for i in infos}),
-        })
+        row["teachers"].append(
+            {
+                "name": infos[0]["name"] if infos else None,
+                "epoch": infos[0].get("epoch") if infos else None,
+                "mean": acc,
+                "std": acc_std,
+                "n": len(accs),
+                "published": pub,
+                "delta": acc - pub if acc is not None and pub is not None else None,
+                "runs": sorted({relative_to(i.get("source", ""), out) for i in infos}),
+            }
+        )
     return row
 
 
@@ -75,10 +93,17 @@ def summarize(table: Table, inv: Invocation, failures: dict[str, str]) -> dict:
     add_comparisons(table, rows)
     devices = sorted({d for r in rows.values() for d in r["device"]})
     return {
-        "title": table.title, "table": str(inv.table), "source": table.source, "published_numbers": table.published_numbers,
-        "description": table.description, "seeds_requested": inv.seeds or table.seeds, "command_line": inv.recorded(),
+        "title": table.title,
+        "table": str(inv.table),
+        "source": table.source,
+        "published_numbers": table.published_numbers,
+        "description": table.description,
+        "seeds_requested": inv.seeds or table.seeds,
+        "command_line": inv.recorded(),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": platform.node(), "devices": devices, "failures": failures,
+        "host": platform.node(),
+        "devices": devices,
+        "failures": failures,
         "wall_seconds_students": round(sum(r["wall_seconds"] for r in rows.values()), 1),
         "cells": list(rows.values()),
     }
@@ -105,30 +130,48 @@ def render_markdown(summary: dict) -> str:
     if summary["description"]:
         lines += [summary["description"].strip(), ""]
     if summary["published_numbers"]:
-        lines += [f"Published numbers: {summary['source'] or 'see each cell'}. Δ = ours (the cell's metric) − published.", ""]
+        lines += [
+            f"Published numbers: {summary['source'] or 'see each cell'}. Δ = ours (the cell's metric) − published.",
+            "",
+        ]
     else:
-        lines += ["No published numbers exist for this table: each cell is compared with other cells of this same run "
-                  "(Δ vs the named cells, on the cell's metric).", ""]
-    lines += [f"Seeds requested: {summary['seeds_requested']}; devices: {', '.join(summary['devices']) or '—'}; "
-              f"written {summary['written']}.", ""]
+        lines += [
+            "No published numbers exist for this table: each cell is compared with other cells of this same run "
+            "(Δ vs the named cells, on the cell's metric).",
+            "",
+        ]
+    lines += [
+        f"Seeds requested: {summary['seeds_requested']}; devices: {', '.join(summary['devices']) or '—'}; "
+        f"written {summary['written']}.",
+        "",
+    ]
     given = summary.get("command_line") or {}
     if given.get("set") or given.get("seeds") or given.get("only"):
         shown = [f"--set {x}" for x in given.get("set") or []]
         shown += [f"--seeds {given['seeds']}"] if given.get("seeds") else []
         shown += [f"--only {' '.join(given['only'])}"] if given.get("only") else []
-        lines += ["Given on the command line (applied to every cell, after the table's own settings): "
-                  + ", ".join(f"`{x}`" for x in shown), ""]
-    head = "| cell | metric | n | last | best | published | Δ | within tol. | compared with | teacher ours / published |"
+        lines += [
+            "Given on the command line (applied to every cell, after the table's own settings): "
+            + ", ".join(f"`{x}`" for x in shown),
+            "",
+        ]
+    head = (
+        "| cell | metric | n | last | best | published | Δ | within tol. | compared with | teacher ours / published |"
+    )
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for r in summary["cells"]:
-        within = "—" if r["within_tolerance"] is None else ("yes" if r["within_tolerance"] else f"no (±{r['tolerance']:g})")
+        within = (
+            "—" if r["within_tolerance"] is None else ("yes" if r["within_tolerance"] else f"no (±{r['tolerance']:g})")
+        )
         compared = ", ".join(f"{k} {_signed(v)}" for k, v in r["compare_to"].items()) or "—"
         teachers = "; ".join(_teacher_text(t) for t in r["teachers"]) or "—"
         published = "—" if r["published"] is None else f"{r['published']:.2f}"
         bane = f" (BANE {r['bane_mean']:.2f})" if r.get("bane_mean") is not None else ""
-        lines.append(f"| {r['cell']} | {r['metric']} | {r['n']} | {_fmt(r['last_mean'], r['last_std'], r['n'])}{bane} | "
-                     f"{_fmt(r['best_mean'], r['best_std'], r['n'])} | {published} | {_signed(r['delta'])} | {within} | "
-                     f"{compared} | {teachers} |")
+        lines.append(
+            f"| {r['cell']} | {r['metric']} | {r['n']} | {_fmt(r['last_mean'], r['last_std'], r['n'])}{bane} | "
+            f"{_fmt(r['best_mean'], r['best_std'], r['n'])} | {published} | {_signed(r['delta'])} | {within} | "
+            f"{compared} | {teachers} |"
+        )
     if summary["failures"]:
         lines += ["", "Failed runs (rerun the same command to retry them):", ""]
         lines += [f"- {k}: {v}" for k, v in summary["failures"].items()]
@@ -148,7 +191,11 @@ def chart_values(summary: dict) -> tuple[list[str], list[float], str]:
             if delta is not None:
                 labels.append(f"{r['cell']} − {ref}")
                 values.append(delta)
-    what = "ours − published (top-1 points)" if summary["published_numbers"] else "Δ vs the first compare_to cell (top-1 points)"
+    what = (
+        "ours − published (top-1 points)"
+        if summary["published_numbers"]
+        else "Δ vs the first compare_to cell (top-1 points)"
+    )
     return labels, values, what
 
 

@@ -19,9 +19,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from kdlab.errors import KdlabError
 from kdlab.tools.reproduce import Invocation, Job, Table, load_table, run_job
@@ -87,31 +87,53 @@ def worker_env(slot: int) -> dict[str, str]:
 def progress_line(tasks: list[Task], done: set[int], failed: dict[int, str], running: dict[int, tuple]) -> str:
     left = len(tasks) - len(done) - len(failed) - len(running)
     names = ", ".join(tasks[i].label for i in running) or "none"
-    return (f"[{time.strftime('%H:%M:%S')}] {len(done)} done, {len(failed)} failed, {len(running)} running ({names}), "
-            f"{left} waiting")
+    return (
+        f"[{time.strftime('%H:%M:%S')}] {len(done)} done, {len(failed)} failed, {len(running)} running ({names}), "
+        f"{left} waiting"
+    )
 
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None, only: list[str] | None = None,
-              sets: list[str] = (), data_root: str | None = None, quiet: bool = False,
-              say: Callable[[str], None] = print, cache_dir: str | Path | None = None, jobs: int = 1) -> dict:
+def run_table(
+    table_path: str | Path,
+    out: str | Path,
+    seeds: int | None = None,
+    only: list[str] | None = None,
+    sets: list[str] = (),
+    data_root: str | None = None,
+    quiet: bool = False,
+    say: Callable[[str], None] = print,
+    cache_dir: str | Path | None = None,
+    jobs: int = 1,
+) -> dict:
     """Run (or continue) every cell x seed of the table into `out`, then write the comparison.
 
     `jobs` > 1: independent runs in that many worker processes."""
     from kdlab.student import read_result
 
-    inv = Invocation(str(table_path), str(out), seeds, list(only) if only else None, list(sets), data_root,
-                     str(cache_dir) if cache_dir else None, jobs, quiet)
+    inv = Invocation(
+        str(table_path),
+        str(out),
+        seeds,
+        list(only) if only else None,
+        list(sets),
+        data_root,
+        str(cache_dir) if cache_dir else None,
+        jobs,
+        quiet,
+    )
     table_path, out = Path(table_path), Path(out)
     table = load_table(table_path)
     planned = inv.plan(table)
     out.mkdir(parents=True, exist_ok=True)
     n_cells = len({j.cell.name for j in planned})
-    say(f"{table.title}: {len(planned)} run(s) ({n_cells} cell(s), {len(planned) - n_cells} extra seed run(s)) in {out}"
-        + (f", {jobs} worker processes" if jobs > 1 else ""))
+    say(
+        f"{table.title}: {len(planned)} run(s) ({n_cells} cell(s), {len(planned) - n_cells} extra seed run(s)) in {out}"
+        + (f", {jobs} worker processes" if jobs > 1 else "")
+    )
     t_table = time.time()
     if jobs > 1:
         failures = run_parallel(inv, table, planned, say)
@@ -123,8 +145,10 @@ def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None,
             if done is not None:
                 say(f"{tag}: finished earlier (top-1 last {done['top1_last']:.2f}), skipped")
                 continue
-            say(f"{tag}: {'resuming' if (job.run_dir / 'config.yaml').exists() else 'starting'} "
-                f"({job.recipe.method}, {job.recipe.student.name})")
+            say(
+                f"{tag}: {'resuming' if (job.run_dir / 'config.yaml').exists() else 'starting'} "
+                f"({job.recipe.method}, {job.recipe.student.name})"
+            )
             t0 = time.time()
             try:
                 result = run_job(job, quiet)
@@ -132,11 +156,19 @@ def run_table(table_path: str | Path, out: str | Path, seeds: int | None = None,
                 failures[job.label] = str(e)
                 say(f"{tag}: FAILED: {e}")
                 continue
-            say(f"{tag}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({_minutes(time.time() - t0)})")
+            say(
+                f"{tag}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} "
+                f"({_minutes(time.time() - t0)})"
+            )
             write_report(table, inv, failures)
     summary = write_report(table, inv, failures)
-    say(f"{table.title}: {len(planned) - len(failures)}/{len(planned)} run(s) finished ({_minutes(time.time() - t_table)} this invocation); "
-        f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'deltas.png'}" if summary.get("chart") else ""))
+    finished = len(planned) - len(failures)
+    say(
+        f"{table.title}: {finished}/{len(planned)} run(s) finished "
+        f"({_minutes(time.time() - t_table)} this invocation); "
+        f"wrote {out / 'results.md'}, {out / 'results.json'}"
+        + (f", {out / 'deltas.png'}" if summary.get("chart") else "")
+    )
     if failures:
         raise KdlabError(f"{len(failures)} run(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return summary
@@ -151,8 +183,10 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
     logs = Path(inv.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     finished_folders = {tasks[i].folder for i in done}
-    say(f"{len(tasks)} task(s): {sum(t.teacher_index is not None for t in tasks)} teacher(s) and "
-        f"{sum(t.teacher_index is None for t in tasks)} run(s); {len(done)} finished earlier; worker logs in {logs}")
+    say(
+        f"{len(tasks)} task(s): {sum(t.teacher_index is not None for t in tasks)} teacher(s) and "
+        f"{sum(t.teacher_index is None for t in tasks)} run(s); {len(done)} finished earlier; worker logs in {logs}"
+    )
 
     def ready(i: int) -> bool:
         return i not in done and i not in failed and i not in running and tasks[i].needs <= finished_folders
@@ -163,11 +197,21 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
 
     def start(i: int) -> None:
         slot = min(set(range(inv.jobs)) - {s for _, s, _ in running.values()})
-        spec = json.dumps({"invocation": asdict(inv), "cell": tasks[i].cell, "seed": tasks[i].seed,
-                           "teacher_index": tasks[i].teacher_index})
+        spec = json.dumps(
+            {
+                "invocation": asdict(inv),
+                "cell": tasks[i].cell,
+                "seed": tasks[i].seed,
+                "teacher_index": tasks[i].teacher_index,
+            }
+        )
         log = open(logs / f"{tasks[i].slug}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "kdlab.tools.reproduce_run", spec], stdout=log, stderr=subprocess.STDOUT,
-                                env=worker_env(slot))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kdlab.tools.reproduce_run", spec],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=worker_env(slot),
+        )
         log.close()
         running[i] = (proc, slot, time.time())
         verb = "resuming" if (tasks[i].folder / "checkpoints").exists() else "started"
@@ -198,7 +242,10 @@ def run_parallel(inv: Invocation, table: Table, jobs: list[Job], say: Callable[[
                 if rc == 0 and is_finished(tasks[i]):
                     done.add(i)
                     finished_folders.add(tasks[i].folder)
-                    say(f"finished {tasks[i].label} in {minutes:.1f} min{result_text(tasks[i])}; " + progress_line(tasks, done, failed, running))
+                    say(
+                        f"finished {tasks[i].label} in {minutes:.1f} min{result_text(tasks[i])}; "
+                        + progress_line(tasks, done, failed, running)
+                    )
                     if tasks[i].teacher_index is None:
                         write_report(table, inv, {})
                 else:

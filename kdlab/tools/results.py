@@ -110,7 +110,9 @@ def find_runs(paths: list[str | Path], include_sub_runs: bool = False) -> tuple[
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
         where = ", ".join(map(str, paths))
-        hint = f" ({len(unfinished)} unfinished run(s) found: {', '.join(map(str, unfinished[:3]))})" if unfinished else ""
+        hint = (
+            f" ({len(unfinished)} unfinished run(s) found: {', '.join(map(str, unfinished[:3]))})" if unfinished else ""
+        )
         raise KdlabError(f"no finished run (a folder with {RESULT}) at or below {where}{hint}")
     by_resolved = {p.resolve(): p for p in found}
     return [load_run(by_resolved[p]) for p in unique], unfinished
@@ -282,7 +284,10 @@ def summarise(group: Group) -> Row:
     bane = [r.result["bane_top1"] for r in runs if "bane_top1" in r.result]
     recon = [r.recon["recon_error"] for r in runs if r.recon and "recon_error" in r.recon]
     return Row(
-        label=group.label, key=group.key, n=len(runs), seeds=[r.seed for r in runs],
+        label=group.label,
+        key=group.key,
+        n=len(runs),
+        seeds=[r.seed for r in runs],
         top1_last=mean_std([r.result["top1_last"] for r in runs]),
         top1_best=mean_std([r.result.get("top1_best", r.result["top1_last"]) for r in runs]),
         params=_same_or_range([r.result.get("params") for r in runs]),
@@ -322,34 +327,79 @@ def markdown(rows: list[Row]) -> str:
     recon = any(r.recon for r in rows)
     head = ["recipe", "seeds", "top-1 last", "top-1 best", "params", "teacher top-1", "epochs"]
     head += ["BANE top-1"] * bane + ["recon error"] * recon
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|",
+    ]
     for r in rows:
-        cells = [r.label.replace("|", "\\|"), str(r.n), fmt(*r.top1_last), fmt(*r.top1_best), r.params, _teacher_cell(r), r.epochs]
+        cells = [
+            r.label.replace("|", "\\|"),
+            str(r.n),
+            fmt(*r.top1_last),
+            fmt(*r.top1_best),
+            r.params,
+            _teacher_cell(r),
+            r.epochs,
+        ]
         if bane:
             cells.append(fmt(*r.bane) if r.bane else "-")
         if recon:
             cells.append(fmt(*r.recon, digits=4) if r.recon else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Top-1 in % on the test split, mean ± sample std over seeds (no ± for a single run); "
-                 "last: after the final epoch, best: the best epoch (selected on the test set).")
+    lines.append(
+        "Top-1 in % on the test split, mean ± sample std over seeds (no ± for a single run); "
+        "last: after the final epoch, best: the best epoch (selected on the test set)."
+    )
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[Row]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["recipe", "key", "n", "seeds", "top1_last_mean", "top1_last_std", "top1_best_mean", "top1_best_std",
-                "params", "teacher_top1_mean", "teacher_top1_std", "epochs", "bane_top1_mean", "recon_error_mean", "runs"])
+    w.writerow(
+        [
+            "recipe",
+            "key",
+            "n",
+            "seeds",
+            "top1_last_mean",
+            "top1_last_std",
+            "top1_best_mean",
+            "top1_best_std",
+            "params",
+            "teacher_top1_mean",
+            "teacher_top1_std",
+            "epochs",
+            "bane_top1_mean",
+            "recon_error_mean",
+            "runs",
+        ]
+    )
 
     def num(v):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
 
     for r in rows:
-        w.writerow([r.label, r.key, r.n, ";".join(map(str, r.seeds)), num(r.top1_last[0]), num(r.top1_last[1]),
-                    num(r.top1_best[0]), num(r.top1_best[1]), r.params.replace(",", ""),
-                    ";".join(num(m) for m, _ in r.teachers), ";".join(num(s) for _, s in r.teachers), r.epochs,
-                    num(r.bane[0]) if r.bane else "", num(r.recon[0]) if r.recon else "", ";".join(r.runs)])
+        w.writerow(
+            [
+                r.label,
+                r.key,
+                r.n,
+                ";".join(map(str, r.seeds)),
+                num(r.top1_last[0]),
+                num(r.top1_last[1]),
+                num(r.top1_best[0]),
+                num(r.top1_best[1]),
+                r.params.replace(",", ""),
+                ";".join(num(m) for m, _ in r.teachers),
+                ";".join(num(s) for _, s in r.teachers),
+                r.epochs,
+                num(r.bane[0]) if r.bane else "",
+                num(r.recon[0]) if r.recon else "",
+                ";".join(r.runs),
+            ]
+        )
     return buf.getvalue()
 
 

@@ -35,8 +35,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # before the run ends, the first lands on the teacher, and the 8 write/after kills (at least 8
 # events) reach past the teacher's 6 into the student.
 TEACHER_EPOCHS, EPOCHS, STEPS = 6, 14, 10
-TRAIN = ["recipes/digits/kd.yaml", "--set", f"train.epochs={EPOCHS}", "--set", f"train.max_steps_per_epoch={STEPS}",
-         "--set", "teachers.0.name=smallcnn", "--set", f"teachers.0.train.epochs={TEACHER_EPOCHS}", "--quiet"]
+TRAIN = [
+    "recipes/digits/kd.yaml",
+    "--set",
+    f"train.epochs={EPOCHS}",
+    "--set",
+    f"train.max_steps_per_epoch={STEPS}",
+    "--set",
+    "teachers.0.name=smallcnn",
+    "--set",
+    f"teachers.0.train.epochs={TEACHER_EPOCHS}",
+    "--quiet",
+]
 # one thread per process: the killed run and the reference share two cores, and the same thread
 # count in both keeps their float reductions in the same order
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -46,7 +56,9 @@ SEED = 20261124
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "kdlab", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f, env=ENV)
+        return subprocess.Popen(
+            [sys.executable, "-m", "kdlab", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f, env=ENV
+        )
 
 
 def _run_dirs(out: Path) -> list[Path]:
@@ -132,7 +144,9 @@ def test_sigkill_storm_resumes_to_bit_identical_weights(tmp_path):
                         kill_at = now + (rng.uniform(0, 0.004) if mode == "write" else rng.uniform(0.02, 0.4))
             if kill_at is not None and now >= kill_at:
                 break
-            assert now - started < 300, "an attempt hung"  # a hang detector: process start-up alone took 35 s on a loaded machine
+            assert now - started < 300, (
+                "an attempt hung"
+            )  # a hang detector: process start-up alone took 35 s on a loaded machine
             time.sleep(0.001 if kill_at is not None else 0.002)
         if proc.poll() is not None:  # it finished (or failed) before the kill came
             assert proc.returncode == 0, stderr_log.read_text()[-2000:]
@@ -141,8 +155,14 @@ def test_sigkill_storm_resumes_to_bit_identical_weights(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         torn = set(_temps(out)) - temps_before
-        kills.append({"mode": mode, "after_s": round(time.monotonic() - started, 3), "teacher_phase": not teacher_done,
-                      "mid_write": bool(torn)})
+        kills.append(
+            {
+                "mode": mode,
+                "after_s": round(time.monotonic() - started, 3),
+                "teacher_phase": not teacher_done,
+                "mid_write": bool(torn),
+            }
+        )
         assert not (out / "result.json").exists()
         for run_dir in _run_dirs(out):
             try:
@@ -171,8 +191,11 @@ def test_sigkill_storm_resumes_to_bit_identical_weights(tmp_path):
     assert not _temps(out), "temp files of killed writers were left behind"
     ref, got = (json.loads((d / "result.json").read_text()) for d in (ref_dir, out))
     assert got["top1_last"] == ref["top1_last"] and got["top1_best"] == ref["top1_best"]
-    print(f"\ncrash storm: {len(kills)} SIGKILLs survived ({sum(k['mid_write'] for k in kills)} inside a checkpoint write, "
-          f"{sum(k['teacher_phase'] for k in kills)} during teacher training), {attempts} processes, "
-          f"final weights bit-identical; {time.perf_counter() - t0:.1f} s")
+    print(
+        f"\ncrash storm: {len(kills)} SIGKILLs survived "
+        f"({sum(k['mid_write'] for k in kills)} inside a checkpoint write, "
+        f"{sum(k['teacher_phase'] for k in kills)} during teacher training), {attempts} processes, "
+        f"final weights bit-identical; {time.perf_counter() - t0:.1f} s"
+    )
     for i, k in enumerate(kills, 1):
         print(f"  kill {i:2d}: {k}")

@@ -22,7 +22,16 @@ from hypothesis import strategies as st
 
 from kdlab import models
 from kdlab.cli import main
-from kdlab.config import AugmentConfig, DataConfig, LossConfig, ModelConfig, Recipe, ScheduleConfig, TeacherConfig, TrainConfig
+from kdlab.config import (
+    AugmentConfig,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    Recipe,
+    ScheduleConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 from kdlab.losses import TERMS
 from kdlab.methods import METHODS
 
@@ -30,9 +39,18 @@ ROOT = Path(__file__).resolve().parents[1]
 KD = ROOT / "recipes" / "digits" / "kd.yaml"
 BASE = ["train.epochs=2", "train.max_steps_per_epoch=1"]
 
-SECTIONS = {"": Recipe, "train": TrainConfig, "train.schedule": ScheduleConfig, "data": DataConfig, "data.augment": AugmentConfig,
-            "student": ModelConfig, "teachers.0": TeacherConfig, "loss": LossConfig, "loss.terms.kd": TERMS["kd"].Options,
-            "teachers.0.train": TrainConfig}
+SECTIONS = {
+    "": Recipe,
+    "train": TrainConfig,
+    "train.schedule": ScheduleConfig,
+    "data": DataConfig,
+    "data.augment": AugmentConfig,
+    "student": ModelConfig,
+    "teachers.0": TeacherConfig,
+    "loss": LossConfig,
+    "loss.terms.kd": TERMS["kd"].Options,
+    "teachers.0.train": TrainConfig,
+}
 
 identifier = st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True)
 # strings YAML keeps as strings and no number or boolean parser accepts ("q" starts no number, no yes/no/nan/inf)
@@ -55,18 +73,46 @@ def unknown_keys(draw):
     return [f"{key}={yaml_value(value)}"], [needle], "unknown key"
 
 
-INT_KEYS = ["train.epochs", "train.batch_size", "train.eval_every", "train.max_steps_per_epoch", "train.schedule.step_size",
-            "data.image_size", "data.augment.crop_pad", "seed", "generations", "teachers.0.epoch", "teachers.0.train.epochs"]
-FLOAT_KEYS = ["train.lr", "train.momentum", "train.weight_decay", "train.grad_clip", "train.schedule.gamma",
-              "train.schedule.warmup_epochs", "train.schedule.min_lr", "loss.ce", "data.augment.rotation"]
+INT_KEYS = [
+    "train.epochs",
+    "train.batch_size",
+    "train.eval_every",
+    "train.max_steps_per_epoch",
+    "train.schedule.step_size",
+    "data.image_size",
+    "data.augment.crop_pad",
+    "seed",
+    "generations",
+    "teachers.0.epoch",
+    "teachers.0.train.epochs",
+]
+FLOAT_KEYS = [
+    "train.lr",
+    "train.momentum",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.schedule.gamma",
+    "train.schedule.warmup_epochs",
+    "train.schedule.min_lr",
+    "loss.ce",
+    "data.augment.rotation",
+]
 TERM_FLOAT_KEYS = ["loss.terms.kd.weight", "loss.terms.kd.T"]  # pydantic defaults there: booleans would pass as 1.0
 BOOL_KEYS = ["train.nesterov", "train.decay_norm_and_bias", "train.compile", "bane", "data.augment.flip"]
-CHOICE_KEYS = {"train.device": ("auto", "cpu", "cuda"), "train.amp": ("auto", "bf16", "off"), "train.nonfinite": ("stop", "skip"),
-               "train.schedule.type": ("multistep", "step", "cosine", "constant"), "data.name": ("digits", "cifar10", "cifar100", "imagefolder")}
+CHOICE_KEYS = {
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("auto", "bf16", "off"),
+    "train.nonfinite": ("stop", "skip"),
+    "train.schedule.type": ("multistep", "step", "cosine", "constant"),
+    "data.name": ("digits", "cifar10", "cifar100", "imagefolder"),
+}
 LIST_KEYS = ["train.schedule.milestones", "train.keep_epochs"]
 SECTION_KEYS = ["train", "data", "student", "loss", "loss.terms", "train.schedule", "student.kwargs", "teachers"]
 
-containers = st.one_of(st.lists(st.integers(0, 3), min_size=1, max_size=3), st.dictionaries(word, st.integers(0, 3), min_size=1, max_size=2))
+containers = st.one_of(
+    st.lists(st.integers(0, 3), min_size=1, max_size=3),
+    st.dictionaries(word, st.integers(0, 3), min_size=1, max_size=2),
+)
 fractional = st.floats(0.01, 50).filter(lambda f: f != int(f))
 
 
@@ -85,10 +131,21 @@ def wrong_types(draw):
         key = draw(st.sampled_from(sorted(CHOICE_KEYS)))
         value = draw(st.one_of(word, st.integers(-3, 99), containers))
     elif kind == "list":
-        key, value = draw(st.sampled_from(LIST_KEYS)), draw(st.one_of(word, st.dictionaries(word, st.integers(), min_size=1, max_size=2),
-                                                                    st.lists(word, min_size=1, max_size=2)))
+        key, value = (
+            draw(st.sampled_from(LIST_KEYS)),
+            draw(
+                st.one_of(
+                    word,
+                    st.dictionaries(word, st.integers(), min_size=1, max_size=2),
+                    st.lists(word, min_size=1, max_size=2),
+                )
+            ),
+        )
     else:
-        key, value = draw(st.sampled_from(SECTION_KEYS)), draw(st.one_of(word, st.integers(-3, 3), st.lists(st.integers(), min_size=1, max_size=2)))
+        key, value = (
+            draw(st.sampled_from(SECTION_KEYS)),
+            draw(st.one_of(word, st.integers(-3, 3), st.lists(st.integers(), min_size=1, max_size=2))),
+        )
     needle = "loss.terms.kd" if key.startswith("loss.terms.kd") else key
     return [f"{key}={yaml_value(value)}"], [needle], f"wrong type ({kind})"
 
@@ -116,8 +173,11 @@ OUT_OF_RANGE = {
     "train.schedule.min_lr": st.one_of(_num(st.floats(-1, -1e-9)), _nonfinite()),
     "train.schedule.milestones": st.one_of(
         st.lists(st.integers(1, 300), min_size=2, max_size=4, unique=True).map(lambda v: sorted(v, reverse=True)),
-        st.lists(st.integers(-50, 0), min_size=1, max_size=3)).map(yaml_value),
-    "train.keep_epochs": st.lists(st.one_of(st.integers(-50, -1), st.integers(3, 500)), min_size=1, max_size=3).map(yaml_value),
+        st.lists(st.integers(-50, 0), min_size=1, max_size=3),
+    ).map(yaml_value),
+    "train.keep_epochs": st.lists(st.one_of(st.integers(-50, -1), st.integers(3, 500)), min_size=1, max_size=3).map(
+        yaml_value
+    ),
     "data.image_size": _num(st.integers(-10, 7)),
     "data.augment.rotation": st.one_of(_num(st.floats(180.001, 1e4)), _num(st.floats(-1e3, -1e-9)), _nonfinite()),
     "data.augment.crop_pad": _num(st.integers(-10, -1)),
@@ -126,8 +186,10 @@ OUT_OF_RANGE = {
     "teachers.0.epoch": _num(st.one_of(st.integers(-10, -1), st.integers(3, 99))),
     "teachers.0.train.lr": _num(st.floats(-1, 0)),
     "loss.terms.kd.T": st.one_of(_num(st.floats(-1e3, 0)), _nonfinite()),
-    "loss.terms.kd.weight": st.one_of(_num(st.floats(-1e3, -1e-9)), _nonfinite(), st.sampled_from(["true", "no", "on"])),
-    "seed": _num(st.integers(-10**6, -1)),
+    "loss.terms.kd.weight": st.one_of(
+        _num(st.floats(-1e3, -1e-9)), _nonfinite(), st.sampled_from(["true", "no", "on"])
+    ),
+    "seed": _num(st.integers(-(10**6), -1)),
 }
 
 
@@ -160,8 +222,20 @@ STAGES = ["stage1", "stage2", "stage3"]
 
 @st.composite
 def layer_mismatches(draw):
-    term, kind = draw(st.sampled_from([("at", "shapes"), ("at", "no such layer"), ("nst", "count"), ("at", "shapes"),
-                                       ("fitnet", "no such layer"), ("at", "count"), ("nst", "no such layer"), ("fitnet", "count")]))
+    term, kind = draw(
+        st.sampled_from(
+            [
+                ("at", "shapes"),
+                ("at", "no such layer"),
+                ("nst", "count"),
+                ("at", "shapes"),
+                ("fitnet", "no such layer"),
+                ("at", "count"),
+                ("nst", "no such layer"),
+                ("fitnet", "count"),
+            ]
+        )
+    )
     method = term
     if kind == "no such layer":
         bad = draw(word)  # no module or stage alias of the zoo starts with q
@@ -210,8 +284,13 @@ def test_fuzzed_bad_input_exits_2_with_one_line_and_no_result(category):
         tmp = Path(tmp)
         cache = tmp / "cache"  # one teacher trained at most once for every example that gets that far
 
-        @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        )
         @given(case=strategy, as_file=st.booleans())
         def check(case, as_file):
             overrides, needles, kind = case
@@ -243,5 +322,7 @@ def test_fuzzed_bad_input_exits_2_with_one_line_and_no_result(category):
         check()
     made = sum(GENERATED.values()) - before
     assert made >= examples // 2
-    print(f"\n{category}: {made} invalid inputs; all categories so far: {sum(GENERATED.values())} "
-          f"({', '.join(f'{k}: {v}' for k, v in sorted(GENERATED.items()))})")
+    print(
+        f"\n{category}: {made} invalid inputs; all categories so far: {sum(GENERATED.values())} "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(GENERATED.items()))})"
+    )

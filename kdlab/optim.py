@@ -1,0 +1,45 @@
+"""The optimizer and the learning-rate schedule of a run (SGD, warm-up, step / multistep / cosine)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kdlab.config import TrainConfig
+
+
+def lr_at(cfg: TrainConfig, epoch_float: float) -> float:
+    """Learning rate at a fractional epoch: warm-up (linear from 0), then the schedule."""
+    s = cfg.schedule
+    if s.warmup_epochs > 0 and epoch_float < s.warmup_epochs:
+        return cfg.lr * epoch_float / s.warmup_epochs
+    epoch = int(epoch_float)
+    if s.type == "multistep":
+        return cfg.lr * s.gamma ** sum(epoch >= m for m in s.milestones)
+    if s.type == "step":
+        return cfg.lr * s.gamma ** (epoch // s.step_size)
+    if s.type == "cosine":
+        t = min(1.0, (epoch_float - s.warmup_epochs) / max(cfg.epochs - s.warmup_epochs, 1e-9))
+        return s.min_lr + 0.5 * (cfg.lr - s.min_lr) * (1 + math.cos(math.pi * t))
+    return cfg.lr
+
+
+def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if cfg.decay_norm_and_bias:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        param_groups(module, cfg),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        foreach=True,
+    )
