@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -52,9 +53,8 @@ def command_modules() -> list:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except (
-        SystemExit
-    ) as e:  # argparse's own exits: a usage error (2, its line already printed), --help or --version (0)
+    # argparse's own exits: a usage error (2, its line already printed), --help or --version (0)
+    except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     handlers = {m.NAME: m.run for m in command_modules()}
     try:
@@ -72,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         after_echo = "\n" if sys.stderr.isatty() else ""  # a terminal shows ^C where the message would start
         sys.stderr.write(f"{after_echo}kdlab: {how}" + (f"; {hint()}" if hint else "") + "\n")
         return 143 if isinstance(e, Terminated) else 130
-    except (
-        OSError
-    ) as e:  # a disk that fills up mid-run, a folder removed under it: the checkpoints keep every finished epoch
+    except BrokenPipeError:
+        # the reader went away (`kdlab recipes | head`): what it wanted was printed; Python would otherwise
+        # report the pipe again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    # a disk that fills up mid-run, a folder removed under it: the checkpoints keep every finished epoch
+    except OSError as e:
         where = f"could not access {e.filename}: " if e.filename else ""
         sys.stderr.write(f"kdlab: error: {where}{e.strerror or e}\n")
         return EXIT_USAGE

@@ -193,3 +193,22 @@ def test_missing_weights_of_a_second_teacher_are_named_before_the_first_trains(t
         "nowhere.safetensors",
     )
     assert not (out / "teachers").exists()
+
+
+def test_a_reader_that_closes_the_pipe_early_gets_no_error_line():
+    """`kdlab recipes | head -1`: when the reader has gone, the listing stops without an error message. The
+    pipe's read end is closed before kdlab starts, so that every run hits the closed pipe (with `head` it
+    depends on who is faster)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "kdlab", "recipes"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 1, (proc.returncode, proc.stderr)

@@ -36,9 +36,8 @@ class _Poison(Term):
     needs_teacher = False
 
     class Options(TermOptions):
-        model_config = ConfigDict(
-            allow_inf_nan=True
-        )  # real terms refuse NaN/inf options; this one exists to inject them
+        # real terms refuse NaN/inf options; this one exists to inject them
+        model_config = ConfigDict(allow_inf_nan=True)
         at_call: int = 0
         value: float = math.nan
 

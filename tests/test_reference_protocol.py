@@ -181,9 +181,8 @@ def test_bench240_cell_trains_what_repdistiller_trains(cell, recipe):
     if method == "at":
         assert (o["weight"], o["p"], o["mode"]) == (1000.0, 2.0, "code")
         assert (s_shapes, t_shapes) == (s_feats, t_feats)  # feat[1:-1]
-        assert o["pool"] == any(
-            s[1:] != t[1:] for s, t in zip(s_feats, t_feats)
-        )  # Attention.at_loss pools the larger map
+        # Attention.at_loss pools the larger map
+        assert o["pool"] == any(s[1:] != t[1:] for s, t in zip(s_feats, t_feats))
     elif method == "nst":
         assert (o["weight"], o["kernel"], o["teacher_term"], o["pool"]) == (50.0, "poly", True, True)
         assert (s_shapes, t_shapes) == (s_feats, t_feats)
@@ -362,9 +361,8 @@ def test_teacher_free_cell_trains_what_the_tfkd_code_trains(cell, recipe):
     )
     assert tr.schedule.warmup_epochs == 1
     steps = 50_000 // batch
-    for e in range(
-        200
-    ):  # epoch 0 ramps from 0 one step earlier than WarmUpLR (docs/RESULTS.md, "Protocol: teacher_free")
+    # epoch 0 ramps from 0 one step earlier than WarmUpLR (docs/RESULTS.md, "Protocol: teacher_free")
+    for e in range(200):
         for step in (0, steps // 2, steps - 1) if e == 0 else (0,):
             ours, theirs = lr_at(tr, e + step / steps), tfkd_lr(tr.lr, e, step, steps)
             assert abs(ours - theirs) <= (tr.lr / steps + 1e-12 if e == 0 else 1e-12 * theirs), (e, step, ours, theirs)

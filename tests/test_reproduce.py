@@ -257,3 +257,14 @@ def test_shipped_table_plans(path, tmp_path):
     else:
         assert all(c.published is None for c in table.cells)
         assert all(c.compare_to for c in table.cells if not c.name.split("/")[-1].startswith("vanilla"))
+
+
+def test_a_packaged_table_is_found_by_name_and_an_unknown_name_lists_them(tmp_path):
+    from kdlab.tools.reproduce import RECIPES_ROOT, find_table
+
+    assert find_table("cpu_short") == RECIPES_ROOT / "tables" / "cpu_short.yaml"
+    assert load_table(find_table("bench240")).cells
+    given = tmp_path / "mine.yaml"
+    assert find_table(given) == given  # a path is taken as it is, even before it exists
+    with pytest.raises(ConfigError, match=r"no packaged table of that name; packaged tables: .*cpu_short"):
+        find_table("cpu_shrot")

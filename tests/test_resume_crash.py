@@ -144,9 +144,8 @@ def test_sigkill_storm_resumes_to_bit_identical_weights(tmp_path):
                         kill_at = now + (rng.uniform(0, 0.004) if mode == "write" else rng.uniform(0.02, 0.4))
             if kill_at is not None and now >= kill_at:
                 break
-            assert now - started < 300, (
-                "an attempt hung"
-            )  # a hang detector: process start-up alone took 35 s on a loaded machine
+            # a hang detector: process start-up alone took 35 s on a loaded machine
+            assert now - started < 300, "an attempt hung"
             time.sleep(0.001 if kill_at is not None else 0.002)
         if proc.poll() is not None:  # it finished (or failed) before the kill came
             assert proc.returncode == 0, stderr_log.read_text()[-2000:]

@@ -1,4 +1,4 @@
-"""`kdlab reproduce TABLE.yaml`: run a table of recipes x seeds and compare with the published numbers."""
+"""`kdlab reproduce TABLE`: run a table of recipes x seeds and compare with the published numbers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ MAX_JOBS = 1024
 
 
 def add_arguments(p) -> None:
-    p.add_argument("table", metavar="TABLE.yaml", help="a table file, e.g. recipes/tables/bench240.yaml")
+    p.add_argument(
+        "table",
+        metavar="TABLE",
+        help="a table file (recipes/tables/bench240.yaml) or a packaged table by name (bench240, cpu_short)",
+    )
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1); default: the table's 'seeds'")
     p.add_argument("--out", help="output folder (default: runs/reproduce/<table name>); rerun to continue")
     p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (the report still lists every cell)")
@@ -44,6 +48,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from kdlab.errors import KdlabError
+    from kdlab.tools.reproduce import find_table
     from kdlab.tools.reproduce_run import run_table
 
     # an upper bound too: a mistyped huge count would plan (or start) that many runs, not fail
@@ -55,10 +60,11 @@ def run(args) -> int:
         raise KdlabError("--jobs must be at least 1")
     if args.jobs > MAX_JOBS:
         raise KdlabError(f"--jobs must be at most {MAX_JOBS}")
-    out = Path(args.out) if args.out else Path("runs") / "reproduce" / Path(args.table).stem
+    table = find_table(args.table)
+    out = Path(args.out) if args.out else Path("runs") / "reproduce" / table.stem
     try:
         run_table(
-            args.table,
+            table,
             out,
             seeds=args.seeds,
             only=args.only,

@@ -201,9 +201,8 @@ class GraphStep:
     @torch.no_grad()
     def _sgd(self) -> None:
         for params, group in self.groups:
-            live = [
-                p for p in params if p.grad is not None
-            ]  # a side module unused this step keeps its weights, as in SGD
+            # a side module unused this step keeps its weights, as in SGD
+            live = [p for p in params if p.grad is not None]
             if not live:
                 continue
             grads = [p.grad for p in live]
@@ -270,9 +269,8 @@ class GraphStep:
 
     def _eager(self, x, y, index, view):
         self.eager_calls += 1
-        kept = [
-            p.grad for p in self.params
-        ]  # after a capture: the graph's gradient tensors, kept alive for its replays
+        # after a capture: the graph's gradient tensors, kept alive for its replays
+        kept = [p.grad for p in self.params]
         try:
             return self._step(x, y, index, view)
         finally:

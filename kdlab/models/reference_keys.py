@@ -94,9 +94,8 @@ def rule_for(model: nn.Module) -> Callable[[str], str] | None:
         return _vgg
     if isinstance(model, WideResNet):
         return _wrn
-    if (
-        isinstance(model, ResNet) and model.num_stages == 4
-    ):  # resnet18 / resnet50; the CIFAR ResNets share RepDistiller's names
+    # resnet18 / resnet50; the CIFAR ResNets share RepDistiller's names
+    if isinstance(model, ResNet) and model.num_stages == 4:
         return _kuangliu_resnet
     if isinstance(model, ShuffleNetV1):
         return _shufflev1

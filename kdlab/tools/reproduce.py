@@ -106,6 +106,18 @@ class Table(Strict):
         return requested or cell.seeds or self.seeds
 
 
+def find_table(name: str | Path) -> Path:
+    """A table file by path, or by the name of a table packaged with kdlab (``cpu_short``, ``bench240``)."""
+    path = Path(name)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    packaged = RECIPES_ROOT / "tables" / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in (RECIPES_ROOT / "tables").glob("*.yaml")))
+    raise ConfigError(f"no table file {name!r} and no packaged table of that name; packaged tables: {known}")
+
+
 def load_table(path: str | Path) -> Table:
     path = Path(path)
     raw = read_yaml(path)
