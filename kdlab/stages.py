@@ -61,25 +61,17 @@ def run_stage(ctx: StageContext, stage: PreStage) -> None:
 
 
 def _train_or_load(ctx: StageContext, stage: PreStage) -> None:
-    name, modules, loss_fn, epochs, lr, lr_option = (
-        stage.name,
-        stage.modules,
-        stage.loss,
-        stage.epochs,
-        stage.lr,
-        stage.lr_option,
-    )
-    path = ctx.run_dir / "stages" / f"{name}.safetensors"
+    path = ctx.run_dir / "stages" / f"{stage.name}.safetensors"
     if path.exists():
         state, _ = checkpoint.load(path)
-        for key, module in modules.items():
+        for key, module in stage.modules.items():
             module.load_state_dict({k[len(key) + 1 :]: v for k, v in state.items() if k.startswith(key + ".")})
-        ctx.log(f"stage {name}: loaded {path}")
+        ctx.log(f"stage {stage.name}: loaded {path}")
         return
     params = [p for p in stage.params() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+    opt = torch.optim.SGD(params, lr=stage.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
     loader = ctx.train_loader
-    for epoch in range(epochs):
+    for epoch in range(stage.epochs):
         loader.set_epoch(10_000 + epoch)  # its own augmentation stream, disjoint from the main epochs
         total = torch.zeros((), device=ctx.device)
         first_bad = torch.full((), -1, device=ctx.device, dtype=torch.long)
@@ -89,7 +81,7 @@ def _train_or_load(ctx: StageContext, stage: PreStage) -> None:
             if ctx.max_steps is not None and step >= ctx.max_steps:
                 break
             with ctx.autocast():
-                loss = loss_fn(x, y)
+                loss = stage.loss(x, y)
             value = loss.detach().float()
             finite = distributed.all_true(torch.isfinite(value))  # every rank stops together
             is_first_bad = (~finite) & (first_bad < 0)
@@ -104,14 +96,18 @@ def _train_or_load(ctx: StageContext, stage: PreStage) -> None:
             total += value
             steps += 1
         if int(first_bad) >= 0:
-            lower = f"a lower {lr_option} (now {lr:g})" if lr_option else f"a lower learning rate (now {lr:g})"
+            lower = (
+                f"a lower {stage.lr_option} (now {stage.lr:g})"
+                if stage.lr_option
+                else f"a lower learning rate (now {stage.lr:g})"
+            )
             raise NonFiniteLoss(
-                f"non-finite loss in stage {name} at epoch {epoch + 1} step {int(first_bad)}: "
+                f"non-finite loss in stage {stage.name} at epoch {epoch + 1} step {int(first_bad)}: "
                 f"loss={float(bad_value):.4g}; nothing of the stage was saved; try {lower}, or check "
                 "that the network it reads is finite"
             )
-        ctx.log(f"stage {name}: epoch {epoch + 1}/{epochs} loss {total.item() / max(steps, 1):.4f}")
-    state = {f"{key}.{k}": v for key, module in modules.items() for k, v in module.state_dict().items()}
+        ctx.log(f"stage {stage.name}: epoch {epoch + 1}/{stage.epochs} loss {total.item() / max(steps, 1):.4f}")
+    state = {f"{key}.{k}": v for key, module in stage.modules.items() for k, v in module.state_dict().items()}
     if distributed.is_main():
-        checkpoint.save(path, state, {"stage": name, "epochs": epochs})
+        checkpoint.save(path, state, {"stage": stage.name, "epochs": stage.epochs})
     distributed.barrier()

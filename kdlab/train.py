@@ -109,14 +109,14 @@ def fit(
         total_epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.batch_size, log=log
     )
     train_step = _make_step(run, teacher_cache, graphs)
+    # meta: (index, view) of each sample, for the teacher cache and for terms that read sample indices
+    with_meta = teacher_cache is not None or distiller.needs_indices
     numerics = contextlib.ExitStack()
     numerics.enter_context(cuda_numerics(cfg, run.device))
     try:
         for epoch in range(run.state.epoch, cfg.epochs):
             t0 = time.perf_counter()
-            sums = _train_epoch(
-                run, train_loader, epoch, steps_per_epoch, train_step, with_meta=teacher_cache is not None
-            )
+            sums = _train_epoch(run, train_loader, epoch, steps_per_epoch, train_step, with_meta)
             _raise_if_nonfinite(run, epoch, sums)
             _end_epoch(run, epoch, sums, t0)
             if on_epoch_end:
@@ -145,6 +145,7 @@ class _Run:
     writer: object
     names: list[str]
     keeps_checkpoints: bool
+    watched: torch.Tensor  # per term: does an epoch of exact zeros deserve a warning (see _EpochSums)
     progress: Progress | None = None
     warned_zero: set[str] = field(default_factory=set)
 
@@ -169,6 +170,7 @@ def _start(distiller, device, test_loader, cfg, run_dir, log, resume, keeps_chec
     if state.epoch:
         log(f"resuming after epoch {state.epoch}")
     writer = _tensorboard(run_dir) if distributed.is_main() else _NullWriter()
+    names, terms = distiller.term_names(), distiller.terms
     return _Run(
         distiller,
         opt,
@@ -181,8 +183,12 @@ def _start(distiller, device, test_loader, cfg, run_dir, log, resume, keeps_chec
         channels_last,
         state,
         writer,
-        distiller.term_names(),
+        names,
         keeps_checkpoints,
+        # a term whose value is exactly 0 at every step of an epoch teaches nothing: attention transfer on 1x1
+        # maps (their normalised attention is always 1), a term on identical layers; a zero weight is the user's
+        # choice
+        torch.tensor([n != "ce" and n in terms and terms[n].weight > 0 for n in names], device=device),
     )
 
 
@@ -249,15 +255,11 @@ class _EpochSums:
     """An epoch's running sums on the device (read once, at its end) and its first non-finite step."""
 
     def __init__(self, run: _Run):
-        n, device, terms = len(run.names), run.device, run.distiller.terms
+        n, device = len(run.names), run.device
         self.sums = torch.zeros(n + 2, device=device)  # total, terms..., correct
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
         self.bad_values = torch.zeros(n + 1, device=device)
-        # a term whose value is exactly 0 at every step of an epoch teaches nothing: attention transfer on 1x1 maps
-        # (their normalised attention is always 1), a term on identical layers; a zero weight is the user's choice
-        self.all_zero = torch.tensor(
-            [n != "ce" and n in terms and terms[n].weight > 0 for n in run.names], device=device
-        )
+        self.all_zero = run.watched.clone()
         self.seen = 0
 
     def add(self, step: int, out: _StepResult, y: torch.Tensor) -> None:
@@ -277,8 +279,6 @@ def _train_epoch(run: _Run, train_loader, epoch: int, steps_per_epoch: int, trai
     distributed.seed_epoch(train_loader.seed, epoch)
     sums = _EpochSums(run)
     run.progress.start_epoch(epoch)
-    # meta: (index, view) of each sample, for the teacher cache and for terms that read sample indices
-    with_meta = with_meta or run.distiller.needs_indices
     batches = train_loader.iter_batches(with_meta=True) if with_meta else iter(train_loader)
     for step, (x, y, *meta) in enumerate(batches):
         if step >= steps_per_epoch:

@@ -144,3 +144,19 @@ def digits_runs(base: Path) -> Path:
 def md_rows(text: str) -> list[list[str]]:
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def become_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """Inside a spawned worker: the environment torchrun would give rank ``rank`` of ``world`` on this host
+    (a 60 s collective timeout, so a test with a dead peer fails instead of hanging), one torch thread."""
+    from kdlab import distributed
+
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **{distributed.ENV_TIMEOUT: "60"},
+    )
+    torch.set_num_threads(1)

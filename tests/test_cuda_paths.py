@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import become_torchrun_rank
 from test_distributed import free_port
 from test_fast import small_teacher
 from test_train import RECIPES
@@ -219,15 +220,7 @@ def test_a_disk_table_is_computed_straight_into_its_file(digits, tmp_path, monke
 
 
 def _cache_rank(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        **{distributed.ENV_TIMEOUT: "60"},
-    )
-    torch.set_num_threads(1)
+    become_torchrun_rank(rank, world, port)
     data = load_dataset("digits", split="train").subset(slice(0, 48))
     lines = []
     with distributed.session("cpu"):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import become_torchrun_rank
 
 from kdlab import checkpoint, distributed, models, pipeline, sync_bn
 from kdlab.errors import ConfigError
@@ -237,15 +238,7 @@ def naive_lp(s: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _ranks_worker(rank: int, world: int, port: int, run_dir: str) -> None:
-    os.environ.update(
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        **{distributed.ENV_TIMEOUT: "60"},
-    )
-    torch.set_num_threads(1)
+    become_torchrun_rank(rank, world, port)
     from kdlab.losses.base import Outputs
     from kdlab.losses.lp import LP, LPOptions
 

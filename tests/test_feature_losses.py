@@ -437,16 +437,20 @@ def test_init_stage_lowers_its_loss_is_saved_and_reloaded(term, teacher, tmp_pat
     x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
     d.build(x[:8], y[:8])
     assert d.term_names() == ["ce"]  # two-stage: the term is not part of the main loss
-    ctx = StageContext(
-        student=student,
-        teachers=d.teachers,
-        train_loader=Batches(x, y, 16),
-        device=torch.device("cpu"),
-        run_dir=tmp_path,
-        autocast=contextlib.nullcontext,
-        log=lambda msg: None,
-        forward=d.outputs,
-    )
+
+    def stage_context(net, distiller):  # the same run directory: the second context finds the first's stage
+        return StageContext(
+            student=net,
+            teachers=distiller.teachers,
+            train_loader=Batches(x, y, 16),
+            device=torch.device("cpu"),
+            run_dir=tmp_path,
+            autocast=contextlib.nullcontext,
+            log=lambda msg: None,
+            forward=distiller.outputs,
+        )
+
+    ctx = stage_context(student, d)
 
     def loss():  # in train mode, as the stage sees it (the teacher stays in eval mode)
         d.train()
@@ -466,15 +470,6 @@ def test_init_stage_lowers_its_loss_is_saved_and_reloaded(term, teacher, tmp_pat
     fresh, t2 = digits_pair(teacher)
     d2 = Distiller(fresh, [t2], LossConfig(terms={term: {"init_epochs": 4}}))
     d2.build(x[:8], y[:8])
-    ctx2 = StageContext(
-        student=fresh,
-        teachers=d2.teachers,
-        train_loader=Batches(x, y, 16),
-        device=torch.device("cpu"),
-        run_dir=tmp_path,
-        autocast=contextlib.nullcontext,
-        log=lambda msg: None,
-        forward=d2.outputs,
-    )
+    ctx2 = stage_context(fresh, d2)
     run_stages(ctx2, [d2.terms[term]])
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
