@@ -158,6 +158,12 @@ METHODS: dict[str, Method] = {
             ("dkd",),
             paper="Zhao et al. 2022",
         ),
+        Method(
+            "ctkd",
+            "curriculum temperature: KD (or DKD) at a learned temperature behind a gradient-reversal layer",
+            ("ctkd",),
+            paper="Li et al. 2023 (AAAI)",
+        ),
     ]
 }
 

@@ -1,4 +1,5 @@
-"""The optimizer and the learning-rate schedule of a run (SGD, warm-up, step / multistep / cosine)."""
+"""The optimizer and the learning-rate schedule of a run (SGD, warm-up, step / multistep / cosine), and the
+optimizer groups loss terms declare for their own parameters."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from kdlab.config import TrainConfig
+from kdlab.errors import ConfigError
 
 
 def lr_at(cfg: TrainConfig, epoch_float: float) -> float:
@@ -27,12 +29,34 @@ def lr_at(cfg: TrainConfig, epoch_float: float) -> float:
 
 
 def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
-    params = [p for p in module.parameters() if p.requires_grad]
+    """The student's groups (with its side modules), then one group per `ParamGroup` a term declares.
+
+    A term's group keeps ``lr_scale`` in its dict: the training loop sets ``lr = lr_at(...) * lr_scale``.
+    """
+    own = term_groups(module, cfg)
+    claimed = {id(p) for g in own for p in g["params"]}
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in claimed]
     if cfg.decay_norm_and_bias:
-        return [{"params": params, "weight_decay": cfg.weight_decay}]
+        return [{"params": params, "weight_decay": cfg.weight_decay}] + own
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}] + own
+
+
+def term_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The optimizer groups the module's loss terms declare (`Term.param_groups`), if it has terms."""
+    terms = getattr(module, "terms", None)
+    out: list[dict] = []
+    seen: set[int] = set()
+    for term_name, term in terms.items() if isinstance(terms, nn.ModuleDict) else ():
+        for g in term.param_groups():
+            params = [p for p in g.params if p.requires_grad]
+            if any(id(p) in seen for p in params):
+                raise ConfigError(f"loss.terms.{term_name}: parameter group {g.name!r} repeats a parameter")
+            seen.update(id(p) for p in params)
+            wd = cfg.weight_decay if g.weight_decay is None else g.weight_decay
+            out.append({"params": params, "weight_decay": wd, "lr_scale": g.lr_scale, "name": f"{term_name}.{g.name}"})
+    return out
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

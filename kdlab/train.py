@@ -26,7 +26,7 @@ from kdlab import checkpoint, distributed
 from kdlab.compute import autocast_factory, check_device_options, cuda_numerics, use_channels_last
 from kdlab.config import TrainConfig
 from kdlab.distiller import Distiller
-from kdlab.errors import KdlabError, NonFiniteLoss
+from kdlab.errors import ConfigError, KdlabError, NonFiniteLoss
 from kdlab.optim import lr_at, make_optimizer
 from kdlab.progress import Progress
 from kdlab.train_state import (
@@ -212,6 +212,9 @@ def _make_step(run: _Run, teacher_cache, graphs) -> Callable[..., _StepResult]:
     if cfg.fast.graph_step:
         from kdlab.fast.graph_step import GraphStep
 
+        if any("lr_scale" in g for g in opt.param_groups):  # its update applies one lr to every parameter
+            raise ConfigError("train.fast.graph_step: a loss term trains its own parameter group; set it to false")
+
         graph_step = GraphStep(
             lambda x, y, tl: step_fn(x, y, teacher_logits=tl),
             opt,
@@ -286,7 +289,7 @@ def _train_epoch(run: _Run, train_loader, epoch: int, steps_per_epoch: int, trai
         at = epoch + step / steps_per_epoch
         lr = lr_at(run.cfg, at)
         for g in run.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # a term's own group (`Term.param_groups`) may scale it
         out = train_step(x, y, lr, meta, at)
         if out.skipped:
             run.log(

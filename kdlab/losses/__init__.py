@@ -7,6 +7,7 @@ from kdlab.losses import (
     at,
     cc,
     crd,
+    ctkd,
     dist,
     dkd,
     feed,
@@ -23,6 +24,6 @@ from kdlab.losses import (
     sp,
     vid,
 )
-from kdlab.losses.base import TERMS, Outputs, Term, TermOptions, register
+from kdlab.losses.base import TERMS, Outputs, ParamGroup, Term, TermOptions, register
 
-__all__ = ["TERMS", "Outputs", "Term", "TermOptions", "register"]
+__all__ = ["TERMS", "Outputs", "ParamGroup", "Term", "TermOptions", "register"]

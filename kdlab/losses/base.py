@@ -38,6 +38,22 @@ class PreStage:
     trainable_only_here: bool = False
 
 
+@dataclass
+class ParamGroup:
+    """Parameters of a term that train in their own optimizer group (CTKD's temperature), not in the student's.
+
+    ``lr_scale`` multiplies the run's learning rate at every step (the group follows the run's schedule
+    scaled); ``weight_decay`` None takes ``train.weight_decay`` whatever the parameter's shape (the
+    student's groups may exempt 1-d parameters, `train.decay_norm_and_bias`). `kdlab.optim.param_groups`
+    builds the group and leaves these parameters out of the student's groups.
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+
+
 def register(cls: type[Term]) -> type[Term]:
     TERMS[cls.name] = cls
     return cls
@@ -118,6 +134,11 @@ class Term(nn.Module):
 
     def build(self, probe: Outputs) -> None:
         """Create side modules from the shapes of one probe batch (no-op by default)."""
+
+    def param_groups(self) -> list[ParamGroup]:
+        """Parameters that train with their own optimizer options (none by default: side modules join the
+        student's groups)."""
+        return []
 
     def attach_training_set(self, labels: torch.Tensor) -> None:
         """Size per-sample state (a memory bank over the training set) from the labels in index order;

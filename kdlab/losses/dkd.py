@@ -36,7 +36,7 @@ def dkd(
     with p = softmax(z / T). The non-target distribution is computed exactly (the target class removed),
     where mdistiller subtracts 1000 from the target logit; the two agree to float precision.
     """
-    T = check_positive("dkd", "temperature T", T)
+    T = T if isinstance(T, Tensor) else check_positive("dkd", "temperature T", T)  # a tensor: learned (CTKD)
     for what, value in (("alpha", alpha), ("beta", beta)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
             raise ConfigError(f"dkd: {what} must be a number >= 0, got {value!r}")
@@ -111,7 +111,9 @@ class DKD(Term):
             raise ConfigError(f"loss.terms.dkd.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)")
 
     def forward(self, out: Outputs) -> Tensor:
-        value = dkd(
-            out.logits, out.teacher_logits[self.opts.teacher], out.targets, self.opts.alpha, self.opts.beta, self.opts.T
-        )
+        return self.value_at(out, self.opts.T)
+
+    def value_at(self, out: Outputs, T: Tensor | float) -> Tensor:
+        """The term at temperature ``T`` (a float, or a learned 0-dim tensor: the ctkd term)."""
+        value = dkd(out.logits, out.teacher_logits[self.opts.teacher], out.targets, self.opts.alpha, self.opts.beta, T)
         return ramp(self.name, value, out.progress, self.opts.warmup_epochs)

@@ -106,7 +106,8 @@ def kd(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, standardi
         T: temperature > 0.
         standardize: z-score both logits per sample before the temperature.
     """
-    T = check_positive("kd", "temperature T", T)
+    # a tensor T is a learned temperature (CTKD): its gradient must flow, so it is not turned into a float
+    T = T if isinstance(T, Tensor) else check_positive("kd", "temperature T", T)
     check_same_shape("kd", student_logits, teacher_logits, "logit", "student and teacher must share the classes")
     if student_logits.dim() != 2:
         raise LayerError(f"kd: expected logits of shape (N, K), got student {shape_of(student_logits)}")

@@ -52,7 +52,11 @@ class KD(Term):
         return out.teacher_logits[self.opts.teacher]
 
     def forward(self, out: Outputs) -> torch.Tensor:
-        value = F.kd(out.logits, self.teacher_logits(out), T=self.opts.T, standardize=self.opts.logit_standardize)
+        return self.value_at(out, self.opts.T)
+
+    def value_at(self, out: Outputs, T: torch.Tensor | float) -> torch.Tensor:
+        """The term at temperature ``T`` (a float, or a learned 0-dim tensor: the ctkd term)."""
+        value = F.kd(out.logits, self.teacher_logits(out), T=T, standardize=self.opts.logit_standardize)
         if self.opts.reduction == "mean":
             value = value / out.logits.shape[1]
         return value
