@@ -83,6 +83,10 @@ class Term(nn.Module):
     # True: the teachers run in train mode during the main stage (BatchNorm on batch statistics, running statistics
     # updated), as a reference code does (OFD's teacher_mode option); every other term reads eval-mode teachers
     teacher_train_mode: bool = False
+    # the cost of one step beyond one student forward and backward, read by the tables (kdlab.tools.cost): more
+    # augmented views of each batch the student (and each teacher) runs, and more backward passes
+    extra_views: ClassVar[int] = 0
+    extra_backward: ClassVar[int] = 0
 
     def __init__(self, opts: TermOptions, student: nn.Module, teachers: list[nn.Module]):
         super().__init__()
