@@ -36,8 +36,8 @@ def teacher_seconds(result: dict, base: Path | None = None) -> float | str | Non
     """The training time of the teachers that taught this run (their cache folders' metrics, summed), `GIVEN`
     when every teacher came as given weights, None when there is no teacher or a trained one's metrics are gone.
 
-    A teacher trained here is recorded with its `top1_last` and its folder as `source` (relative to `base`
-    when a report stored it so); given weights carry only their path."""
+    A teacher trained here is recorded with its `top1_last` and its folder as `source` (as the run was given it:
+    tried as it reads, then below `base`); given weights carry only their path."""
     infos = result.get("teachers") or []
     if not infos:
         return None
@@ -47,7 +47,7 @@ def teacher_seconds(result: dict, base: Path | None = None) -> float | str | Non
     total = 0.0
     for t in trained:
         folder = Path(t["source"])
-        if not folder.is_absolute() and base is not None:
+        if not folder.exists() and not folder.is_absolute() and base is not None:
             folder = Path(base) / folder
         seconds = training_seconds(folder)
         if seconds is None:
