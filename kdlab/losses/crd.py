@@ -47,9 +47,7 @@ def nce_loss(scores: Tensor, n_data: int) -> Tensor:
 
 def contrast_scores(v: Tensor, bank: Tensor, sample_idx: Tensor, T: float) -> Tensor:
     """exp(<bank[sample_idx[n, j]], v[n]> / T): (N, 1+K) unnormalised scores of each sample's embedding."""
-    # index_select, as RepDistiller's memory does: the same copy as bank[idx], but a row-wise gather; advanced indexing
-    # went element by element on the CPU and cost about three times as much, the largest share of a CRD step
-    weight = torch.index_select(bank, 0, sample_idx.reshape(-1)).view(*sample_idx.shape, bank.shape[1])  # (N, 1+K, D)
+    weight = bank[sample_idx.reshape(-1)].view(*sample_idx.shape, bank.shape[1])  # (N, 1+K, D)
     return torch.exp(torch.bmm(weight, v.unsqueeze(2)).squeeze(2) / T)
 
 
@@ -193,5 +191,4 @@ class CRD(Term):
         )
         m = self.opts.nce_m
         for bank, f in ((self.memory_s, f_s), (self.memory_t, f_t)):
-            rows = torch.index_select(bank, 0, indices)
-            bank.index_copy_(0, indices, nn.functional.normalize(rows * m + f * (1 - m), dim=1))
+            bank.index_copy_(0, indices, nn.functional.normalize(bank[indices] * m + f * (1 - m), dim=1))
