@@ -53,6 +53,13 @@ class DataConfig(Strict):
         "(counted in the log) instead of stopping at the first one",
     )
     augment: AugmentConfig = AugmentConfig()
+    val_split: int = Field(
+        default=0,
+        ge=0,
+        description="hold out this many training images as a validation split (stratified by class, drawn from "
+        "the run's seed): each epoch is evaluated on it, and the selected epoch (top1_selected, teachers' "
+        "checkpoint: best) is chosen on it instead of on the test set; 0: no split",
+    )
 
     @model_validator(mode="after")
     def _root_needed(self):

@@ -1,7 +1,9 @@
 """The Distiller: a student, frozen teachers, and weighted loss terms; one forward gives every term.
 
 Teachers are held outside the module tree (not in `parameters()`, `state_dict()` or the optimizer)
-but follow `.to()`, and stay in eval mode with gradients off whatever `.train()` is called with.
+but follow `.to()`, and stay in eval mode with gradients off whatever `.train()` is called with, unless a
+term asks for train-mode teachers (`Term.teacher_train_mode`: OFD as its reference code runs it), whose BatchNorm
+then uses batch statistics while the student trains; their gradients stay off.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Distiller(nn.Module):
         self.uses_teachers = any(term.needs_teacher for term in self.terms.values())
         self.needs_progress = any(term.needs_progress for term in self.terms.values())
         self.needs_indices = any(term.needs_indices for term in self.terms.values())
+        self.teacher_train_mode = any(term.teacher_train_mode for term in self.terms.values())
         self.built = False
         self.attached = False
 
@@ -58,7 +61,7 @@ class Distiller(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         for t in self._teachers:
-            t.eval()
+            t.train(mode and self.teacher_train_mode)
         return self
 
     def term_names(self) -> list[str]:
@@ -108,6 +111,8 @@ class Distiller(nn.Module):
         """Size every side module from one probe batch, without touching BN statistics."""
         was_training = self.training
         self.student.eval()
+        for t in self._teachers:  # a train-mode teacher's running statistics stay untouched too
+            t.eval()
         probe = self.outputs(x, y, progress=0.0, indices=torch.arange(len(y), device=y.device))
         for term in self.terms.values():
             term.build(probe)

@@ -253,7 +253,9 @@ def run_generations(recipe: Recipe, out: Path, data: Data, log: Log) -> dict:
                     "source": str(gen_dirs[g - 1]),
                     "top1_last": results[-1]["top1_last"],
                     "checkpoint": recipe.generation_checkpoint,
-                    "top1": results[-1]["top1_best" if best else "top1_last"],
+                    "top1": results[-1].get("top1_selected", results[-1]["top1_best"])
+                    if best
+                    else results[-1]["top1_last"],
                 }
             ],
         }

@@ -23,6 +23,7 @@ from kdlab import __version__, checkpoint, distributed, models, sync_bn
 from kdlab.compute import autocast_factory, resolve_device
 from kdlab.config import LossConfig, Recipe, TrainConfig
 from kdlab.data import ArrayDataset, DeviceLoader, default_augment, load_dataset
+from kdlab.data.val_split import hold_out
 from kdlab.distiller import Distiller
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.stages import StageContext, run_stages
@@ -64,6 +65,7 @@ class Data:
     test: object
     num_classes: int
     in_chans: int
+    val: object = None  # the validation split held out of train (data.val_split), or None
 
     def loaders(self, recipe: Recipe, batch_size: int, device: torch.device, seed: int):
         aug = default_augment(recipe.data.name, image_size=recipe.data.image_size)
@@ -85,9 +87,16 @@ class Data:
         return train, self.test_loader(device, seed)
 
     def test_loader(self, device: torch.device, seed: int):
+        return self._eval_loader(self.test, device, seed)
+
+    def val_loader(self, device: torch.device, seed: int):
+        """The validation split's loader, or None without data.val_split."""
+        return None if self.val is None else self._eval_loader(self.val, device, seed)
+
+    def _eval_loader(self, ds, device: torch.device, seed: int):
         distributed.check_device(device)
         shard = (distributed.rank(), distributed.world_size())
-        return DeviceLoader(self.test, EVAL_BATCH, train=False, device=device, seed=seed, shard=shard)
+        return DeviceLoader(ds, EVAL_BATCH, train=False, device=device, seed=seed, shard=shard)
 
 
 def load_data(recipe: Recipe) -> Data:
@@ -98,7 +107,10 @@ def load_data(recipe: Recipe) -> Data:
     )
     train = load_dataset(recipe.data.name, recipe.data.root, split="train", **kw)
     test = load_dataset(recipe.data.name, recipe.data.root, split="test", **kw)
-    return Data(train, test, train.num_classes, train.images.shape[1])
+    val = None
+    if recipe.data.val_split:  # drawn from the recipe's seed: the same split for its teachers and its student
+        train, val = hold_out(train, recipe.data.val_split, recipe.seed)
+    return Data(train, test, train.num_classes, train.images.shape[1], val)
 
 
 def param_count(model: nn.Module) -> int:
@@ -133,6 +145,7 @@ def train_student(
     keeps_checkpoints: bool = True,
     logits_cache: Path | None = None,
     on_probe: Callable[[torch.Tensor], None] | None = None,
+    val_loader=None,
 ) -> TrainState:
     """The setup sequence, written once for `kdlab train` and `kdlab.api`: the distiller on its device, its
     side modules sized on a probe batch, the training set's labels attached (CRD's memory bank), the
@@ -140,7 +153,7 @@ def train_student(
 
     `train_set`: the training set behind `train_loader` (None for a user's DataLoader: a term that reads
     sample indices is then refused, and no teacher logits are cached). `on_probe`: called with the probe
-    batch once the side modules are built."""
+    batch once the side modules are built. `val_loader`: the validation split, evaluated with the test set."""
     distiller.to(device)
     if not distiller.built:
         probe_x, probe_y = next(iter(test_loader if test_loader is not None else train_loader))
@@ -192,6 +205,7 @@ def train_student(
         resume=resume,
         teacher_cache=teacher_cache,
         keeps_checkpoints=keeps_checkpoints,
+        val_loader=val_loader,
     )
 
 
@@ -242,6 +256,7 @@ def train_run(
         train_set=data.train,
         resume=(run_dir / "checkpoints").exists(),
         logits_cache=logits_cache,
+        val_loader=data.val_loader(device, seed),
     )
     last = state.history[-1] if state.history else {}
     if "test_top1" not in last:
@@ -251,9 +266,11 @@ def train_run(
         "top1_last": last["test_top1"],
         "top1_best": max(state.best_top1, last["test_top1"]),
         "best_epoch": state.best_epoch,
+        **selection(state.history, max(state.best_top1, last["test_top1"]), state.best_epoch),
         "top5_last": last["test_top5"],
         "epochs": train_cfg.epochs,
         "seed": seed,
+        **({"val_images": len(data.val)} if data.val is not None else {}),
         "params": param_count(student),
         "student": student_name,
         "method": recipe.method,
@@ -282,6 +299,21 @@ def train_run(
     distributed.barrier()  # every rank may read these files next (a teacher, a generation)
     log(f"{run_dir}: top-1 last {result['top1_last']:.2f} best {result['top1_best']:.2f} ({result['params']:,} params)")
     return result
+
+
+def selection(history: list[dict], top1_best: float, best_epoch: int) -> dict:
+    """The selected epoch of a run: the one with the best validation top-1 (ties: the later epoch, as the best
+    test epoch's rule) and the test top-1 there; without a validation split the best test epoch, labelled so."""
+    rows = [r for r in history if "val_top1" in r and "test_top1" in r]
+    if not rows:
+        return {"top1_selected": top1_best, "selected_epoch": best_epoch, "selected_on": "test"}
+    chosen = max(reversed(rows), key=lambda r: r["val_top1"])  # reversed: max keeps the first of equals
+    return {
+        "top1_selected": chosen["test_top1"],
+        "selected_epoch": chosen["epoch"],
+        "selected_on": "val",
+        "val_top1_selected": chosen["val_top1"],
+    }
 
 
 def preprocessing(ds) -> dict:

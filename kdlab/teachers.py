@@ -127,7 +127,8 @@ def train_teacher(
 
 
 def best_weights(run_dir: Path, result: dict, what: str) -> Path:
-    """The best-test-epoch weights of a finished run (train.keep_best), checked against its result.json."""
+    """The selected epoch's weights of a finished run (train.keep_best: the best validation epoch under
+    data.val_split, else the best test epoch), checked against its result.json."""
     path = Path(run_dir) / "checkpoints" / CKPT_BEST
     if not path.exists():
         raise CheckpointError(
@@ -135,10 +136,11 @@ def best_weights(run_dir: Path, result: dict, what: str) -> Path:
             "train.keep_best: move the folder away to retrain it"
         )
     _, meta = checkpoint.load(path)
-    if meta.get("epoch") != result.get("best_epoch"):
+    selected = result.get("selected_epoch", result.get("best_epoch"))
+    if meta.get("epoch") != selected:
         raise CheckpointError(
-            f"{what}: {path} holds epoch {meta.get('epoch')} but {run_dir / RESULT} says the best epoch "
-            f"is {result.get('best_epoch')}; move the folder away to retrain it"
+            f"{what}: {path} holds epoch {meta.get('epoch')} but {run_dir / RESULT} says the selected epoch "
+            f"is {selected}; move the folder away to retrain it"
         )
     return path
 
@@ -174,7 +176,11 @@ def prepare_teacher(
         info["top1_at_epoch"] = info["top1"] = teacher_top1(model, data, teacher_train_config(recipe, teacher), seed)
     elif teacher.checkpoint == "best":
         load_model_weights(model, best_weights(run_dir, result, f"teacher {index}"), f"teacher {index} (best epoch)")
-        info.update(best_epoch=result["best_epoch"], top1=result["top1_best"])
+        info.update(
+            best_epoch=result.get("selected_epoch", result["best_epoch"]),
+            top1=result.get("top1_selected", result["top1_best"]),
+            selected_on=result.get("selected_on", "test"),
+        )
     else:
         load_model_weights(model, run_dir / "student.safetensors", f"teacher {index}")
         info["top1"] = result["top1_last"]

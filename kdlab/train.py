@@ -87,6 +87,7 @@ def fit(
     teacher_cache=None,
     graphs=None,
     keeps_checkpoints: bool = True,
+    val_loader=None,
 ) -> TrainState:
     """Train the distiller's student (and side modules) for cfg.epochs, checkpointing every epoch.
 
@@ -94,7 +95,8 @@ def fit(
     each batch's (index, view) instead of running the teachers. ``graphs``: the capture primitives of
     the graph step (:class:`kdlab.fast.graph_step.RerunGraphs` runs the capture logic on the CPU).
     ``keeps_checkpoints``: False when ``run_dir`` is a temporary folder, so that an error names no
-    checkpoint that is about to vanish.
+    checkpoint that is about to vanish. ``val_loader``: a validation split (data.val_split) evaluated whenever the
+    test set is; train.keep_best then keeps the epoch with the best validation top-1.
     """
     check_device_options(cfg, train_loader.device.type, distributed.world_size())
     steps_per_epoch = (
@@ -105,6 +107,7 @@ def fit(
             f"train.batch_size={cfg.batch_size} is larger than the training set ({train_loader.num_samples} samples)"
         )
     run = _start(distiller, train_loader.device, test_loader, cfg, run_dir, log, resume, keeps_checkpoints)
+    run.val_loader = val_loader
     run.progress = Progress(
         total_epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.batch_size, log=log
     )
@@ -148,6 +151,7 @@ class _Run:
     watched: torch.Tensor  # per term: does an epoch of exact zeros deserve a warning (see _EpochSums)
     progress: Progress | None = None
     warned_zero: set[str] = field(default_factory=set)
+    val_loader: object = None
 
 
 def _start(distiller, device, test_loader, cfg, run_dir, log, resume, keeps_checkpoints) -> _Run:
@@ -347,6 +351,13 @@ def _end_epoch(run: _Run, epoch: int, sums: _EpochSums, t0: float) -> None:
         if ev["top1"] >= state.best_top1:  # ties: the later epoch, as the Tf-KD code's `val_acc >= best_val_acc`
             state.best_top1, state.best_epoch = ev["top1"], epoch + 1
             new_best = True
+        if run.val_loader is not None:
+            val = evaluate(run.distiller.student, run.val_loader, run.autocast, run.channels_last)
+            row.update({"val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]})
+            # the kept best epoch is then chosen on the validation split (same tie rule), from the history, which
+            # a resume restores
+            best_val = max((r["val_top1"] for r in state.history if "val_top1" in r), default=-1.0)
+            new_best = val["top1"] >= best_val
     row["seconds"] = round(time.perf_counter() - t0, 3)
     state.epoch = epoch + 1
     state.history.append(row)
@@ -364,7 +375,11 @@ def _end_epoch(run: _Run, epoch: int, sums: _EpochSums, t0: float) -> None:
             checkpoint.save(
                 run.run_dir / "checkpoints" / CKPT_BEST,
                 student.state_dict(),
-                {"epoch": epoch + 1, "top1": state.best_top1},
+                {
+                    "epoch": epoch + 1,
+                    "top1": row["test_top1"],
+                    "selected_on": "val" if run.val_loader is not None else "test",
+                },
             )
         save_checkpoint(run.run_dir, run.distiller, run.opt, state, run.device)
         if epoch + 1 in cfg.keep_epochs:

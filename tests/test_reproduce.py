@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_stats import quantile_by_integration
 
 from kdlab import cli
 from kdlab.errors import ConfigError
@@ -191,6 +192,40 @@ def test_table_runs_is_stopped_and_continues(tmp_path, capsys, one_thread):
         naive_mean_std([results["at", s]["top1_best"] for s in range(SEEDS)])[0]
         - naive_mean_std([results["kd", s]["top1_best"] for s in range(SEEDS)])[0]
     )
+    # the interval of the difference: Welch's, by hand from its formulas
+    a = [results["at", s]["top1_best"] for s in range(SEEDS)]
+    b = [results["kd", s]["top1_best"] for s in range(SEEDS)]
+    va, vb = naive_mean_std(a)[1] ** 2 / SEEDS, naive_mean_std(b)[1] ** 2 / SEEDS
+    diff = rows["at"]["compare_to"]["kd"]
+    d = rows["at"]["compare_stats"]["kd"]
+    if va + vb > 0:
+        df = (va + vb) ** 2 / (va**2 / (SEEDS - 1) + vb**2 / (SEEDS - 1))
+        half = quantile_by_integration(0.975, df) * math.sqrt(va + vb)
+        assert d["df"] == pytest.approx(df)
+        assert (d["lo"], d["hi"]) == pytest.approx((diff - half, diff + half), abs=1e-5)
+        assert d["within_noise"] == (diff - half <= 0 <= diff + half)
+    # each metric's t-interval over the seeds (two: t(0.975, 1) = tan(0.475 pi))
+    for metric in ("last", "best", "selected"):
+        st = rows["kd"]["stats"][metric]
+        values = [results["kd", s]["top1_last" if metric == "last" else "top1_best"] for s in range(SEEDS)]
+        m, sd = naive_mean_std(values)
+        half = math.tan(0.475 * math.pi) * sd / math.sqrt(SEEDS)
+        assert st["n"] == SEEDS and (st["lo"], st["hi"]) == pytest.approx((m - half, m + half))
+    assert rows["kd"]["selected_on"] == "test"  # no validation split: the best epoch, said so
+    # the cost: the students' measured epochs, the teachers' own training, the passes of one step
+    seconds = [
+        sum(json.loads(x)["seconds"] for x in (runs["kd", s] / "metrics.jsonl").read_text().splitlines())
+        for s in range(SEEDS)
+    ]
+    assert rows["kd"]["cost"]["student_seconds"] == pytest.approx(sum(seconds) / SEEDS)
+    assert rows["kd"]["cost"]["teacher_seconds"] > 0
+    assert rows["kd"]["cost"]["passes_per_step"] == {
+        "student_forward": 1,
+        "student_backward": 1,
+        "teacher_forward": 1,
+        "teacher_cached": False,
+    }
+    assert rows["vanilla"]["cost"]["passes_per_step"]["teacher_forward"] == 0
     teacher = rows["kd"]["teachers"][0]
     assert teacher["published"] == 50.0
     assert teacher["mean"] == pytest.approx(
@@ -198,6 +233,7 @@ def test_table_runs_is_stopped_and_continues(tmp_path, capsys, one_thread):
     )
 
     md = (out / "results.md").read_text()
+    assert "student time" in md and "passes/step" in md and "1F+1B, teacher 1F" in md
     assert "| kd | last | 2 |" in md and "99.00" in md and f"{rows['kd']['delta']:+.2f}" in md
     assert (out / "deltas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

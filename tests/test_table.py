@@ -24,7 +24,15 @@ def runs(tmp_path_factory) -> Path:
 
 
 def results_of(base: Path, prefix: str) -> list[dict]:
-    return [json.loads((d / "result.json").read_text()) for d in sorted(base.glob(f"{prefix}-s*"))]
+    return [json.loads((d / "result.json").read_text()) for d in dirs_of(base, prefix)]
+
+
+def dirs_of(base: Path, prefix: str) -> list[Path]:
+    return sorted(base.glob(f"{prefix}-s*"))
+
+
+def seconds_of(run_dir: Path) -> float:
+    return sum(json.loads(x)["seconds"] for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
 
 
 def naive_mean_std(values):
@@ -43,12 +51,23 @@ def test_table_groups_seeds_of_a_recipe_into_mean_and_std(runs, capsys):
     params = sum(p.numel() for p in models.create("smallcnn_narrow", num_classes=10, in_chans=1).parameters())
     for label, prefix in (("vanilla smallcnn_narrow", "vanilla"), ("kd smallcnn_narrow <- smallcnn_wide", "kd")):
         res = results_of(runs, prefix)
-        seeds, last, best, par, teacher, epochs = rows[label][1:7]
+        seeds, last, best, selected, par, teacher, epochs, student_time, teacher_time, passes = rows[label][1:11]
         assert seeds == "2" and epochs == "2" and par == f"{params:,}"
+        # two seeds: the 95% t-interval is mean +- t(0.975, 1) s / sqrt(2), t(0.975, 1) = tan(0.475 pi)
+        half = math.tan(0.475 * math.pi) / math.sqrt(2)
         m, s = naive_mean_std([r["top1_last"] for r in res])
-        assert last == f"{m:.2f} ± {s:.2f}"
+        assert last == f"{m:.2f} ± {s:.2f} [{m - half * s:.2f}, {m + half * s:.2f}]"
         m, s = naive_mean_std([r["top1_best"] for r in res])
-        assert best == f"{m:.2f} ± {s:.2f}"
+        assert best == f"{m:.2f} ± {s:.2f} [{m - half * s:.2f}, {m + half * s:.2f}]"
+        assert selected == best + " (on test)"  # no validation split: the best epoch, labelled so
+        seconds = [seconds_of(d) for d in dirs_of(runs, prefix)]
+        assert student_time == f"{sum(seconds) / len(seconds):.0f} s"
+        assert passes == ("1F+1B, teacher 1F" if prefix == "kd" else "1F+1B")
+        if prefix == "kd":  # each seed's teacher, trained here: its own folder's measured epochs
+            t_seconds = [seconds_of(r["teachers"][0]["source"]) for r in res]
+            assert teacher_time == f"{sum(t_seconds) / len(t_seconds):.0f} s"
+        else:
+            assert teacher_time == "-"
         if prefix == "kd":
             m, s = naive_mean_std([r["teachers"][0]["top1_last"] for r in res])
             assert teacher == f"{m:.2f} ± {s:.2f}"
@@ -110,3 +129,18 @@ def test_table_notes_unfinished_runs_and_still_prints(runs, tmp_path, capsys):
     finally:
         (half / "config.yaml").unlink()
         half.rmdir()
+
+
+def test_table_labels_a_one_seed_cell_and_writes_the_new_csv_columns(runs, capsys):
+    assert main(["table", str(runs / "vanilla-s0")]) == 0
+    (row,) = md_rows(capsys.readouterr().out)
+    res = json.loads((runs / "vanilla-s0" / "result.json").read_text())
+    assert row[2] == f"{res['top1_last']:.2f} (1 seed)" and row[4] == f"{res['top1_best']:.2f} (1 seed) (on test)"
+    assert main(["table", str(runs / "kd-s0"), str(runs / "kd-s1"), "--format", "csv"]) == 0
+    (csv_row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    lo, hi = float(csv_row["top1_last_lo"]), float(csv_row["top1_last_hi"])
+    assert lo <= float(csv_row["top1_last_mean"]) <= hi and csv_row["selected_on"] == "test"
+    assert (
+        csv_row["student_forward"] == "1" and csv_row["student_backward"] == "1" and csv_row["teacher_forward"] == "1"
+    )
+    assert float(csv_row["teacher_seconds"]) > 0

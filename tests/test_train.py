@@ -100,8 +100,10 @@ def _epochs_done(run_dir: Path) -> int:
         return 0
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--set", "data.val_split=150"]], ids=["no-val", "val-split"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, extra):
     args = ["recipes/digits/kd.yaml", "--set", "train.epochs=4", "--set", "train.max_steps_per_epoch=6", "--quiet"]
+    args += extra
     ref = _kdlab("train", *args, "--out", str(tmp_path / "ref"), cwd=ROOT)
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
 
@@ -122,6 +124,14 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    ref_rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    for r in (*rows, *ref_rows):
+        r.pop("seconds")
+    assert rows == ref_rows  # the validation columns too
+    assert ("val_top1" in rows[-1]) == bool(extra)
+    done = [json.loads((d / "result.json").read_text()) for d in (tmp_path / "ref", run_dir)]
+    keys = ("top1_last", "top1_best", "top1_selected", "selected_epoch", "selected_on")
+    assert [{k: r[k] for k in keys} for r in done] == [{k: done[0][k] for k in keys}] * 2
 
 
 def test_sequential_methods_share_generation_zero(tmp_path):

@@ -43,6 +43,17 @@ def prepare_teachers(
 
     if not distiller.teachers or not distiller.uses_teachers:
         return None
+    if distiller.teacher_train_mode:
+        # both fast paths compute an eval-mode teacher: folding bakes in the running statistics, and the cache holds
+        # logits that a train-mode teacher (batch statistics) would give differently in every batch
+        if cfg.teacher_cache:
+            raise ConfigError(
+                "train.teacher_cache: a term runs the teachers in train mode (ofd.teacher_mode=train), whose "
+                "logits depend on each batch; set train.teacher_cache=false"
+            )
+        if cfg.fast.fold_teacher:
+            log("teachers run in train mode (BatchNorm on batch statistics): train.fast.fold_teacher not applied")
+        return None
     device = train_loader.device
     channels_last = use_channels_last(cfg, device)
     if channels_last:

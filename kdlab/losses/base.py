@@ -96,6 +96,13 @@ class Term(nn.Module):
     needs_indices: ClassVar[bool] = False  # reads Outputs.indices (a memory bank over the training set)
     # False: the term trains only in its pre-stage (FitNet, AB, FSP with stages: two) and adds nothing to the main loss
     active_in_main: bool = True
+    # True: the teachers run in train mode during the main stage (BatchNorm on batch statistics, running statistics
+    # updated), as a reference code does (OFD's teacher_mode option); every other term reads eval-mode teachers
+    teacher_train_mode: bool = False
+    # the cost of one step beyond one student forward and backward, read by the tables (kdlab.tools.cost): more
+    # augmented views of each batch the student (and each teacher) runs, and more backward passes
+    extra_views: ClassVar[int] = 0
+    extra_backward: ClassVar[int] = 0
 
     def __init__(self, opts: TermOptions, student: nn.Module, teachers: list[nn.Module]):
         super().__init__()

@@ -8,6 +8,8 @@ produces the pre-ReLU map.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as nnf
 from pydantic import Field
@@ -64,6 +66,12 @@ class OFDOptions(TermOptions):
     pool: bool = Field(
         default=True, description="average-pool the teacher map to the student's size when they differ (mdistiller)"
     )
+    teacher_mode: Literal["eval", "train"] = Field(
+        default="eval",
+        description="the teacher's mode while the student trains: eval (running statistics, kdlab's default) or "
+        "train (BatchNorm on batch statistics, running statistics updated: the official code's and mdistiller's "
+        "distillers); train turns off BatchNorm folding and the teacher-logit cache",
+    )
     student_layers: list[str] | None = None
     teacher_layers: list[str] | None = None
 
@@ -81,6 +89,7 @@ class OFD(Term):
 
     def __init__(self, opts, student, teachers):
         super().__init__(opts, student, teachers)
+        self.teacher_train_mode = opts.teacher_mode == "train"
         # from the teacher as given, before any BatchNorm folding of the fast path
         self._margins = [
             FF.ofd_margin(bn.weight, bn.bias) for bn in (bn_before(teachers[0], t) for t in self.teacher_layers[0])

@@ -1,6 +1,7 @@
-"""The comparison of a reproduction table: per cell, ours (mean +- std over seeds, last and best epoch)
-against the published number or against other cells of the same run; written as results.json,
-results.md and a bar chart of the deltas (deltas.png)."""
+"""The comparison of a reproduction table: per cell, ours (n, mean +- std and a 95% t-interval over seeds, for the
+last, the best and the selected epoch) against the published number or against other cells of the same run (a
+difference with its Welch interval, "within noise" when it covers zero), and what each cell cost; written as
+results.json, results.md and a bar chart of the deltas (deltas.png)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import platform
 import time
 from pathlib import Path
 
+import yaml
+
 from kdlab.checkpoint import atomic_write_text
 from kdlab.student import read_result
+from kdlab.tools import cost, stats
 from kdlab.tools.reproduce import Invocation, Table, run_dir_of
-from kdlab.tools.results import mean_std, teacher_accuracy
+from kdlab.tools.results import CONFIG, mean_std, teacher_accuracy
 
 
 def relative_to(path: str, base: Path) -> str:
@@ -32,6 +36,10 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
     last_mean, last_std = mean_std([r["top1_last"] for r in results])
     best_mean, best_std = mean_std([r["top1_best"] for r in results])
     ours = last_mean if metric == "last" else best_mean
+    dirs = [run_dir_of(out, cell, s) for s, r in by_seed.items() if r is not None]
+    splits = {r.get("selected_on", "test") for r in results}
+    student_seconds = [cost.training_seconds(d) for d in dirs]
+    teacher_seconds = [cost.teacher_seconds(r, d) for r, d in zip(results, dirs)]
     row = {
         "cell": cell.name,
         "recipe": cell.recipe,
@@ -42,12 +50,30 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
         "last_std": last_std,
         "best_mean": best_mean,
         "best_std": best_std,
+        # per metric: n, mean, std and the 95% t-interval over seeds (lo, hi; None below two seeds)
+        "stats": {
+            "last": stats.summary([r["top1_last"] for r in results]),
+            "best": stats.summary([r["top1_best"] for r in results]),
+            # the test top-1 at the best validation epoch; without data.val_split the best epoch (selected_on test)
+            "selected": stats.summary([r.get("top1_selected", r["top1_best"]) for r in results]),
+        },
+        "selected_on": splits.pop() if len(splits) == 1 else ("mixed" if splits else None),
+        "cost": {
+            "student_seconds": _mean([s for s in student_seconds if s is not None]),
+            "teacher_seconds": (
+                cost.GIVEN
+                if teacher_seconds and all(t == cost.GIVEN for t in teacher_seconds)
+                else _mean([t for t in teacher_seconds if isinstance(t, (int, float))])
+            ),
+            "passes_per_step": cost.passes_per_step(cell_config(out, cell, by_seed)),
+        },
         "published": cell.published,
         "tolerance": table.tolerance_of(cell),
         "source": cell.source or table.source or None,
         "delta": None,
         "within_tolerance": None,
         "compare_to": {},
+        "compare_stats": {},
         "teachers": [],
         "wall_seconds": round(sum(r.get("wall_seconds", 0.0) for r in results), 1),
         "device": sorted({r.get("device", "?") for r in results}),
@@ -78,19 +104,47 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
     return row
 
 
-def add_comparisons(table: Table, rows: dict[str, dict]) -> None:
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def cell_config(out: Path, cell, by_seed: dict) -> dict | None:
+    """The first finished seed's config.yaml: what the cell trains, for its passes per step."""
+    for s, r in by_seed.items():
+        path = run_dir_of(out, cell, s) / CONFIG
+        if r is not None and path.exists():
+            config = yaml.safe_load(path.read_text())
+            return config if isinstance(config, dict) else None
+    return None
+
+
+def seed_values(table: Table, cell, out: Path, seeds: int, metric: str) -> list[float]:
+    results = [read_result(run_dir_of(out, cell, s)) for s in range(seeds)]
+    return [r[f"top1_{metric}"] for r in results if r is not None]
+
+
+def add_comparisons(table: Table, rows: dict[str, dict], out: Path | None = None, seeds=None) -> None:
+    """compare_to: the difference of the means on the cell's metric; compare_stats: that difference with its 95%
+    interval (Welch; a one-seed side read against the other's noise), `within_noise` when it covers zero."""
     for cell in table.cells:
         row = rows[cell.name]
-        ours = row[f"{row['metric']}_mean"]
+        metric = row["metric"]
+        ours = row[f"{metric}_mean"]
         for ref in cell.compare_to:
-            theirs = rows[ref][f"{row['metric']}_mean"]
+            theirs = rows[ref][f"{metric}_mean"]
             row["compare_to"][ref] = ours - theirs if ours is not None and theirs is not None else None
+            if out is not None:
+                ref_cell = next(c for c in table.cells if c.name == ref)
+                row["compare_stats"][ref] = stats.difference(
+                    seed_values(table, cell, out, table.seeds_of(cell, seeds), metric),
+                    seed_values(table, ref_cell, out, table.seeds_of(ref_cell, seeds), metric),
+                )
 
 
 def summarize(table: Table, inv: Invocation, failures: dict[str, str]) -> dict:
     out = Path(inv.out)
     rows = {c.name: cell_summary(table, c, out, table.seeds_of(c, inv.seeds)) for c in table.cells}
-    add_comparisons(table, rows)
+    add_comparisons(table, rows, out, inv.seeds)
     devices = sorted({d for r in rows.values() for d in r["device"]})
     return {
         "title": table.title,
@@ -156,22 +210,44 @@ def render_markdown(summary: dict) -> str:
             "",
         ]
     head = (
-        "| cell | metric | n | last | best | published | Δ | within tol. | compared with | teacher ours / published |"
+        "| cell | metric | n | last | best | selected | published | Δ | within tol. | compared with | "
+        "teacher ours / published | student time | teacher time | passes/step |"
     )
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for r in summary["cells"]:
         within = (
             "—" if r["within_tolerance"] is None else ("yes" if r["within_tolerance"] else f"no (±{r['tolerance']:g})")
         )
-        compared = ", ".join(f"{k} {_signed(v)}" for k, v in r["compare_to"].items()) or "—"
+        compared = (
+            "; ".join(
+                f"{k} {stats.fmt_difference(r['compare_stats'][k]) if k in r.get('compare_stats', {}) else _signed(v)}"
+                for k, v in r["compare_to"].items()
+            )
+            or "—"
+        )
         teachers = "; ".join(_teacher_text(t) for t in r["teachers"]) or "—"
         published = "—" if r["published"] is None else f"{r['published']:.2f}"
         bane = f" (BANE {r['bane_mean']:.2f})" if r.get("bane_mean") is not None else ""
+        st, spent = r.get("stats") or {}, r.get("cost") or {}
+        last = stats.fmt_summary(st["last"]) if st else _fmt(r["last_mean"], r["last_std"], r["n"])
+        best = stats.fmt_summary(st["best"]) if st else _fmt(r["best_mean"], r["best_std"], r["n"])
+        selected = f"{stats.fmt_summary(st['selected'])} (on {r['selected_on']})" if st else "—"
         lines.append(
-            f"| {r['cell']} | {r['metric']} | {r['n']} | {_fmt(r['last_mean'], r['last_std'], r['n'])}{bane} | "
-            f"{_fmt(r['best_mean'], r['best_std'], r['n'])} | {published} | {_signed(r['delta'])} | {within} | "
-            f"{compared} | {teachers} |"
+            f"| {r['cell']} | {r['metric']} | {r['n']} | {last}{bane} | {best} | {selected} | {published} | "
+            f"{_signed(r['delta'])} | {within} | {compared} | {teachers} | "
+            f"{cost.fmt_seconds(spent.get('student_seconds'))} | {cost.fmt_seconds(spent.get('teacher_seconds'))} | "
+            f"{cost.fmt_passes(spent.get('passes_per_step'))} |"
         )
+    lines += [
+        "",
+        "Top-1 in % on the test split: mean ± sample std [95% t-interval of the mean] over seeds, (1 seed) for a "
+        "single run. selected: the test top-1 at the best validation epoch (on val, data.val_split), or the best "
+        "epoch when there is no validation split (on test). compared with: the difference of the means on the "
+        "cell's metric [its 95% Welch interval], within noise when the interval covers zero; a one-seed cell is read "
+        f"against the other cell's seed noise ({stats.ONE_SEED}). Student time: measured training time, mean over "
+        "seeds; teacher time: the teachers' own training, or given weights; passes/step: the student's forwards "
+        "(F) and backwards (B) per batch and the teachers' forwards.",
+    ]
     if summary["failures"]:
         lines += ["", "Failed runs (rerun the same command to retry them):", ""]
         lines += [f"- {k}: {v}" for k, v in summary["failures"].items()]

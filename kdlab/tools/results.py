@@ -1,4 +1,5 @@
-"""Finished runs gathered into recipe groups: mean +- std over seeds, as a Markdown or CSV table.
+"""Finished runs gathered into recipe groups: n, mean +- std and a 95% t-interval over seeds, and what the
+runs cost, as a Markdown or CSV table.
 
 A *recipe* is a run's resolved `config.yaml` without the keys that do not change what is trained
 (`seed`, where teachers are cached, the free-text note): runs whose remaining configuration is
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from kdlab.errors import KdlabError
+from kdlab.tools import cost, stats
 
 RESULT = "result.json"
 RECON = "recon.json"
@@ -263,6 +265,14 @@ class Row:
     bane: tuple[float, float | None] | None
     recon: tuple[float, float | None] | None
     runs: list[str]
+    # n, mean, std and the 95% t-interval over seeds (kdlab.tools.stats.summary) of each way to pick the epoch
+    last: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
+    selected: dict = field(default_factory=dict)
+    selected_on: str = "test"  # the split that chose the selected epoch: val, test, or mixed
+    seconds: float | None = None  # mean over seeds of the student's measured training time
+    teacher_seconds: float | str | None = None  # mean over seeds of the teachers' training time, or "given weights"
+    passes: dict | None = None  # forward/backward passes per step (kdlab.tools.cost.passes_per_step)
 
 
 def _same_or_range(values: list) -> str:
@@ -283,6 +293,9 @@ def summarise(group: Group) -> Row:
         teachers.append(mean_std([a for a in accs if a is not None]))
     bane = [r.result["bane_top1"] for r in runs if "bane_top1" in r.result]
     recon = [r.recon["recon_error"] for r in runs if r.recon and "recon_error" in r.recon]
+    last = [r.result["top1_last"] for r in runs]
+    best = [r.result.get("top1_best", r.result["top1_last"]) for r in runs]
+    selected, selected_on = selection(runs)
     return Row(
         label=group.label,
         key=group.key,
@@ -296,7 +309,34 @@ def summarise(group: Group) -> Row:
         bane=mean_std(bane) if bane else None,
         recon=mean_std(recon) if recon else None,
         runs=[str(r.path) for r in runs],
+        last=stats.summary(last),
+        best=stats.summary(best),
+        selected=stats.summary(selected),
+        selected_on=selected_on,
+        seconds=_mean_of([cost.training_seconds(r.path) for r in runs]),
+        teacher_seconds=_teacher_cost(runs),
+        passes=cost.passes_per_step(runs[0].config),
     )
+
+
+def selection(runs: list[Run]) -> tuple[list[float], str]:
+    """Each run's top-1 at its selected epoch and the split that selected it: `top1_selected` / `selected_on`
+    of result.json; a run without them (before data.val_split existed) selected on the test set, its best."""
+    values = [r.result.get("top1_selected", r.result.get("top1_best", r.result["top1_last"])) for r in runs]
+    splits = {r.result.get("selected_on", "test") for r in runs}
+    return values, splits.pop() if len(splits) == 1 else "mixed"
+
+
+def _mean_of(values: list) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return statistics.fmean(values) if values else None
+
+
+def _teacher_cost(runs: list[Run]) -> float | str | None:
+    costs = [cost.teacher_seconds(r.result, r.path) for r in runs]
+    if costs and all(c == cost.GIVEN for c in costs):
+        return cost.GIVEN
+    return _mean_of(costs)
 
 
 def duplicate_seeds(row: Row) -> list:
@@ -322,10 +362,15 @@ def _teacher_cell(row: Row, digits: int = 2) -> str:
     return ", ".join(fmt(m, s, digits) for m, s in row.teachers) or "-"
 
 
+def _selected_cell(r: Row) -> str:
+    return f"{stats.fmt_summary(r.selected)} (on {r.selected_on})"
+
+
 def markdown(rows: list[Row]) -> str:
     bane = any(r.bane for r in rows)
     recon = any(r.recon for r in rows)
-    head = ["recipe", "seeds", "top-1 last", "top-1 best", "params", "teacher top-1", "epochs"]
+    head = ["recipe", "seeds", "top-1 last", "top-1 best", "top-1 selected", "params", "teacher top-1", "epochs"]
+    head += ["student time", "teacher time", "passes/step"]
     head += ["BANE top-1"] * bane + ["recon error"] * recon
     lines = [
         "| " + " | ".join(head) + " |",
@@ -335,11 +380,15 @@ def markdown(rows: list[Row]) -> str:
         cells = [
             r.label.replace("|", "\\|"),
             str(r.n),
-            fmt(*r.top1_last),
-            fmt(*r.top1_best),
+            stats.fmt_summary(r.last),
+            stats.fmt_summary(r.best),
+            _selected_cell(r),
             r.params,
             _teacher_cell(r),
             r.epochs,
+            cost.fmt_seconds(r.seconds),
+            cost.fmt_seconds(r.teacher_seconds),
+            cost.fmt_passes(r.passes),
         ]
         if bane:
             cells.append(fmt(*r.bane) if r.bane else "-")
@@ -348,8 +397,12 @@ def markdown(rows: list[Row]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        "Top-1 in % on the test split, mean ± sample std over seeds (no ± for a single run); "
-        "last: after the final epoch, best: the best epoch (selected on the test set)."
+        "Top-1 in % on the test split: mean ± sample std [95% t-interval of the mean] over seeds; a single run is "
+        "labelled (1 seed). last: after the final epoch; best: the best epoch on the test set (optimistic); "
+        "selected: the test top-1 at the epoch with the best validation top-1 (on val, data.val_split), or the "
+        "best epoch when there is no validation split (on test). Student time: its measured training time (mean "
+        "over seeds); teacher time: the teachers' own training time, or given weights; passes/step: the "
+        "student's forwards (F) and backwards (B) per batch and the teachers' forwards."
     )
     return "\n".join(lines) + "\n"
 
@@ -367,6 +420,20 @@ def to_csv(rows: list[Row]) -> str:
             "top1_last_std",
             "top1_best_mean",
             "top1_best_std",
+            "top1_last_lo",
+            "top1_last_hi",
+            "top1_best_lo",
+            "top1_best_hi",
+            "top1_selected_mean",
+            "top1_selected_std",
+            "top1_selected_lo",
+            "top1_selected_hi",
+            "selected_on",
+            "student_seconds",
+            "teacher_seconds",
+            "student_forward",
+            "student_backward",
+            "teacher_forward",
             "params",
             "teacher_top1_mean",
             "teacher_top1_std",
@@ -391,6 +458,23 @@ def to_csv(rows: list[Row]) -> str:
                 num(r.top1_last[1]),
                 num(r.top1_best[0]),
                 num(r.top1_best[1]),
+                num(r.last["lo"]),
+                num(r.last["hi"]),
+                num(r.best["lo"]),
+                num(r.best["hi"]),
+                num(r.selected["mean"]),
+                num(r.selected["std"]),
+                num(r.selected["lo"]),
+                num(r.selected["hi"]),
+                r.selected_on,
+                num(r.seconds),
+                r.teacher_seconds if isinstance(r.teacher_seconds, str) else num(r.teacher_seconds),
+                *(("", "", "") if r.passes is None else (r.passes["student_forward"], r.passes["student_backward"])),
+                *(
+                    ()
+                    if r.passes is None
+                    else ("cached" if r.passes["teacher_cached"] else r.passes["teacher_forward"],)
+                ),
                 r.params.replace(",", ""),
                 ";".join(num(m) for m, _ in r.teachers),
                 ";".join(num(s) for _, s in r.teachers),
