@@ -31,7 +31,7 @@ def lr_at(cfg: TrainConfig, epoch_float: float) -> float:
 def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
     """The student's groups (with its side modules), then one group per `ParamGroup` a term declares.
 
-    A term's group keeps ``lr_scale`` in its dict: the training loop sets ``lr = lr_at(...) * lr_scale``.
+    A term's group keeps ``lr_scale`` in its dict, which `set_lr` applies at every step.
     """
     own = term_groups(module, cfg)
     claimed = {id(p) for g in own for p in g["params"]}
@@ -57,6 +57,12 @@ def term_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
             wd = cfg.weight_decay if g.weight_decay is None else g.weight_decay
             out.append({"params": params, "weight_decay": wd, "lr_scale": g.lr_scale, "name": f"{term_name}.{g.name}"})
     return out
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The step's learning rate into every group, times the group's ``lr_scale`` where a term declared one."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

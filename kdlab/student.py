@@ -262,11 +262,12 @@ def train_run(
     if "test_top1" not in last:
         ev = evaluate(student, test_loader, autocast_factory(train_cfg, device))
         last = {**last, "test_top1": ev["top1"], "test_top5": ev["top5"]}
+    best_top1 = max(state.best_top1, last["test_top1"])
     result = {
         "top1_last": last["test_top1"],
-        "top1_best": max(state.best_top1, last["test_top1"]),
+        "top1_best": best_top1,
         "best_epoch": state.best_epoch,
-        **selection(state.history, max(state.best_top1, last["test_top1"]), state.best_epoch),
+        **selection(state.history, best_top1, state.best_epoch),
         "top5_last": last["test_top5"],
         "epochs": train_cfg.epochs,
         "seed": seed,

@@ -27,7 +27,7 @@ from kdlab.compute import autocast_factory, check_device_options, cuda_numerics,
 from kdlab.config import TrainConfig
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError, KdlabError, NonFiniteLoss
-from kdlab.optim import lr_at, make_optimizer
+from kdlab.optim import lr_at, make_optimizer, set_lr
 from kdlab.progress import Progress
 from kdlab.train_state import (
     CKPT_BEST,
@@ -292,8 +292,7 @@ def _train_epoch(run: _Run, train_loader, epoch: int, steps_per_epoch: int, trai
             break
         at = epoch + step / steps_per_epoch
         lr = lr_at(run.cfg, at)
-        for g in run.opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)  # a term's own group (`Term.param_groups`) may scale it
+        set_lr(run.opt, lr)
         out = train_step(x, y, lr, meta, at)
         if out.skipped:
             run.log(

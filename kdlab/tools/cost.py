@@ -56,6 +56,20 @@ def teacher_seconds(result: dict, base: Path | None = None) -> float | str | Non
     return total
 
 
+def mean_seconds(values: list) -> float | None:
+    """The mean of the measured values (None, and GIVEN, are not measurements); None when there is none."""
+    measured = [float(v) for v in values if isinstance(v, (int, float))]
+    return sum(measured) / len(measured) if measured else None
+
+
+def cell_teacher_cost(costs: list) -> float | str | None:
+    """Over a cell's seeds (`teacher_seconds` of each): GIVEN when every seed's teachers were given weights, else
+    the mean of the measured training times."""
+    if costs and all(c == GIVEN for c in costs):
+        return GIVEN
+    return mean_seconds(costs)
+
+
 def passes_per_step(config: dict | None) -> dict | None:
     """Passes of one training step over a batch, from the recipe (config.yaml): the student's forwards (one per
     view: 1 + the largest `extra_views` of its terms) and backwards (1 + the terms' `extra_backward`), and the

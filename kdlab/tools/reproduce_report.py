@@ -16,7 +16,7 @@ from kdlab.checkpoint import atomic_write_text
 from kdlab.student import read_result
 from kdlab.tools import cost, stats
 from kdlab.tools.reproduce import Invocation, Table, run_dir_of
-from kdlab.tools.results import CONFIG, mean_std, teacher_accuracy
+from kdlab.tools.results import CONFIG, mean_std, selected_values, teacher_accuracy
 
 
 def relative_to(path: str, base: Path) -> str:
@@ -37,7 +37,7 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
     best_mean, best_std = mean_std([r["top1_best"] for r in results])
     ours = last_mean if metric == "last" else best_mean
     dirs = [run_dir_of(out, cell, s) for s, r in by_seed.items() if r is not None]
-    splits = {r.get("selected_on", "test") for r in results}
+    selected, selected_on = selected_values(results)
     student_seconds = [cost.training_seconds(d) for d in dirs]
     teacher_seconds = [cost.teacher_seconds(r, d) for r, d in zip(results, dirs)]
     row = {
@@ -46,6 +46,12 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
         "metric": metric,
         "n": len(results),
         "seeds": [s for s, r in by_seed.items() if r is not None],
+        # per metric, each finished seed's top-1 (in `seeds` order): what the comparisons are computed from
+        "values": {
+            "last": [r["top1_last"] for r in results],
+            "best": [r["top1_best"] for r in results],
+            "selected": selected,
+        },
         "last_mean": last_mean,
         "last_std": last_std,
         "best_mean": best_mean,
@@ -55,16 +61,12 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
             "last": stats.summary([r["top1_last"] for r in results]),
             "best": stats.summary([r["top1_best"] for r in results]),
             # the test top-1 at the best validation epoch; without data.val_split the best epoch (selected_on test)
-            "selected": stats.summary([r.get("top1_selected", r["top1_best"]) for r in results]),
+            "selected": stats.summary(selected),
         },
-        "selected_on": splits.pop() if len(splits) == 1 else ("mixed" if splits else None),
+        "selected_on": selected_on,
         "cost": {
-            "student_seconds": _mean([s for s in student_seconds if s is not None]),
-            "teacher_seconds": (
-                cost.GIVEN
-                if teacher_seconds and all(t == cost.GIVEN for t in teacher_seconds)
-                else _mean([t for t in teacher_seconds if isinstance(t, (int, float))])
-            ),
+            "student_seconds": cost.mean_seconds(student_seconds),
+            "teacher_seconds": cost.cell_teacher_cost(teacher_seconds),
             "passes_per_step": cost.passes_per_step(cell_config(out, cell, by_seed)),
         },
         "published": cell.published,
@@ -104,10 +106,6 @@ def cell_summary(table: Table, cell, out: Path, seeds: int) -> dict:
     return row
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def cell_config(out: Path, cell, by_seed: dict) -> dict | None:
     """The first finished seed's config.yaml: what the cell trains, for its passes per step."""
     for s, r in by_seed.items():
@@ -118,12 +116,7 @@ def cell_config(out: Path, cell, by_seed: dict) -> dict | None:
     return None
 
 
-def seed_values(table: Table, cell, out: Path, seeds: int, metric: str) -> list[float]:
-    results = [read_result(run_dir_of(out, cell, s)) for s in range(seeds)]
-    return [r[f"top1_{metric}"] for r in results if r is not None]
-
-
-def add_comparisons(table: Table, rows: dict[str, dict], out: Path | None = None, seeds=None) -> None:
+def add_comparisons(table: Table, rows: dict[str, dict]) -> None:
     """compare_to: the difference of the means on the cell's metric; compare_stats: that difference with its 95%
     interval (Welch; a one-seed side read against the other's noise), `within_noise` when it covers zero."""
     for cell in table.cells:
@@ -133,18 +126,13 @@ def add_comparisons(table: Table, rows: dict[str, dict], out: Path | None = None
         for ref in cell.compare_to:
             theirs = rows[ref][f"{metric}_mean"]
             row["compare_to"][ref] = ours - theirs if ours is not None and theirs is not None else None
-            if out is not None:
-                ref_cell = next(c for c in table.cells if c.name == ref)
-                row["compare_stats"][ref] = stats.difference(
-                    seed_values(table, cell, out, table.seeds_of(cell, seeds), metric),
-                    seed_values(table, ref_cell, out, table.seeds_of(ref_cell, seeds), metric),
-                )
+            row["compare_stats"][ref] = stats.difference(row["values"][metric], rows[ref]["values"][metric])
 
 
 def summarize(table: Table, inv: Invocation, failures: dict[str, str]) -> dict:
     out = Path(inv.out)
     rows = {c.name: cell_summary(table, c, out, table.seeds_of(c, inv.seeds)) for c in table.cells}
-    add_comparisons(table, rows, out, inv.seeds)
+    add_comparisons(table, rows)
     devices = sorted({d for r in rows.values() for d in r["device"]})
     return {
         "title": table.title,

@@ -313,30 +313,23 @@ def summarise(group: Group) -> Row:
         best=stats.summary(best),
         selected=stats.summary(selected),
         selected_on=selected_on,
-        seconds=_mean_of([cost.training_seconds(r.path) for r in runs]),
-        teacher_seconds=_teacher_cost(runs),
+        seconds=cost.mean_seconds([cost.training_seconds(r.path) for r in runs]),
+        teacher_seconds=cost.cell_teacher_cost([cost.teacher_seconds(r.result, r.path) for r in runs]),
         passes=cost.passes_per_step(runs[0].config),
     )
 
 
-def selection(runs: list[Run]) -> tuple[list[float], str]:
-    """Each run's top-1 at its selected epoch and the split that selected it: `top1_selected` / `selected_on`
-    of result.json; a run without them (before data.val_split existed) selected on the test set, its best."""
-    values = [r.result.get("top1_selected", r.result.get("top1_best", r.result["top1_last"])) for r in runs]
-    splits = {r.result.get("selected_on", "test") for r in runs}
-    return values, splits.pop() if len(splits) == 1 else "mixed"
+def selection(runs: list[Run]) -> tuple[list[float], str | None]:
+    return selected_values([r.result for r in runs])
 
 
-def _mean_of(values: list) -> float | None:
-    values = [v for v in values if isinstance(v, (int, float))]
-    return statistics.fmean(values) if values else None
-
-
-def _teacher_cost(runs: list[Run]) -> float | str | None:
-    costs = [cost.teacher_seconds(r.result, r.path) for r in runs]
-    if costs and all(c == cost.GIVEN for c in costs):
-        return cost.GIVEN
-    return _mean_of(costs)
+def selected_values(results: list[dict]) -> tuple[list[float], str | None]:
+    """Each result.json's top-1 at its selected epoch and the split that selected it (`top1_selected`,
+    `selected_on`: val, test, or mixed when the runs differ; None without runs); a result without them (before
+    data.val_split existed) selected on the test set: its best epoch."""
+    values = [r.get("top1_selected", r.get("top1_best", r["top1_last"])) for r in results]
+    splits = {r.get("selected_on", "test") for r in results}
+    return values, (splits.pop() if len(splits) == 1 else ("mixed" if splits else None))
 
 
 def duplicate_seeds(row: Row) -> list:
