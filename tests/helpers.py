@@ -103,10 +103,24 @@ def stopped_copy(runs: Path, dest: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# A subprocess's output, read with a deadline
+# Waiting on a subprocess: for an event, with a deadline that only guards a hang
+
+# A hang guard, never a timing: a test waits for what a run writes, and this limit only stops a test that
+# would otherwise wait forever. What takes seconds on a quiet machine takes 5-10x as long on a loaded
+# 2-core one (start-up alone took 35 s there), so the limit is far above that.
+HANG_S = 600
 
 
-def read_until(fd: int, proc, needle: bytes, seconds: float) -> bytes:
+def wait_until(done, proc, what: str, timeout: float = HANG_S, poll: float = 0.01) -> None:
+    """Poll ``done()`` until it holds; fail naming ``what`` if ``proc`` ends first or after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"hang guard: no {what} after {timeout:.0f} s"
+        time.sleep(poll)
+
+
+def read_until(fd: int, proc, needle: bytes, seconds: float = HANG_S) -> bytes:
     got = b""
     deadline = time.monotonic() + seconds
     while needle not in got:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ENV, read_until
+from helpers import ENV, HANG_S, read_until
 
 from kdlab import checkpoint, pipeline
 from kdlab.cli import main
@@ -34,10 +34,12 @@ def test_sigterm_mid_epoch_restores_the_cursor_and_prints_the_resume_command(tmp
     )
     os.close(slave)
     try:
-        got = read_until(master, proc, b"epoch 1 |", 120)  # an epoch is checkpointed; the second is under way
+        # the signal is decided by what the run printed: an epoch is checkpointed, the second is under way
+        # (read_until's deadline, HANG_S, only guards a hang)
+        got = read_until(master, proc, b"epoch 1 |")
         os.kill(proc.pid, signal.SIGTERM)
-        got += read_until(master, proc, b"--resume", 60)
-        assert proc.wait(timeout=60) == 143
+        got += read_until(master, proc, b"--resume")
+        assert proc.wait(timeout=HANG_S) == 143
         got += read_until(master, proc, b"\x00never", 2)  # the rest, up to the closed terminal
     finally:
         if proc.poll() is None:

@@ -9,10 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from helpers import ok, refused
+from helpers import ok, refused, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 VANILLA = str(ROOT / "recipes" / "digits" / "vanilla.yaml")
@@ -20,12 +19,8 @@ QUICK = ["--set", "train.epochs=3", "--set", "train.max_steps_per_epoch=2", "--q
 TINY = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=1", "--quiet"]
 
 
-def _wait_for(paths: list[Path], proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(p.exists() for p in paths):
-        assert proc.poll() is None, "the first run ended before it could be observed"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+def _wait_for(paths: list[Path], proc: subprocess.Popen) -> None:
+    wait_until(lambda: all(p.exists() for p in paths), proc, f"{[p.name for p in paths]}", poll=0.005)
 
 
 def test_second_writer_is_refused_and_a_killed_owner_is_taken_over(tmp_path, capsys):
@@ -68,7 +63,8 @@ def test_lock_naming_a_reused_pid_is_taken_over(tmp_path, capsys):
     """After a crash its pid may belong to an unrelated process: nobody holds the lock, so it is stale."""
     out = tmp_path / "run"
     out.mkdir()
-    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # alive for the whole test however slow the machine (killed below): its pid must stay taken
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     try:
         (out / ".lock").write_text(f"{socket.gethostname()} {unrelated.pid}")
         ok(capsys, ["train", VANILLA, "--out", str(out), *TINY])

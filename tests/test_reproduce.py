@@ -7,12 +7,12 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import wait_until
 from test_stats import quantile_by_integration
 
 from kdlab import cli
@@ -138,10 +138,12 @@ def test_table_runs_is_stopped_and_continues(tmp_path, capsys, one_thread):
         start_new_session=True,
     )
     first = out / "cells" / "kd" / "seed0" / "result.json"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert first.exists(), proc.communicate()[0].decode()[-2000:]
+    # the kill is decided by what the table wrote (its first finished cell), not by the clock
+    try:
+        wait_until(first.exists, proc, "the first finished cell", poll=0.05)
+    except AssertionError as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"{e}: {proc.communicate()[0].decode()[-2000:]}") from None
     os.killpg(proc.pid, signal.SIGKILL)  # a hard stop mid-table: no handler gets to tidy up
     proc.wait()
 

@@ -7,11 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
+from helpers import HANG_S, wait_until
 from test_reproduce import RECIPE, write_cifar100
 
 from kdlab.checkpoint import load_weights
@@ -92,7 +92,7 @@ def reproduce(table: Path, data: Path, out: Path, jobs: int, **popen) -> subproc
     return subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+def finish(proc: subprocess.Popen, timeout: float = HANG_S) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
     return out
@@ -155,13 +155,14 @@ def test_a_killed_worker_fails_its_cell_only_and_the_rerun_resumes_it(tmp_path):
     data = write_cifar100(tmp_path / "data")
     table = write_table(tmp_path / "t", epochs=3)
     reference, out = tmp_path / "reference", tmp_path / "out"
-    finish(reproduce(table, data, reference, jobs=1), timeout=400)
+    finish(reproduce(table, data, reference, jobs=1))
 
     proc = reproduce(table, data, out, jobs=2, start_new_session=True)
     victim = out / "cells" / "kd" / "seed0"
     lines, pid = [], None
-    deadline = time.time() + 240
-    while time.time() < deadline:  # read until the kd worker has started and written its first checkpoint
+    # the kill is decided by what the table printed and wrote: the kd worker's start, then its first checkpoint
+    # (readline blocks until a line or the end; the line comes within seconds unless the table hangs)
+    while True:
         line = proc.stdout.readline()
         if not line:
             break
@@ -171,11 +172,9 @@ def test_a_killed_worker_fails_its_cell_only_and_the_rerun_resumes_it(tmp_path):
         if pid is not None:
             break
     assert pid is not None, "".join(lines)
-    while not (victim / "checkpoints").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert (victim / "checkpoints").exists()
+    wait_until((victim / "checkpoints").exists, proc, "the kd worker's first checkpoint", poll=0.05)
     os.kill(pid, signal.SIGKILL)  # this worker only: no handler gets to tidy up
-    rest, _ = proc.communicate(timeout=400)
+    rest, _ = proc.communicate(timeout=HANG_S)
     said = "".join(lines) + rest
     assert proc.returncode == 2, said
     assert "FAILED kd seed 0" in said and "killed by signal 9" in said
@@ -184,7 +183,7 @@ def test_a_killed_worker_fails_its_cell_only_and_the_rerun_resumes_it(tmp_path):
         if (cell, seed) != ("kd", 0):
             assert (out / "cells" / cell / f"seed{seed}" / "result.json").exists(), f"{cell} seed {seed} did not finish"
 
-    said = finish(reproduce(table, data, out, jobs=2), timeout=400)
+    said = finish(reproduce(table, data, out, jobs=2))
     assert "resuming kd seed 0" in said and "6 finished earlier" in said
     assert_same_runs(reference, out)
 

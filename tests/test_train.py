@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import HANG_S, wait_until
 
 from kdlab import checkpoint, models, pipeline
 from kdlab.recipe_files import load_recipe
@@ -105,20 +105,17 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, extra):
     args = ["recipes/digits/kd.yaml", "--set", "train.epochs=4", "--set", "train.max_steps_per_epoch=6", "--quiet"]
     args += extra
     ref = _kdlab("train", *args, "--out", str(tmp_path / "ref"), cwd=ROOT)
-    assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
+    assert ref.wait(timeout=HANG_S) == 0, ref.stdout.read().decode()
 
     run_dir = tmp_path / "killed"
     proc = _kdlab("train", *args, "--out", str(run_dir), cwd=ROOT)
-    deadline = time.time() + 240
-    while _epochs_done(run_dir) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    wait_until(lambda: _epochs_done(run_dir) >= 2, proc, "the checkpoint of epoch 2")  # the kill is decided by it
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "result.json").exists()
 
     resumed = _kdlab("train", "--resume", str(run_dir), "--quiet", cwd=ROOT)
-    out = resumed.communicate(timeout=300)[0].decode()
+    out = resumed.communicate(timeout=HANG_S)[0].decode()
     assert resumed.returncode == 0, out
     a, b = student_weights(tmp_path / "ref"), student_weights(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
