@@ -212,3 +212,14 @@ def test_resnet50_imagenet_stages_for_feature_terms():
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert [tuple(taps[s].shape[1:]) for s in layers] == [(256, 16, 16), (512, 8, 8), (1024, 4, 4), (2048, 2, 2)]
+
+
+def test_wrong_torchvision_file_is_a_one_line_error(tmp_path):
+    from kdlab.errors import CheckpointError
+
+    path = tmp_path / "resnet50.pth"
+    torch.save(_random_state(torchvision_resnet_keys([3, 4, 6, 3], True), seed=5), path)
+    model = models.create("resnet34_imagenet", num_classes=1000)
+    with pytest.raises(CheckpointError, match=r"teacher 0 .*resnet50\.pth: key 'layer1\.0\.conv1\.weight'") as err:
+        load_model_weights(model, path, "teacher 0")
+    assert "\n" not in str(err.value)
