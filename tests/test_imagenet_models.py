@@ -223,3 +223,21 @@ def test_wrong_torchvision_file_is_a_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"teacher 0 .*resnet50\.pth: key 'layer1\.0\.conv1\.weight'") as err:
         load_model_weights(model, path, "teacher 0")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("term", ["at", "nst", "feed", "reviewkd", "dkd"])
+def test_feature_terms_run_on_resnet50_to_mobilenetv1(term):
+    """The ImageNet pair's stage taps drive the feature terms (64 px: stage maps 16/8/4/2)."""
+    from kdlab.config import LossConfig
+    from kdlab.distiller import Distiller
+
+    torch.manual_seed(0)
+    student = models.create("mobilenetv1", num_classes=10)
+    teacher = models.create("resnet50_imagenet", num_classes=10).eval()
+    distiller = Distiller(student, [teacher], LossConfig(terms={term: {}}))
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    distiller.build(x, y)
+    total, logits, values = distiller(x, y, progress=1.0)
+    assert logits.shape == (4, 10) and torch.isfinite(values[term]) and values[term] > 0
+    total.backward()
+    assert student.model[1][3].weight.grad.abs().sum() > 0
