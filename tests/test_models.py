@@ -43,6 +43,10 @@ PARAM_COUNTS = {
     # torchvision's 11,689,512 and 21,797,672 at 1000 classes, less 900 * 513 for the smaller fc
     "resnet18_imagenet": 11_227_812,
     "resnet34_imagenet": 21_335_972,
+    # torchvision's 25,557,032 at 1000 classes, less 900 * 2049
+    "resnet50_imagenet": 23_712_932,
+    # 4,231,976 at 1000 classes (tests/test_imagenet_models.py counts it naively), less 900 * 1025
+    "mobilenetv1": 3_309_476,
 }
 # digits nets: (min, max) parameters for 1x8x8 inputs and 10 classes
 SMALL_RANGES = {"smallcnn": (10_000, 30_000), "smallcnn_wide": (100_000, 200_000), "smallcnn_narrow": (4_370, 4_370)}
@@ -200,8 +204,9 @@ DEFAULT_INIT = [
     "resnet50",
     "shufflev1",
     "shufflev2",
+    "mobilenetv1",
 ]
-KAIMING_INIT = ["resnext29_8x64d", "resnet20", "vgg8", "wrn_16_2", "mobilenetv2_half"]
+KAIMING_INIT = ["resnet18_imagenet", "resnext29_8x64d", "resnet20", "vgg8", "wrn_16_2", "mobilenetv2_half"]
 
 
 def _within_default_bound(model: nn.Module) -> bool:

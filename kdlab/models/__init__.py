@@ -25,7 +25,7 @@ No zoo model computes anything in place, so tensors captured by forward hooks st
 """
 
 # importing the zoo modules registers their models
-from . import imagenet_resnet, mobilenetv2, resnet, shufflenet, small, tfkd_nets, vgg, wrn
+from . import imagenet_resnet, mobilenetv1, mobilenetv2, resnet, shufflenet, small, tfkd_nets, vgg, wrn
 from .registry import REGISTRY, create, names, register
 
 __all__ = ["REGISTRY", "create", "names", "register"]

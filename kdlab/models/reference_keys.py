@@ -19,7 +19,9 @@ rules below rename the reference's keys to kdlab's:
   ``conv3..bn5`` are ``right.conv1..right.bn3``, a basic unit's convs are ``right.*``, ``conv2``/``bn2``
   are ``conv_last.conv1``/``conv_last.bn1`` and ``linear`` is ``fc``.
 
-The CIFAR ResNets (``resnet8`` .. ``resnet110``, ``resnet8x4``, ``resnet32x4``) need no renaming.
+The CIFAR ResNets (``resnet8`` .. ``resnet110``, ``resnet8x4``, ``resnet32x4``) need no renaming, nor do
+torchvision's ImageNet ResNet-18/34/50 state dicts (``resnet{18,34,50}_imagenet``) and mdistiller's ImageNet
+MobileNetV1 (``mobilenetv1``).
 """
 
 from __future__ import annotations
