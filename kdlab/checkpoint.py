@@ -111,7 +111,12 @@ def _read_metadata(raw: bytes) -> dict[str, str]:
     n = int.from_bytes(raw[:8], "little")
     if n <= 0 or 8 + n > len(raw):
         raise ValueError("header length out of range (truncated file?)")
-    header = json.loads(raw[8 : 8 + n])
+    try:
+        header = json.loads(raw[8 : 8 + n])
+    except UnicodeDecodeError:
+        raise ValueError("its header is not UTF-8 text") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
     return header.get("__metadata__") or {}
 
 
@@ -141,6 +146,8 @@ def load(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor]
         meta = json.loads(metadata.get("kdlab", "{}"))
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: unreadable kdlab metadata") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its kdlab metadata is a JSON {type(meta).__name__}, not an object")
     return tensors, meta
 
 

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except KdlabError as e:
         sys.stderr.write(f"kdlab: error: {e}\n")
         return EXIT_USAGE
+    except UnicodeDecodeError as e:  # the readers name their file; this is the net under one that does not
+        sys.stderr.write(f"kdlab: error: a file is not UTF-8 text ({e.reason}, byte {e.start})\n")
+        return EXIT_USAGE
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         hint = getattr(args, "resume_hint", None)

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from kdlab.config import Recipe, format_validation_error
 from kdlab.errors import ConfigError
+from kdlab.text_files import read_text
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -56,7 +57,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"recipe not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(read_text(p, ConfigError))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

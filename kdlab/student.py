@@ -128,7 +128,7 @@ def read_result(run_dir: Path) -> dict | None:
         return None
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except ValueError:  # damaged JSON, or bytes that are not UTF-8: not a finished run
         return None
 
 

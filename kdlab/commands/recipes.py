@@ -31,7 +31,11 @@ def run(args) -> int:
             raise KdlabError(f"no packaged recipes under {args.family!r}; families: {', '.join(families)}")
     width = max(map(len, recipes))
     for name, path in recipes.items():
-        raw = yaml.safe_load(path.read_text()) or {}  # read, not validated: a listing must not fail on one file
+        try:  # read, not validated: a listing must not fail on one file
+            raw = yaml.safe_load(path.read_text())
+        except (ValueError, yaml.YAMLError):
+            raw = None
+        raw = raw if isinstance(raw, dict) else {}
         student = (raw.get("student") or {}).get("name", "?")
         teachers = [t.get("name", "?") for t in raw.get("teachers") or [] if isinstance(t, dict)]
         who = student + (f" <- {', '.join(teachers)}" if teachers else "")

@@ -177,7 +177,7 @@ def _open(root: Path, key: str, shape: tuple[int, int, int], dtype: torch.dtype,
         return None
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+    except ValueError:  # damaged JSON or bytes that are not UTF-8: rebuilt
         return None
     itemsize = torch.empty((), dtype=dtype).element_size()
     if (

@@ -17,7 +17,7 @@ def training_seconds(run_dir: Path) -> float | None:
     the file is missing or holds no timed epoch."""
     path = Path(run_dir) / METRICS
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return None
     total, seen = 0.0, False

@@ -34,7 +34,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.exists():
         raise KdlabError(f"{run_dir}: no metrics.jsonl (not a kdlab run directory?)")
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

@@ -111,7 +111,10 @@ def cell_config(out: Path, cell, by_seed: dict) -> dict | None:
     for s, r in by_seed.items():
         path = run_dir_of(out, cell, s) / CONFIG
         if r is not None and path.exists():
-            config = yaml.safe_load(path.read_text())
+            try:  # a damaged file must not stop the report
+                config = yaml.safe_load(path.read_text())
+            except (OSError, ValueError, yaml.YAMLError):
+                return None
             return config if isinstance(config, dict) else None
     return None
 

@@ -57,7 +57,7 @@ class Group:
 def _read_json(path: Path) -> dict | None:
     try:
         value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: damaged JSON or bytes that are not UTF-8
         return None
     return value if isinstance(value, dict) else None
 
@@ -65,7 +65,7 @@ def _read_json(path: Path) -> dict | None:
 def _read_config(path: Path) -> dict | None:
     try:
         value = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):
         return None
     return value if isinstance(value, dict) else None
 
