@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -187,9 +188,18 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         # values by setting attributes, no code of the file runs, so it is allowed next to the tensors
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only raises UnpicklingError for any forbidden global
+    except pickle.UnpicklingError as e:  # weights_only raises it for any global outside the allowed tensors
+        # torch's own message goes on to advise disabling the safeguard: kdlab names what was refused instead
+        refused = re.search(r"GLOBAL (\S+)", str(e)) or re.search(r"Unsupported global: (\S+)", str(e))
+        what = f" ({refused.group(1)})" if refused else ""
         raise CheckpointError(
-            f"{path}: refused or unreadable torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"{path}: refused, it holds Python objects{what} besides tensors, which would run code when loaded; "
+            "kdlab will not load it. If you trust the file, convert it in your own Python session: load it there "
+            "and save only its state dict with safetensors.torch.save_file or torch.save"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: unreadable torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
     if isinstance(obj, dict):
         for entry in STATE_ENTRIES:

@@ -83,3 +83,42 @@ def test_kdlab_metadata_that_is_not_an_object_is_named(tmp_path):
         assert "not an object" in str(e)
     else:
         raise AssertionError("a list as metadata was taken")
+
+
+def test_readme_python_api_example_runs_as_pasted():
+    """The README's first python block is what a new user pastes: it must define what it uses and run."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert block, "README.md has no python example"
+    namespace: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    assert set(namespace["terms"]) >= {"ce", "at", "kd"}
+    assert namespace["student"].conv1.weight.grad is not None
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_malicious_pth_is_refused_naming_what_and_how_to_convert(tmp_path):
+    """A pickle that would call a function must be refused in kdlab's words: what it holds, that it is not
+    loaded, how to convert a trusted file; never torch's advice to switch the safeguard off."""
+    import torch
+
+    bad = tmp_path / "teacher.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "hook": _RunsCode()}, bad)
+    try:
+        checkpoint.load_weights(bad)
+    except CheckpointError as e:
+        message = str(e)
+    else:
+        raise AssertionError("a pickle with a callable was loaded")
+    assert "\n" not in message
+    assert "will not load it" in message and "getcwd" in message
+    assert "safetensors" in message
+    assert "weights_only=False" not in message
