@@ -7,7 +7,8 @@ import os
 import signal
 import sys
 
-from kdlab.errors import KdlabError
+from kdlab.commands import DATA_ROOT
+from kdlab.errors import KdlabError, MissingDataRoot
 
 EXIT_USAGE = 2
 
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         previous = None
     try:
         return handlers[args.command](args)
+    except MissingDataRoot as e:  # the data layer names Python's root=; here the user passes an option
+        how = f"{DATA_ROOT} PATH" if hasattr(args, "data_root") else "data.root in the recipe"
+        sys.stderr.write(f"kdlab: error: {e.passing(how)}\n")
+        return EXIT_USAGE
     except KdlabError as e:
         sys.stderr.write(f"kdlab: error: {e}\n")
         return EXIT_USAGE

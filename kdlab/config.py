@@ -236,7 +236,7 @@ class TeacherConfig(Strict):
         try:
             TrainConfig.model_validate(self.train)
         except ValidationError as e:
-            raise ValueError(f"train.{format_validation_error(e)}") from None
+            raise ValueError(format_validation_error(e, prefix="train")) from None
         if self.weights and self.epoch is not None:
             raise ValueError(
                 "teacher: 'epoch' picks a checkpoint of a teacher trained here; it cannot be combined with 'weights'"
@@ -263,7 +263,7 @@ class LossConfig(Strict):
             try:
                 TERMS[name].Options.model_validate(opts or {})
             except ValidationError as e:
-                raise ValueError(f"terms.{name}.{format_validation_error(e)}") from None
+                raise ValueError(format_validation_error(e, prefix=f"terms.{name}")) from None
         return self
 
 
@@ -337,20 +337,27 @@ class Recipe(Strict):
 # Error formatting and the teacher's train section
 
 
+# a section validator's own message that names sub-keys: "terms.kd.T: must be > 0; terms.kd.x: unknown key"
+_NAMED_PROBLEM = re.compile(r"^([A-Za-z_][\w]*(?:\.[\w]+)+): (.*)$", re.S)
+_NEXT_NAMED_PROBLEM = re.compile(r"; (?=[A-Za-z_][\w]*(?:\.[\w]+)+: )")
+SHOWN_PROBLEMS = 6
+
+
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line: the first problem, with its dotted key path."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    nested = re.match(r"^([A-Za-z_][\w]*(?:\.[\w]+)+): (.*)$", msg)
-    if nested:  # a section validator that names the sub-key itself (loss terms, teacher train overrides)
-        loc = ".".join(p for p in (loc, nested.group(1)) if p)
-        msg = nested.group(2)
-    key = ".".join(p for p in (prefix, loc) if p)
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{key}: {msg}{more}" if key else f"{msg}{more}"
+    """One line with every problem (the first few, and a count of the rest), each with its dotted key path;
+    unknown keys first, since a misspelt key often causes the "Field required" beside it."""
+    problems: list[tuple[str, str]] = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        for part in _NEXT_NAMED_PROBLEM.split(msg):
+            named = _NAMED_PROBLEM.match(part)
+            key, what = (".".join(p for p in (loc, named.group(1)) if p), named.group(2)) if named else (loc, part)
+            problems.append((".".join(p for p in (prefix, key) if p), what))
+    problems.sort(key=lambda kw: kw[1] != "unknown key")  # stable: otherwise pydantic's order
+    shown = "; ".join(f"{k}: {m}" if k else m for k, m in problems[:SHOWN_PROBLEMS])
+    rest = len(problems) - SHOWN_PROBLEMS
+    return shown + (f" (and {rest} more)" if rest > 0 else "")
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class RunLock:
         self.wait, self.say = wait, say
         self._fd: int | None = None
 
-    def _owner(self) -> tuple[str, int] | None:
+    def owner(self) -> tuple[str, int] | None:
         try:
             host, pid = self.path.read_text().split()
             return host, int(pid)
@@ -64,7 +64,7 @@ class RunLock:
             return None
 
     def _refuse_if_owned_elsewhere(self, flock_free: bool) -> None:
-        owner = self._owner()
+        owner = self.owner()
         if owner is None:
             return
         host, pid = owner
@@ -96,7 +96,7 @@ class RunLock:
                 if not self.wait:
                     raise
                 if not told and self.say is not None:
-                    owner = self._owner()
+                    owner = self.owner()
                     who = f" (pid {owner[1]})" if owner else ""
                     self.say(
                         f"{self.path.parent} is in use by another kdlab process{who} (a shared teacher being trained); "
@@ -145,7 +145,7 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
+                owner = self.owner()
                 self._refuse_if_owned_elsewhere(flock_free=owner is None or not pid_alive(owner[1]))
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue

@@ -109,10 +109,20 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: {format_validation_error(e)}") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), seed: int | None = None) -> Recipe:
-    raw = apply_overrides(read_yaml(path), list(overrides))
+def load_recipe(
+    path: str | Path, overrides: list[str] = (), seed: int | None = None, data_root: str | None = None
+) -> Recipe:
+    """The recipe file with ``overrides`` (KEY=VALUE) applied, then ``seed`` and ``data_root`` (``data.root``, taken
+    as a path as given: an override's value would be parsed as YAML), then validated."""
+    raw = read_yaml(path)
+    if not raw:  # nothing but blanks and comments: "student: Field required" would not say that
+        raise ConfigError(f"{path}: the recipe is empty (it needs at least a student; `kdlab recipes` lists examples)")
+    raw = apply_overrides(raw, list(overrides))
     if seed is not None:
         raw["seed"] = seed
+    if data_root is not None:
+        data = raw.get("data")
+        raw["data"] = {**(data if isinstance(data, dict) else {}), "root": data_root}
     return validate(raw, source=str(path))
 
 

@@ -306,3 +306,31 @@ def test_a_packaged_table_is_found_by_name_and_an_unknown_name_lists_them(tmp_pa
     assert find_table(given) == given  # a path is taken as it is, even before it exists
     with pytest.raises(ConfigError, match=r"no packaged table of that name; packaged tables: .*cpu_short"):
         find_table("cpu_shrot")
+
+
+def test_a_second_reproduce_into_the_same_out_is_refused_at_its_start(tmp_path, capsys):
+    """Two runners on one folder each took cells the other was training and reported them failed; the second
+    one is now refused with one line before it plans, resumes or writes anything, and the first is untouched."""
+    table = write_table(tmp_path / "t")
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from kdlab.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); sys.stdin.read()",
+            str(out),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli.main(["reproduce", str(table), "--out", str(out), "--data-root", str(tmp_path / "nowhere")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "in use by another kdlab reproduce" in err and f"pid {holder.pid}" in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.communicate("", timeout=600)  # a hang guard only; the holder exits as soon as its stdin closes

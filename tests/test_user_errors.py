@@ -6,9 +6,10 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
 from helpers import refused
 
-from kdlab import checkpoint
+from kdlab import checkpoint, cli
 from kdlab.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,3 +123,92 @@ def test_malicious_pth_is_refused_naming_what_and_how_to_convert(tmp_path):
     assert "will not load it" in message and "getcwd" in message
     assert "safetensors" in message
     assert "weights_only=False" not in message
+
+
+# ----------------------------------------------------------------------------------------------
+# The common options: the same spelling on every command, and errors that name the option
+
+
+QUICK_DIGITS = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2"]
+
+
+def _subparser(name: str):
+    from kdlab.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[name]
+
+
+def _option(parser, flag: str):
+    return next((a for a in parser._actions if flag in a.option_strings), None)
+
+
+def test_train_reproduce_and_eval_share_their_common_options():
+    for flag, commands in (("--data-root", ("train", "reproduce", "eval")), ("--set", ("train", "reproduce"))):
+        found = [_option(_subparser(c), flag) for c in commands]
+        assert all(found), (flag, commands)
+        assert len({(a.dest, a.metavar) for a in found}) == 1, flag
+
+
+def test_train_takes_data_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KDLAB_CIFAR100", raising=False)
+    nowhere = tmp_path / "nowhere"
+    args = ["train", "kd", "--set", "data.name=cifar100", "--data-root", str(nowhere), "--out", str(tmp_path / "r")]
+    refused(capsys, args, nowhere, "no such file")
+
+
+def test_a_missing_data_root_names_the_cli_option_on_the_command_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KDLAB_CIFAR100", raising=False)
+    line = refused(capsys, ["train", "kd", "--set", "data.name=cifar100", "--out", str(tmp_path / "r")], "--data-root")
+    assert "root=" not in line and "KDLAB_CIFAR100" in line
+    run = tmp_path / "digits"
+    assert cli.main(["train", "vanilla", "--out", str(run), "--quiet", *QUICK_DIGITS]) == 0
+    capsys.readouterr()
+    line = refused(capsys, ["eval", str(run), "--data", "cifar100"], "--data-root")
+    assert "root=" not in line
+
+
+def test_a_missing_data_root_names_root_in_python(monkeypatch):
+    from kdlab.data import load_dataset
+    from kdlab.errors import DataError
+
+    monkeypatch.delenv("KDLAB_CIFAR100", raising=False)
+    with pytest.raises(DataError, match=r"pass root= \("):
+        load_dataset("cifar100")
+
+
+def test_resume_refuses_a_data_root(tmp_path, capsys):
+    refused(capsys, ["train", "--resume", str(tmp_path), "--data-root", str(tmp_path)], "--data-root")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation errors that show the real problem
+
+
+def test_an_unknown_key_is_shown_first_with_every_other_problem(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("method: kd\nstudnet:\n  name: resnet8\ntrain:\n  lr: -1\n")
+    line = refused(capsys, ["train", str(recipe), "--out", str(tmp_path / "r")], "studnet: unknown key", "student")
+    assert line.index("studnet: unknown key") < line.index("student: Field required") and "train.lr" in line
+    assert "more)" not in line
+
+
+def test_nested_section_problems_each_keep_their_full_key(tmp_path, capsys):
+    recipe = tmp_path / "terms.yaml"
+    recipe.write_text("method: kd\nstudent: {name: resnet8}\nloss:\n  terms:\n    kd: {T: -1, tempreature: 4}\n")
+    line = refused(capsys, ["train", str(recipe), "--out", str(tmp_path / "r")], "loss.terms.kd.tempreature")
+    assert line.index("tempreature") < line.index("loss.terms.kd.T")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "{}\n"])
+def test_an_empty_recipe_is_called_empty(tmp_path, capsys, text):
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text(text)
+    refused(capsys, ["train", str(recipe), "--out", str(tmp_path / "r")], recipe, "is empty")
+
+
+def test_an_empty_table_is_called_empty(tmp_path, capsys):
+    table = tmp_path / "empty.yaml"
+    table.write_text("# nothing yet\n")
+    refused(capsys, ["reproduce", str(table), "--out", str(tmp_path / "o")], table, "is empty")

@@ -37,3 +37,25 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
     return value
+
+
+# The options several commands take, declared once so that their spelling, metavar and meaning agree.
+DATA_ROOT = "--data-root"
+
+
+def add_data_root(p: argparse.ArgumentParser, help: str) -> None:
+    """``--data-root PATH``: where the data set lives, overriding a recipe's ``data.root``."""
+    p.add_argument(DATA_ROOT, dest="data_root", metavar="PATH", help=help)
+
+
+def add_overrides(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): a recipe key overridden, collected in ``args.overrides``."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+
+
+def add_quiet(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--quiet", action="store_true", help=help)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kdlab.commands import add_device, add_quiet
+
 NAME = "bench"
 HELP = (
     "training speed: teacher forward, student step and distillation step per mode "
@@ -22,7 +24,7 @@ def add_arguments(p) -> None:
         "crd (CRD's bank over a CIFAR-sized 50,000-image synthetic set)",
     )
     p.add_argument("--modes", default="reference,minimal,kdlab,kdlab-fast", help="(default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device(p)
     p.add_argument(
         "--steps", type=int_range(1, 100_000), default=10, help="timed steps per measurement (default: %(default)s)"
     )
@@ -51,7 +53,7 @@ def add_arguments(p) -> None:
         "costs 162 teacher passes per image)",
     )
     p.add_argument("--json", dest="json_out", help="write the report to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="no per-measurement lines")
+    add_quiet(p, "no per-measurement lines")
 
 
 def run(args) -> int:

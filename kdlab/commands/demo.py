@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kdlab.commands import add_quiet
+
 NAME = "demo"
 HELP = "train every method on the embedded digits data and print a table"
 ORDER = 2
@@ -12,7 +14,7 @@ def add_arguments(p) -> None:
         "--out", default="runs/demo", help="output folder; rerun the same command to continue an interrupted demo"
     )
     p.add_argument("--only", nargs="*", help="only these methods")
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p, "no per-epoch lines")
 
 
 def run(args) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kdlab.commands import add_data_root, add_device
 from kdlab.data_names import DATASETS
 
 NAME = "eval"
@@ -12,8 +13,8 @@ ORDER = 1
 def add_arguments(p) -> None:
     p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     p.add_argument("--data", choices=DATASETS, help="default: the run's data set")
-    p.add_argument("--data-root", help="default: the run's data.root")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_data_root(p, "default: the run's data.root")
+    add_device(p)
     p.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
 
 

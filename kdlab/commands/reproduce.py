@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kdlab.commands import add_data_root, add_overrides, add_quiet
+
 NAME = "reproduce"
 HELP = "run a reproduction table (recipes x seeds, shared cached teachers) and compare with its published numbers"
 
@@ -19,15 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1); default: the table's 'seeds'")
     p.add_argument("--out", help="output folder (default: runs/reproduce/<table name>); rerun to continue")
     p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (the report still lists every cell)")
-    p.add_argument("--data-root", help="data.root for every cell (default: the recipes' own, else $KDLAB_CIFAR100)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key in every cell, after the table's own overrides (repeatable)",
-    )
+    add_data_root(p, "data.root for every cell (default: the recipes' own, else $KDLAB_CIFAR100)")
+    add_overrides(p, "override a recipe key in every cell, after the table's own overrides (repeatable)")
     p.add_argument(
         "--cache-dir",
         help="where teachers are trained and cached (default: OUT/teachers); "
@@ -41,7 +36,7 @@ def add_arguments(p) -> None:
         help="run independent runs in N worker processes (teachers first, each trained once; "
         "on CPU one thread each, with several GPUs one GPU each)",
     )
-    p.add_argument("--quiet", action="store_true", help="only the per-run progress lines, no per-epoch lines")
+    add_quiet(p, "only the per-run progress lines, no per-epoch lines")
 
 
 def run(args) -> int:

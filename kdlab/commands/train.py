@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kdlab.commands import add_data_root, add_overrides, add_quiet
+
 NAME = "train"
 HELP = "train a recipe into a run directory, or resume one"
 ORDER = 0  # the core commands first in `kdlab --help`
@@ -16,15 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--seed", type=int, help="override the recipe's seed")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set train.epochs=2 (repeatable)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines on stdout (log.txt still written)")
+    add_data_root(p, "data.root: where the data set is (default: the recipe's own, else $KDLAB_CIFAR100 for CIFAR-100)")
+    add_overrides(p, "override a recipe key, e.g. --set train.epochs=2 (repeatable)")
+    add_quiet(p, "no per-epoch lines on stdout (log.txt still written)")
 
 
 def run(args) -> int:
@@ -39,13 +35,15 @@ def run(args) -> int:
     args.resume_hint = lambda: resume_hint(out)
     try:
         if args.resume:
-            if args.recipe or args.overrides or args.seed is not None:
-                raise KdlabError("--resume DIR continues a run as it was configured; drop the recipe, --set and --seed")
+            if args.recipe or args.overrides or args.seed is not None or args.data_root is not None:
+                raise KdlabError(
+                    "--resume DIR continues a run as it was configured; drop the recipe, --set, --seed and --data-root"
+                )
             result = pipeline.run(None, out, resume=True, quiet=args.quiet)
         else:
             if not args.recipe or not args.out:
                 raise KdlabError("train needs RECIPE.yaml and --out DIR (or --resume DIR)")
-            recipe = load_recipe(find_recipe(args.recipe), args.overrides, args.seed)
+            recipe = load_recipe(find_recipe(args.recipe), args.overrides, args.seed, args.data_root)
             result = pipeline.run(recipe, out, quiet=args.quiet)
     except NonFiniteLoss as e:  # how a remedy is applied depends on what the run left behind
         if pipeline.has_progress(out):

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from kdlab.errors import DataError
+from kdlab.errors import DataError, MissingDataRoot
 
 from .arrays import ArrayDataset
 
@@ -270,10 +270,7 @@ def load_cifar(name: str, root=None, split: str = "train") -> ArrayDataset:
     if root is None:
         env = os.environ.get(layout.env)
         if not env:
-            raise DataError(
-                f"{name}: no data root given; pass root= (the {layout.archive} or the folder holding it) "
-                f"or set {layout.env}"
-            )
+            raise MissingDataRoot(name, f"the {layout.archive} or the folder holding it", layout.env)
         root = env
     root = Path(root).expanduser()
     batches = layout.train if split == "train" else layout.test

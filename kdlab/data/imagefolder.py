@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdlab.errors import ConfigError, DataError
+from kdlab.errors import ConfigError, DataError, MissingDataRoot
 
 from .arrays import ArrayDataset, channel_stats
 
@@ -135,7 +135,7 @@ def load_imagefolder(
     root=None, split: str = "train", image_size: int = 32, skip_unreadable: bool = False
 ) -> ArrayDataset:
     if root is None:
-        raise DataError("imagefolder: no root given (the folder holding train/ and test/)")
+        raise MissingDataRoot("imagefolder", "the folder holding train/ and test/")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"imagefolder image_size must be a positive int, got {image_size!r}")
     root = Path(root).expanduser()

@@ -121,6 +121,8 @@ def find_table(name: str | Path) -> Path:
 def load_table(path: str | Path) -> Table:
     path = Path(path)
     raw = read_yaml(path)
+    if not raw:
+        raise ConfigError(f"{path}: the table is empty (it needs a title and cells; see recipes/tables/)")
     try:
         return Table.model_validate(raw)
     except ValidationError as e:

@@ -19,11 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, MissingDataRoot
+from kdlab.lock import BusyError, RunLock
 from kdlab.tools.reproduce import Invocation, Job, Table, load_table, run_job
 from kdlab.tools.reproduce_report import write_report
 
@@ -112,8 +114,6 @@ def run_table(
     """Run (or continue) every cell x seed of the table into `out`, then write the comparison.
 
     `jobs` > 1: independent runs in that many worker processes."""
-    from kdlab.student import read_result
-
     inv = Invocation(
         str(table_path),
         str(out),
@@ -128,7 +128,35 @@ def run_table(
     table_path, out = Path(table_path), Path(out)
     table = load_table(table_path)
     planned = inv.plan(table)
-    out.mkdir(parents=True, exist_ok=True)
+    with table_lock(out):
+        return _run_planned(table, inv, planned, out, quiet, say, jobs)
+
+
+@contextmanager
+def table_lock(out: Path) -> Iterator[None]:
+    """Held for the whole invocation: a second `kdlab reproduce` into the same folder is refused at its start,
+    before it touches a cell (two runners would each take cells the other is training and report them failed)."""
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except BusyError:
+        owner = lock.owner()
+        who = f" (pid {owner[1]})" if owner else ""
+        raise KdlabError(
+            f"{out} is in use by another kdlab reproduce{who}; wait for it to finish (rerun then to continue), "
+            "or use another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_planned(
+    table: Table, inv: Invocation, planned: list[Job], out: Path, quiet: bool, say: Callable[[str], None], jobs: int
+) -> dict:
+    from kdlab.student import read_result
+
     n_cells = len({j.cell.name for j in planned})
     say(
         f"{table.title}: {len(planned)} run(s) ({n_cells} cell(s), {len(planned) - n_cells} extra seed run(s)) in {out}"
@@ -152,6 +180,8 @@ def run_table(
             t0 = time.time()
             try:
                 result = run_job(job, quiet)
+            except MissingDataRoot:  # every cell would fail the same way: say it once
+                raise
             except KdlabError as e:  # one failed cell does not stop the table; it is reported at the end
                 failures[job.label] = str(e)
                 say(f"{tag}: FAILED: {e}")
