@@ -164,6 +164,12 @@ METHODS: dict[str, Method] = {
             ("ctkd",),
             paper="Li et al. 2023 (AAAI)",
         ),
+        Method(
+            "nkd",
+            "normalized KD: the teacher's target probability, and CE over the renormalised non-target classes",
+            ("nkd",),
+            paper="Yang et al. 2023 (ICCV)",
+        ),
     ]
 }
 
