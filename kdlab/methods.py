@@ -170,6 +170,18 @@ METHODS: dict[str, Method] = {
             ("nkd",),
             paper="Yang et al. 2023 (ICCV)",
         ),
+        Method(
+            "ttm",
+            "transformed teacher matching: the student at T=1 matches the power-transformed teacher (no T^2)",
+            ("ttm",),
+            paper="Zheng & Yang 2024 (ICLR)",
+        ),
+        Method(
+            "wttm",
+            "weighted TTM: each sample's TTM term weighted by the teacher's power sum (a Renyi-entropy weight)",
+            ("wttm",),
+            paper="Zheng & Yang 2024 (ICLR)",
+        ),
     ]
 }
 

@@ -136,4 +136,8 @@ def test_train_on_digits_from_the_command_line(tmp_path, capsys):
     )
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(rows[-1]["train_nkd"])
-    refused(capsys, ["train", recipe, "--out", str(tmp_path / "bad"), *sets("loss.terms.nkd.teacher=1")], "teacher")
+    refused(
+        capsys,
+        ["train", recipe, "--out", str(tmp_path / "bad"), *sets("loss.terms.nkd.teacher=1")],
+        "loss.terms.nkd.teacher",
+    )

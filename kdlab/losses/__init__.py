@@ -23,6 +23,7 @@ from kdlab.losses import (
     reviewkd,
     rkd,
     sp,
+    ttm,
     vid,
 )
 from kdlab.losses.base import TERMS, Outputs, ParamGroup, Term, TermOptions, register
