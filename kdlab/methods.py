@@ -182,6 +182,13 @@ METHODS: dict[str, Method] = {
             ("wttm",),
             paper="Zheng & Yang 2024 (ICLR)",
         ),
+        Method(
+            "uskd",
+            "teacher-free NKD: the student's own customised target and Zipf non-target labels, a weak head mid-network",
+            ("uskd",),
+            "none",
+            "Yang et al. 2023 (ICCV)",
+        ),
     ]
 }
 

@@ -24,6 +24,7 @@ from kdlab.losses import (
     rkd,
     sp,
     ttm,
+    uskd,
     vid,
 )
 from kdlab.losses.base import TERMS, Outputs, ParamGroup, Term, TermOptions, register
