@@ -21,9 +21,12 @@ from kdlab.losses.checks import as_float, check_logits_targets, check_positive, 
 
 
 def without_target(z: Tensor, targets: Tensor) -> Tensor:
-    """``z`` (N, K) without each row's target column: (N, K-1), the other classes in their order."""
-    keep = torch.ones_like(z, dtype=torch.bool).scatter_(1, targets[:, None], False)
-    return z[keep].reshape(z.shape[0], z.shape[1] - 1)
+    """``z`` (N, K) without each row's target column: (N, K-1), the other classes in their order.
+
+    A gather, not a boolean mask: the shapes stay static and nothing waits on the device (a mask's selection
+    needs the host to learn its size, which breaks a captured graph step)."""
+    j = torch.arange(z.shape[1] - 1, device=z.device)
+    return z.gather(1, j + (j >= targets[:, None]).long())
 
 
 @float_math
