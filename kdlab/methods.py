@@ -164,6 +164,31 @@ METHODS: dict[str, Method] = {
             ("ctkd",),
             paper="Li et al. 2023 (AAAI)",
         ),
+        Method(
+            "nkd",
+            "normalized KD: the teacher's target probability, and CE over the renormalised non-target classes",
+            ("nkd",),
+            paper="Yang et al. 2023 (ICCV)",
+        ),
+        Method(
+            "ttm",
+            "transformed teacher matching: the student at T=1 matches the power-transformed teacher (no T^2)",
+            ("ttm",),
+            paper="Zheng & Yang 2024 (ICLR)",
+        ),
+        Method(
+            "wttm",
+            "weighted TTM: each sample's TTM term weighted by the teacher's power sum (a Renyi-entropy weight)",
+            ("wttm",),
+            paper="Zheng & Yang 2024 (ICLR)",
+        ),
+        Method(
+            "uskd",
+            "teacher-free NKD: the student's own customised target and Zipf non-target labels, a weak head mid-network",
+            ("uskd",),
+            "none",
+            "Yang et al. 2023 (ICCV)",
+        ),
     ]
 }
 

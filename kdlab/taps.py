@@ -92,7 +92,8 @@ def stage_names(model: nn.Module) -> list[str]:
 
 def default_layers(model: nn.Module, which: str, role: str) -> list[str]:
     """Defaults per method: 'all' stages (RepDistiller's feat[1:-1]), the 'last' stage (feat[-2]), 'middle'
-    (the second stage, feat[2]: RepDistiller's default FitNet hint layer), 'embedding'; a ':pre' suffix
+    (the second stage, feat[2]: RepDistiller's default FitNet hint layer), 'penultimate' (the stage before the
+    last), 'embedding'; a ':pre' suffix
     ('all:pre') names the same stages' pre-activation outputs."""
     if which.endswith(":pre"):  # the same stages before their final ReLU (AB, OFD)
         return [spec + ":pre" for spec in default_layers(model, which[: -len(":pre")], role)]
@@ -115,6 +116,8 @@ def default_layers(model: nn.Module, which: str, role: str) -> list[str]:
         return [stages[-1]]
     if which == "middle":
         return [stages[min(1, len(stages) - 1)]]
+    if which == "penultimate":  # the stage before the deepest one (USKD's weak head)
+        return [stages[max(len(stages) - 2, 0)]]
     raise ValueError(which)
 
 

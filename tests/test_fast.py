@@ -262,11 +262,14 @@ def train_weights(digits, run_dir, cfg: TrainConfig, loss: LossConfig, teachers:
     return {k: v.clone() for k, v in distiller.state_dict().items()}
 
 
-@pytest.mark.parametrize("case", ["kd", "feed_nesterov_clip"])
+@pytest.mark.parametrize("case", ["kd", "feed_nesterov_clip", "nkd", "wttm", "uskd"])
 def test_graph_step_run_eagerly_matches_the_plain_trainer(digits_small, tmp_path, case):
     if case == "kd":
         loss = LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4}})
         extra, teachers = {}, 1
+    elif case in ("nkd", "wttm", "uskd"):  # logit terms that drop the target column by a gather; USKD's side head
+        loss = LossConfig(ce=1.0, terms={case: {}})
+        extra, teachers = {}, 0 if case == "uskd" else 1
     else:  # side modules (translators), two teachers, nesterov, no decay on BN/bias, clipping
         loss = LossConfig(ce=1.0, terms={"feed": {"weight": 50}})
         extra, teachers = {"nesterov": True, "decay_norm_and_bias": False, "grad_clip": 1.0}, 2

@@ -184,6 +184,7 @@ def test_stages_are_the_reference_feature_list(name):
     assert shapes == REFERENCE_STAGES[name]
     assert default_layers(model, "middle", "model") == [layers[1]]  # feat[2]: the second entry of feat[1:-1]
     assert default_layers(model, "last", "model") == [layers[-1]]
+    assert default_layers(model, "penultimate", "model") == [layers[-2]]  # USKD's weak head
 
 
 def test_vgg_block0_is_the_stem_and_wrn_stages_are_raw_group_outputs():

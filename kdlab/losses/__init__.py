@@ -16,12 +16,15 @@ from kdlab.losses import (
     kd,
     lp,
     lsr,
+    nkd,
     nst,
     ofd,
     pkt,
     reviewkd,
     rkd,
     sp,
+    ttm,
+    uskd,
     vid,
 )
 from kdlab.losses.base import TERMS, Outputs, ParamGroup, Term, TermOptions, register

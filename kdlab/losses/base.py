@@ -90,7 +90,7 @@ class Term(nn.Module):
     Options: ClassVar[type[TermOptions]] = TermOptions
     needs_teacher: ClassVar[bool] = True
     reads_teacher_features: ClassVar[bool] = False
-    default_student_layers: ClassVar[str | None] = None  # 'all' | 'last' | 'middle' | 'embedding'
+    default_student_layers: ClassVar[str | None] = None  # 'all' | 'last' | 'middle' | 'penultimate' | 'embedding'
     default_teacher_layers: ClassVar[str | None] = None
     needs_progress: ClassVar[bool] = False  # reads Outputs.progress (a warm-up, a schedule inside the loss)
     needs_indices: ClassVar[bool] = False  # reads Outputs.indices (a memory bank over the training set)
