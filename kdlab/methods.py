@@ -183,6 +183,12 @@ METHODS: dict[str, Method] = {
             paper="Zheng & Yang 2024 (ICLR)",
         ),
         Method(
+            "mgd",
+            "masked generative distillation: a generator rebuilds the teacher's last map from the masked student's",
+            ("mgd",),
+            paper="Yang et al. 2022 (ECCV)",
+        ),
+        Method(
             "uskd",
             "teacher-free NKD: the student's own customised target and Zipf non-target labels, a weak head mid-network",
             ("uskd",),
@@ -214,9 +220,16 @@ def check_fast_path(recipe) -> None:
     if recipe.train.fast.graph_step:
         for name in recipe.loss.terms:
             term = TERMS.get(name)
-            if term is not None and (term.needs_progress or term.needs_indices):
+            if term is None:
+                continue
+            if term.needs_progress or term.needs_indices:
                 what = "the training progress" if term.needs_progress else "each sample's index"
                 raise ConfigError(
                     f"train.fast.graph_step: loss term {name!r} reads {what}, which the graph step does not "
                     "pass; set train.fast.graph_step=false for this recipe"
+                )
+            if term.draws_random:
+                raise ConfigError(
+                    f"train.fast.graph_step: loss term {name!r} draws new random numbers every step, which a "
+                    "captured graph would replay unchanged; set train.fast.graph_step=false for this recipe"
                 )

@@ -27,6 +27,9 @@ OPTIONS = {
         "nce_k": 54,
         "feat_dim": 16,
     },  # its warm-up needs the trainer's progress: tests/test_dkd.py covers that path
+    # no channel masked: the masks are drawn per batch position, so masking would tie the value to the order
+    # (tests/test_mgd.py covers the masks)
+    "mgd": {"mask_ratio": 0.0},
 }
 TWO_TEACHERS = {"ensemble_kd", "feed"}
 SAME_WIDTH_TEACHER = {"fsp"}  # FSP matrices need the teacher's channel counts: a smallcnn teacher

@@ -16,6 +16,7 @@ from kdlab.losses import (
     kd,
     lp,
     lsr,
+    mgd,
     nkd,
     nst,
     ofd,

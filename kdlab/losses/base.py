@@ -94,6 +94,8 @@ class Term(nn.Module):
     default_teacher_layers: ClassVar[str | None] = None
     needs_progress: ClassVar[bool] = False  # reads Outputs.progress (a warm-up, a schedule inside the loss)
     needs_indices: ClassVar[bool] = False  # reads Outputs.indices (a memory bank over the training set)
+    # draws from its own random stream every step (MGD's masks): a captured graph would replay one draw
+    draws_random: ClassVar[bool] = False
     # False: the term trains only in its pre-stage (FitNet, AB, FSP with stages: two) and adds nothing to the main loss
     active_in_main: bool = True
     # True: the teachers run in train mode during the main stage (BatchNorm on batch statistics, running statistics
