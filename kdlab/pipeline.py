@@ -178,6 +178,11 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
             log(f"{out}: already finished")
             return read_result(out)
         data = load_data(recipe)
+        if data.streamed:
+            log(
+                f"data: streamed from {recipe.data.root} (data.loader={recipe.data.loader}), {len(data.train)} train "
+                f"images decoded by {data.workers} worker(s) per epoch; file index {data.train.index_path}"
+            )
         for split, ds in (("train", data.train), ("test", data.test)):
             if ds.skipped:
                 log(
