@@ -23,6 +23,7 @@ from kdlab import __version__, checkpoint, distributed, models, sync_bn
 from kdlab.compute import autocast_factory, resolve_device
 from kdlab.config import STREAM_TEACHER_CACHE, DataConfig, LossConfig, Recipe, TrainConfig, stream_conflict
 from kdlab.data import ArrayDataset, DeviceLoader, default_augment, load_dataset
+from kdlab.data.folder_index import folder_index
 from kdlab.data.stream import StreamDataset, StreamLoader, choose_loader, open_stream
 from kdlab.data.val_split import hold_out
 from kdlab.distiller import Distiller
@@ -138,10 +139,20 @@ def open_split(data: DataConfig, split: str, name: str | None = None, root=None,
     return load_dataset(name, root, split=split, **kw)
 
 
+def _index_and_choose(cfg: DataConfig, kw: dict) -> str:
+    mode = choose_loader(cfg.loader, cfg.name, cfg.root, **kw)
+    if mode == "stream":
+        for split in ("train", "test"):
+            folder_index(cfg.root, split, cfg.skip_unreadable)
+    return mode
+
+
 def load_data(recipe: Recipe) -> Data:
     cfg = recipe.data
     kw = {"image_size": cfg.image_size, "skip_unreadable": cfg.skip_unreadable}
-    mode = choose_loader(cfg.loader, cfg.name, cfg.root, **kw)
+    # under torchrun rank 0 lists the folder and writes its index, which the other ranks then read back, and its
+    # choice for data.loader=auto holds for every rank
+    mode = distributed.main_first(lambda: _index_and_choose(cfg, kw))
     if mode == "stream":  # data.loader=auto chose it: the refusals the recipe check makes for an explicit stream
         problem = stream_conflict(cfg.augment)
         if problem:
