@@ -66,7 +66,12 @@ class AugmentConfig(Strict):
 class DataConfig(Strict):
     name: Literal[DATASETS] = "digits"
     root: str | None = None
-    image_size: int = Field(default=32, ge=8, description="imagefolder only: images are resized to this")
+    image_size: int = Field(
+        default=32,
+        ge=8,
+        description="imagefolder only: images are resized to this (stream loader: the side of the random-resized "
+        "crop, and of the central crop after resizing the shorter side to image_size x 256/224)",
+    )
     skip_unreadable: bool = Field(
         default=False,
         description="imagefolder only: leave out files that cannot be decoded "

@@ -310,6 +310,37 @@ def test_sharded_eval_sees_every_sample_once(folder, world):
     assert torch.equal(torch.cat([b[0] for p in parts for b in p]), torch.cat([b[0] for b in single]))
 
 
+def test_the_loader_works_ahead_by_workers_x_prefetch_batches_only(folder):
+    ds = open_stream(folder, "train", 8)
+    for workers, prefetch in ((0, 2), (2, 1), (2, 3)):
+        loader = StreamLoader(ds, 1, train=True, workers=workers, prefetch=prefetch)
+        made = []
+        keys = loader._keys
+
+        def counted(start, keys=keys, made=made):
+            for key in keys(start):
+                made.append(key)
+                yield key
+
+        loader._keys = counted
+        it = loader.iter_batches()
+        next(it)
+        assert len(made) <= max(1, workers * prefetch) + 1, (workers, prefetch, len(made))
+        assert len(list(it)) == 17 and len(made) == 18
+
+
+def test_a_validation_split_of_a_streamed_folder(folder):
+    from kdlab.data.val_split import hold_out, stratified_indices
+
+    ds = open_stream(folder, "train", 8)
+    rest, val = hold_out(ds, 6, seed=3)
+    keep, held = stratified_indices(ds.labels, 6, 3, 3)
+    assert val.paths == [ds.paths[i] for i in held.tolist()] and rest.paths == [ds.paths[i] for i in keep.tolist()]
+    assert torch.equal(val.labels, ds.labels[held]) and torch.bincount(val.labels).tolist() == [2, 2, 2]
+    assert (val.widths == ds.widths[held.numpy()]).all() and val.mean == IMAGENET_MEAN
+    assert len(batches(StreamLoader(val, 4, train=False))) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # Recipes and runs
 
