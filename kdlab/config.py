@@ -8,6 +8,7 @@ prints before exiting with code 2.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from typing import Any, Literal
 
@@ -35,6 +36,25 @@ def _check_model_name(name: str) -> str:
     return name
 
 
+def stream_conflict(augment) -> str | None:
+    """Why data.augment cannot apply to the stream loader, which crops with RandomResizedCrop, or None
+    (the message names the key below data.)."""
+    if augment.crop_pad is not None:
+        return (
+            "augment.crop_pad: the stream loader crops with RandomResizedCrop (scale 0.08-1), not a padded "
+            "crop; remove crop_pad or set data.loader=memory"
+        )
+    if augment.rotation:
+        return "augment.rotation: the stream loader does not rotate; remove rotation or set data.loader=memory"
+    return None
+
+
+STREAM_TEACHER_CACHE = (
+    "train.teacher_cache: the stream loader's random-resized crops have no finite set of views to cache teacher "
+    "logits for; set train.teacher_cache=false (or data.loader=memory)"
+)
+
+
 class AugmentConfig(Strict):
     """None means the data set's published default (see kdlab.data.default_augment)."""
 
@@ -46,7 +66,12 @@ class AugmentConfig(Strict):
 class DataConfig(Strict):
     name: Literal[DATASETS] = "digits"
     root: str | None = None
-    image_size: int = Field(default=32, ge=8, description="imagefolder only: images are resized to this")
+    image_size: int = Field(
+        default=32,
+        ge=8,
+        description="imagefolder only: images are resized to this (stream loader: the side of the random-resized "
+        "crop, and of the central crop after resizing the shorter side to image_size x 256/224)",
+    )
     skip_unreadable: bool = Field(
         default=False,
         description="imagefolder only: leave out files that cannot be decoded "
@@ -61,11 +86,44 @@ class DataConfig(Strict):
         "checkpoint: best) is chosen on it instead of on the test set; 0: no split",
     )
 
+    loader: Literal["auto", "memory", "stream"] = Field(
+        default="auto",
+        description="memory: every image decoded at start-up and held on the training device (uint8); stream "
+        "(imagefolder only): decoded from disk batch by batch in data.workers processes, with RandomResizedCrop + "
+        "flip for training and resize + central crop for evaluation, ImageNet's mean/std; auto: stream an "
+        "imagefolder whose decoded train + test splits (images x 3 x image_size^2 bytes, counted from the file "
+        "index) exceed a quarter of the physical memory, memory otherwise (cifar and digits: always memory)",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="stream loader: DataLoader worker processes decoding images (0: in the training process); "
+        "default min(8, CPU count)",
+    )
+    prefetch: int = Field(
+        default=2, ge=1, le=64, description="stream loader: batches each worker prepares ahead (prefetch_factor)"
+    )
+
     @model_validator(mode="after")
     def _root_needed(self):
         if self.name == "imagefolder" and not self.root:
             raise ValueError("data.root is required for data.name=imagefolder")
+        problem = stream_conflict(self.augment) if self.loader == "stream" else None
+        if problem:
+            raise ValueError(problem)
         return self
+
+    @field_validator("loader")
+    @classmethod
+    def _stream_needs_a_folder(cls, v: str, info) -> str:
+        name = info.data.get("name")
+        if v == "stream" and name not in (None, "imagefolder"):
+            raise ValueError(f"stream reads image folders only; {name} is held in memory (memory or auto)")
+        return v
+
+    def stream_workers(self) -> int:
+        return min(8, os.cpu_count() or 1) if self.workers is None else self.workers
 
 
 class ScheduleConfig(Strict):
@@ -321,6 +379,8 @@ class Recipe(Strict):
         # checked here, before any teacher is trained: the cache holds logits of enumerable crop/flip views only
         if not self.train.teacher_cache:
             return self
+        if self.data.loader == "stream":  # data.loader=auto is checked once the folder is indexed (load_data)
+            raise ValueError(STREAM_TEACHER_CACHE)
         readers = [n for n in self.loss.terms if TERMS[n].reads_teacher_features]
         if readers:
             raise ValueError(

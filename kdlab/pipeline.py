@@ -20,7 +20,6 @@ import torch
 from kdlab import checkpoint, distributed
 from kdlab.compute import check_device_options, resolve_device
 from kdlab.config import Recipe, TrainConfig, teacher_train_config
-from kdlab.data import DeviceLoader
 from kdlab.distiller import Distiller
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.lock import LOCK_NAME, RunLock
@@ -41,19 +40,12 @@ from kdlab.teachers import (
 
 def check_protocol(recipe: Recipe, data: Data, cfg: TrainConfig, seed: int, what: str) -> None:
     """What fit would refuse at its first step (the device, a batch larger than the data, the seed), checked on a
-    CPU loader that shares the data's memory: the student's protocol must not fail after its teachers trained."""
+    CPU loader that shares the data's memory (or, streamed, reads nothing yet): the student's protocol must not
+    fail after its teachers trained."""
     try:
         device = resolve_device(cfg.device)
         distributed.check_device(device)
-        per_rank = distributed.per_rank_batch(cfg.batch_size)
-        DeviceLoader(
-            data.train,
-            per_rank,
-            train=True,
-            device="cpu",
-            seed=seed,
-            shard=(distributed.rank(), distributed.world_size()),
-        )
+        data.train_loader(recipe, cfg.batch_size, "cpu", seed)  # a stream loader decodes nothing until iterated
     except KdlabError as e:
         raise type(e)(f"{what}: {e}") from None
 
@@ -81,7 +73,8 @@ def preflight(recipe: Recipe, data: Data) -> None:
     distiller = Distiller(student, teachers, recipe.loss)
     probe = data.test if len(data.test.labels) >= len(data.train.labels) else data.train
     n = min(recipe.train.batch_size, len(probe.labels))  # terms such as lp need a batch the size of training's
-    x, y = probe.images[:n].float().div(255), probe.labels[:n]
+    images = probe.first_images(n) if data.streamed else probe.images[:n]  # streamed: n files decoded here
+    x, y = images.float().div(255), probe.labels[:n]
     distiller.build(x[:8], y[:8])
     distiller.attach_training_set(data.train.labels)
     distiller.train()(x, y, progress=0.0, indices=torch.arange(n))  # the terms' own shape checks run in their forward
@@ -185,6 +178,11 @@ def run(recipe: Recipe | None, out: Path, resume: bool = False, quiet: bool = Fa
             log(f"{out}: already finished")
             return read_result(out)
         data = load_data(recipe)
+        if data.streamed:
+            log(
+                f"data: streamed from {recipe.data.root} (data.loader={recipe.data.loader}), {len(data.train)} train "
+                f"images decoded by {data.workers} worker(s) per epoch; file index {data.train.index_path}"
+            )
         for split, ds in (("train", data.train), ("test", data.test)):
             if ds.skipped:
                 log(

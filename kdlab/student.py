@@ -21,8 +21,10 @@ from torch import nn
 
 from kdlab import __version__, checkpoint, distributed, models, sync_bn
 from kdlab.compute import autocast_factory, resolve_device
-from kdlab.config import LossConfig, Recipe, TrainConfig
+from kdlab.config import STREAM_TEACHER_CACHE, DataConfig, LossConfig, Recipe, TrainConfig, stream_conflict
 from kdlab.data import ArrayDataset, DeviceLoader, default_augment, load_dataset
+from kdlab.data.folder_index import folder_index
+from kdlab.data.stream import StreamDataset, StreamLoader, choose_loader, open_stream
 from kdlab.data.val_split import hold_out
 from kdlab.distiller import Distiller
 from kdlab.errors import CheckpointError, ConfigError
@@ -61,30 +63,44 @@ class Log:
 
 @dataclass
 class Data:
-    train: object
+    train: object  # an ArrayDataset, or a StreamDataset (data.loader: stream)
     test: object
     num_classes: int
     in_chans: int
     val: object = None  # the validation split held out of train (data.val_split), or None
+    workers: int = 0  # the stream loader's decoding processes and their prefetch depth
+    prefetch: int = 2
 
-    def loaders(self, recipe: Recipe, batch_size: int, device: torch.device, seed: int):
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, StreamDataset)
+
+    def train_loader(self, recipe: Recipe, batch_size: int, device, seed: int):
+        """The training loader of `batch_size` (the global batch; under torchrun each rank takes its share)."""
+        shard = (distributed.rank(), distributed.world_size())
+        per_rank = distributed.per_rank_batch(batch_size)
+        if self.streamed:
+            flip = recipe.data.augment.flip
+            return StreamLoader(
+                self.train,
+                per_rank,
+                train=True,
+                device=device,
+                seed=seed,
+                shard=shard,
+                flip=True if flip is None else flip,
+                workers=self.workers,
+                prefetch=self.prefetch,
+            )
         aug = default_augment(recipe.data.name, image_size=recipe.data.image_size)
         for key, value in recipe.data.augment.model_dump().items():
             if value is not None:
                 setattr(aug, key, value)
-        # batch_size is the global batch; under torchrun each rank takes its share of every step's batch
+        return DeviceLoader(self.train, per_rank, train=True, augment=aug, device=device, seed=seed, shard=shard)
+
+    def loaders(self, recipe: Recipe, batch_size: int, device: torch.device, seed: int):
         distributed.check_device(device)
-        shard = (distributed.rank(), distributed.world_size())
-        train = DeviceLoader(
-            self.train,
-            distributed.per_rank_batch(batch_size),
-            train=True,
-            augment=aug,
-            device=device,
-            seed=seed,
-            shard=shard,
-        )
-        return train, self.test_loader(device, seed)
+        return self.train_loader(recipe, batch_size, device, seed), self.test_loader(device, seed)
 
     def test_loader(self, device: torch.device, seed: int):
         return self._eval_loader(self.test, device, seed)
@@ -96,21 +112,60 @@ class Data:
     def _eval_loader(self, ds, device: torch.device, seed: int):
         distributed.check_device(device)
         shard = (distributed.rank(), distributed.world_size())
-        return DeviceLoader(ds, EVAL_BATCH, train=False, device=device, seed=seed, shard=shard)
+        return eval_loader(ds, EVAL_BATCH, device, seed, shard, self.workers, self.prefetch)
+
+
+def eval_loader(ds, batch_size: int, device, seed: int = 0, shard=(0, 1), workers: int = 0, prefetch: int = 2):
+    """The evaluation loader of an ArrayDataset (DeviceLoader) or a StreamDataset (StreamLoader)."""
+    if isinstance(ds, StreamDataset):
+        return StreamLoader(
+            ds, batch_size, train=False, device=device, seed=seed, shard=shard, workers=workers, prefetch=prefetch
+        )
+    return DeviceLoader(ds, batch_size, train=False, device=device, seed=seed, shard=shard)
+
+
+def open_split(data: DataConfig, split: str, name: str | None = None, root=None, mode: str | None = None):
+    """One split of the recipe's data set (or of `name` at `root`): an ArrayDataset, or a StreamDataset when
+    data.loader resolves to stream (`mode`: the resolved loader, when the caller has it)."""
+    name = name or data.name
+    root = root if root is not None else data.root
+    if name != "imagefolder":
+        return load_dataset(name, root, split=split)
+    kw = {"image_size": data.image_size, "skip_unreadable": data.skip_unreadable}
+    if mode is None:
+        mode = choose_loader(data.loader, name, root, **kw)
+    if mode == "stream":
+        return open_stream(root, split, **kw)
+    return load_dataset(name, root, split=split, **kw)
+
+
+def _index_and_choose(cfg: DataConfig, kw: dict) -> str:
+    mode = choose_loader(cfg.loader, cfg.name, cfg.root, **kw)
+    if mode == "stream":
+        for split in ("train", "test"):
+            folder_index(cfg.root, split, cfg.skip_unreadable)
+    return mode
 
 
 def load_data(recipe: Recipe) -> Data:
-    kw = (
-        {"image_size": recipe.data.image_size, "skip_unreadable": recipe.data.skip_unreadable}
-        if recipe.data.name == "imagefolder"
-        else {}
-    )
-    train = load_dataset(recipe.data.name, recipe.data.root, split="train", **kw)
-    test = load_dataset(recipe.data.name, recipe.data.root, split="test", **kw)
+    cfg = recipe.data
+    kw = {"image_size": cfg.image_size, "skip_unreadable": cfg.skip_unreadable}
+    # under torchrun rank 0 lists the folder and writes its index, which the other ranks then read back, and its
+    # choice for data.loader=auto holds for every rank
+    mode = distributed.main_first(lambda: _index_and_choose(cfg, kw))
+    if mode == "stream":  # data.loader=auto chose it: the refusals the recipe check makes for an explicit stream
+        problem = stream_conflict(cfg.augment)
+        if problem:
+            raise ConfigError(f"data.{problem} (data.loader=auto streams this folder)")
+        if recipe.train.teacher_cache:
+            raise ConfigError(f"{STREAM_TEACHER_CACHE} (data.loader=auto streams this folder)")
+    train = open_split(cfg, "train", mode=mode)
+    test = open_split(cfg, "test", mode=mode)
     val = None
-    if recipe.data.val_split:  # drawn from the recipe's seed: the same split for its teachers and its student
-        train, val = hold_out(train, recipe.data.val_split, recipe.seed)
-    return Data(train, test, train.num_classes, train.images.shape[1], val)
+    if cfg.val_split:  # drawn from the recipe's seed: the same split for its teachers and its student
+        train, val = hold_out(train, cfg.val_split, recipe.seed)
+    workers = cfg.stream_workers() if mode == "stream" else 0
+    return Data(train, test, train.num_classes, train.image_shape[0], val, workers, cfg.prefetch)
 
 
 def param_count(model: nn.Module) -> int:
@@ -140,7 +195,7 @@ def train_student(
     run_dir: Path,
     log: Callable[[str], None],
     device: torch.device,
-    train_set: ArrayDataset | None = None,
+    train_set: ArrayDataset | StreamDataset | None = None,
     resume: bool = False,
     keeps_checkpoints: bool = True,
     logits_cache: Path | None = None,

@@ -40,8 +40,8 @@ def teacher_key(recipe: Recipe, teacher: TeacherConfig, train_cfg: TrainConfig, 
     if not train_cfg.fast.graph_step:
         train.pop("fast", None)
     data = recipe.data.model_dump(
-        mode="json", exclude_defaults=True, exclude={"root"}
-    )  # where the files sit is not what they are
+        mode="json", exclude_defaults=True, exclude={"root", "workers", "prefetch"}
+    )  # where the files sit is not what they are, and the number of decoding processes changes no batch
     payload = {"model": teacher.name, "kwargs": teacher.kwargs, "data": data, "train": train, "seed": seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -27,10 +27,10 @@ def run(args) -> int:
     from kdlab import checkpoint, models
     from kdlab.compute import resolve_device
     from kdlab.config import DataConfig
-    from kdlab.data import DeviceLoader, load_dataset
+    from kdlab.data.stream import StreamDataset
     from kdlab.errors import KdlabError
     from kdlab.recipe_files import read_yaml
-    from kdlab.student import EVAL_BATCH, resolve_weights
+    from kdlab.student import EVAL_BATCH, eval_loader, open_split, resolve_weights
     from kdlab.train import evaluate
 
     path, meta = resolve_weights(Path(args.weights))
@@ -40,8 +40,7 @@ def run(args) -> int:
     data = DataConfig.model_validate(read_yaml(run_cfg).get("data", {})) if run_cfg.exists() else DataConfig()
     name = args.data or data.name
     root = args.data_root or (data.root if name == data.name else None)
-    kw = {"image_size": data.image_size, "skip_unreadable": data.skip_unreadable} if name == "imagefolder" else {}
-    test = load_dataset(name, root, split="test", **kw)
+    test = open_split(data, "test", name=name, root=root)  # data.loader=stream: decoded batch by batch
     if test.skipped:
         sys.stderr.write(
             f"kdlab: {len(test.skipped)} unreadable file(s) left out of the test set; first: {test.skipped[0]}\n"
@@ -53,14 +52,17 @@ def run(args) -> int:
         **meta.get("kwargs", {}),
     )
     checkpoint.load_state_into(model, checkpoint.load(path)[0], str(path))
-    if test.num_classes != meta.get("num_classes", test.num_classes) or test.images.shape[1] != meta.get("in_chans", 3):
+    chans = test.image_shape[0]
+    if test.num_classes != meta.get("num_classes", test.num_classes) or chans != meta.get("in_chans", 3):
         raise KdlabError(
             f"{path}: model has {meta.get('num_classes')} classes / {meta.get('in_chans')} channels, "
-            f"data {name} has {test.num_classes} / {test.images.shape[1]}"
+            f"data {name} has {test.num_classes} / {chans}"
         )
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    metrics = evaluate(model.to(device), DeviceLoader(test, EVAL_BATCH, train=False, device=device))
+    workers = data.stream_workers() if isinstance(test, StreamDataset) else 0
+    loader = eval_loader(test, EVAL_BATCH, device, workers=workers, prefetch=data.prefetch)
+    metrics = evaluate(model.to(device), loader)
     metrics.update(model=meta["model"], data=name, images=len(test.labels), seconds=round(time.perf_counter() - t0, 3))
     print(json.dumps(metrics))
     if args.json_out:

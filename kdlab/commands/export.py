@@ -130,16 +130,14 @@ def load_student(source: Path, checkpoint_name: str | None = None):
 def _preprocessing_of_data(data: dict) -> dict:
     """mean, std and class names read off the run's training set; {} with a note when it is not at hand."""
     from kdlab.config import DataConfig
-    from kdlab.data import load_dataset
     from kdlab.errors import KdlabError
-    from kdlab.student import preprocessing
+    from kdlab.student import open_split, preprocessing
 
     if not data.get("name"):
         return {}
     try:
         cfg = DataConfig.model_validate(data)
-        kw = {"image_size": cfg.image_size, "skip_unreadable": cfg.skip_unreadable} if cfg.name == "imagefolder" else {}
-        return preprocessing(load_dataset(cfg.name, cfg.root, split="train", **kw))
+        return preprocessing(open_split(cfg, "train"))  # a streamed folder: its index, nothing decoded
     except (KdlabError, ValueError) as e:
         return {"preprocessing_missing": f"the training set to read mean/std from is not at hand ({e})"}
 

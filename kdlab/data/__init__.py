@@ -6,6 +6,11 @@ for epoch in range(epochs):
     loader.set_epoch(epoch)
     for x, y in loader:
         ...
+
+A large image folder is streamed from disk instead (data.loader: stream):
+
+ds = open_stream("data/imagenet", split="train", image_size=224)   # its cached file index, nothing decoded
+loader = StreamLoader(ds, 256, train=True, device="cuda", workers=8)  # the same contract as DeviceLoader
 """
 
 from .arrays import ArrayDataset, channel_stats
@@ -21,15 +26,20 @@ from .augment import (
     view_from_index,
     view_index,
 )
+from .folder_index import FolderIndex
 from .loader import DeviceLoader, epoch_seed
 from .registry import DATASETS, SPLITS, load_dataset
+from .stream import StreamDataset, StreamLoader, open_stream
 
 __all__ = [
     "ArrayDataset",
     "AugmentSpec",
     "DATASETS",
     "DeviceLoader",
+    "FolderIndex",
     "SPLITS",
+    "StreamDataset",
+    "StreamLoader",
     "Views",
     "apply_views",
     "channel_stats",
@@ -37,6 +47,7 @@ __all__ = [
     "epoch_seed",
     "load_dataset",
     "num_views",
+    "open_stream",
     "rotate_batch",
     "sample_angles",
     "sample_views",

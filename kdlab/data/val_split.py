@@ -13,8 +13,6 @@ import torch
 
 from kdlab.errors import DataError
 
-from .arrays import ArrayDataset
-
 __all__ = ["split_seed", "stratified_indices", "hold_out"]
 
 _TAG = 0x76616C  # "val": keeps the split's draws apart from the data order's (seed, epoch) generators
@@ -56,8 +54,10 @@ def stratified_indices(
     return torch.nonzero(keep).flatten(), val_idx
 
 
-def hold_out(train: ArrayDataset, size: int, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
-    """The training set without its validation split, and the split; both keep the training set's statistics."""
+def hold_out(train, size: int, seed: int):
+    """The training set without its validation split, and the split; both keep the training set's statistics.
+    ``train``: an :class:`ArrayDataset` or a :class:`~kdlab.data.stream.StreamDataset` (the same rule on its
+    labels: the split depends on the labels and the seed, not on how the images are read)."""
     train_idx, val_idx = stratified_indices(train.labels, size, seed, train.num_classes)
     rest, val = train.subset(train_idx), train.subset(val_idx, name=f"{train.name} (validation)")
     rest.skipped = list(train.skipped)

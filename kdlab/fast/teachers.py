@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kdlab.config import TrainConfig
+from kdlab.config import STREAM_TEACHER_CACHE, TrainConfig
 from kdlab.data.arrays import ArrayDataset
 from kdlab.errors import ConfigError
 from kdlab.fast.fold import fold_batchnorm
@@ -27,7 +27,7 @@ def feature_terms(distiller) -> list[str]:
 
 def prepare_teachers(
     distiller,
-    dataset: ArrayDataset,
+    dataset,
     train_loader,
     cfg: TrainConfig,
     cache_dir: Path | None,
@@ -37,7 +37,8 @@ def prepare_teachers(
     """Apply ``train.fast.fold_teacher`` and ``train.teacher_cache``; returns the cache to hand to ``fit``.
 
     The teachers are put in the memory format ``fit`` will use and folded first, so the cache holds
-    exactly what the online teachers of the same run would output.
+    exactly what the online teachers of the same run would output. ``dataset``: an ArrayDataset, or a
+    StreamDataset (folding only: a streamed set has no cacheable views).
     """
     from kdlab.compute import use_channels_last
 
@@ -58,8 +59,10 @@ def prepare_teachers(
     channels_last = use_channels_last(cfg, device)
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
+    if cfg.teacher_cache and not isinstance(dataset, ArrayDataset):
+        raise ConfigError(STREAM_TEACHER_CACHE)
     if cfg.fast.fold_teacher:
-        example = torch.zeros((2, *dataset.images.shape[1:]), device=device)
+        example = torch.zeros((2, *dataset.image_shape), device=device)
         for i, teacher in enumerate(distiller.teachers):
             folded = fold_batchnorm(teacher, example)
             log(f"teacher {i}: {len(folded)} BatchNorm layers folded into their convolutions")
