@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdlab.errors import DataError
+from kdlab.errors import DataError, MissingDataRoot
 
 from . import imagefolder
 
@@ -231,7 +231,7 @@ def folder_index(
     about a damaged cache or one that could not be written (default: stderr)."""
     notice = notice or _notice
     if root is None:
-        raise DataError("imagefolder: no root given (the folder holding train/ and test/)")
+        raise MissingDataRoot("imagefolder", "the folder holding train/ and test/")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
