@@ -291,7 +291,11 @@ def test_shipped_table_plans(path, tmp_path):
     jobs = plan(table, path, tmp_path, 1, None, [], None)
     assert len(jobs) == len(table.cells)
     if table.published_numbers:
-        assert all(c.published is not None for c in table.cells)
+        # a cell whose setting no readable source reports (imagenet.yaml) carries no number: it is compared with
+        # other cells of the run instead, and its source says so
+        assert any(c.published is not None for c in table.cells)
+        for c in table.cells:
+            assert c.published is not None or (c.compare_to and c.source == "unverified"), c.name
     else:
         assert all(c.published is None for c in table.cells)
         assert all(c.compare_to for c in table.cells if not c.name.split("/")[-1].startswith("vanilla"))

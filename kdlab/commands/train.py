@@ -13,7 +13,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "recipe",
         nargs="?",
-        help="recipe YAML file, or a packaged recipe by name: kd, digits/kd, imagenet/kd (kdlab recipes lists them)",
+        help="recipe YAML file, or a packaged recipe by name: kd, digits/kd, imagenet/resnet34_resnet18/kd "
+        "(kdlab recipes lists them)",
     )
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
