@@ -183,6 +183,18 @@ class TrainConfig(Strict):
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
+    optimizer: Literal["sgd", "dot"] = Field(
+        default="sgd",
+        description="sgd, or dot: DOT (Zhao et al., ICCV 2023), SGD with one momentum buffer for the cross-entropy "
+        "gradient (momentum - dot_delta, with the weight decay) and one for the distillation terms' gradient "
+        "(momentum + dot_delta); two backward passes per step",
+    )
+    dot_delta: float = Field(
+        default=0.075,
+        ge=0,
+        lt=1,
+        description="dot: the two momenta are momentum -/+ dot_delta (official: 0.075 on CIFAR-100, 0.09 on ImageNet)",
+    )
     weight_decay: float = Field(default=5e-4, ge=0)
     decay_norm_and_bias: bool = Field(
         default=True, description="apply weight decay to BN and bias too (the published recipes do)"
@@ -225,6 +237,22 @@ class TrainConfig(Strict):
                 "fast.graph_step: the step updates the weights on the device before the loss is seen; "
                 "use nonfinite=stop (or graph_step=false)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _dot_is_plain_momentum_sgd(self):
+        if self.optimizer != "dot":
+            return self
+        if not (self.momentum - self.dot_delta >= 0 and self.momentum + self.dot_delta < 1):
+            raise ValueError(
+                f"dot_delta: momentum -/+ dot_delta must lie in [0, 1), got {self.momentum} -/+ {self.dot_delta}"
+            )
+        if self.nesterov:
+            raise ValueError("optimizer: dot has no Nesterov form (DOT is plain momentum SGD); set nesterov=false")
+        if self.grad_clip is not None:
+            raise ValueError("optimizer: dot updates the weights from two gradients apart; grad_clip is not defined")
+        if self.fast.graph_step:
+            raise ValueError("optimizer: dot takes two backward passes, which fast.graph_step does not; set it false")
         return self
 
     @field_validator("channels_last", mode="before")
@@ -431,7 +459,9 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def teacher_train_config(recipe: Recipe, teacher: TeacherConfig) -> TrainConfig:
-    cfg = TrainConfig.model_validate(deep_merge(recipe.train.model_dump(mode="json"), teacher.train))
+    # a student's optimizer is not its teachers': DOT splits a distillation gradient that a teacher does not have
+    inherited = recipe.train.model_dump(mode="json", exclude={"optimizer", "dot_delta"})
+    cfg = TrainConfig.model_validate(deep_merge(inherited, teacher.train))
     if teacher.epoch is not None and teacher.epoch not in cfg.keep_epochs:
         cfg = cfg.model_copy(update={"keep_epochs": sorted({*cfg.keep_epochs, teacher.epoch})})
     if teacher.checkpoint == "best" and not cfg.keep_best:  # the weights it will be read from

@@ -210,6 +210,19 @@ def check_recipe(recipe) -> None:
     if method.teachers == "given" and not recipe.teachers:
         raise ConfigError(f"method {method.name!r} needs at least one entry in 'teachers'")
     check_fast_path(recipe)
+    check_optimizer(recipe)
+
+
+def check_optimizer(recipe) -> None:
+    """DOT's two backward passes per forward are not what DDP's gradient hooks expect (mdistiller issue #52: the
+    official DOT ran under DataParallel), so it is refused under torchrun rather than run wrong."""
+    from kdlab import distributed
+
+    if recipe.train.optimizer == "dot" and distributed.world_size() > 1:
+        raise ConfigError(
+            "train.optimizer: dot takes two backward passes per step, which DDP under torchrun does not support; "
+            "run it in one process, or use optimizer: sgd"
+        )
 
 
 def check_fast_path(recipe) -> None:

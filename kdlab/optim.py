@@ -1,4 +1,4 @@
-"""The optimizer and the learning-rate schedule of a run (SGD, warm-up, step / multistep / cosine), and the
+"""The optimizer and the learning-rate schedule of a run (SGD or DOT, warm-up, step / multistep / cosine), and the
 optimizer groups loss terms declare for their own parameters."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kdlab.config import TrainConfig
+from kdlab.dot import DistillationOrientedSGD
 from kdlab.errors import ConfigError
 
 
@@ -66,6 +67,13 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "dot":
+        return DistillationOrientedSGD(
+            param_groups(module, cfg),
+            lr=cfg.lr,
+            momentum_task=cfg.momentum - cfg.dot_delta,
+            momentum_distill=cfg.momentum + cfg.dot_delta,
+        )
     return torch.optim.SGD(
         param_groups(module, cfg),
         lr=cfg.lr,

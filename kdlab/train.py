@@ -26,6 +26,7 @@ from kdlab import checkpoint, distributed
 from kdlab.compute import autocast_factory, check_device_options, cuda_numerics, use_channels_last
 from kdlab.config import TrainConfig
 from kdlab.distiller import Distiller
+from kdlab.dot import DistillationOrientedSGD
 from kdlab.errors import ConfigError, KdlabError, NonFiniteLoss
 from kdlab.optim import lr_at, make_optimizer, set_lr
 from kdlab.progress import Progress
@@ -247,7 +248,9 @@ def _make_step(run: _Run, teacher_cache, graphs) -> Callable[..., _StepResult]:
         finite = distributed.all_true(torch.isfinite(values).all())  # every rank skips or stops together
         if cfg.nonfinite == "skip" and not bool(finite):
             return _StepResult(values, logits, finite, skipped=True)
-        if graph_step is None:
+        if graph_step is None and isinstance(opt, DistillationOrientedSGD):
+            _dot_backward(opt, terms)
+        elif graph_step is None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -256,6 +259,21 @@ def _make_step(run: _Run, teacher_cache, graphs) -> Callable[..., _StepResult]:
         return _StepResult(values, logits, finite)
 
     return step
+
+
+def _dot_backward(opt: DistillationOrientedSGD, terms: dict[str, torch.Tensor]) -> None:
+    """DOT's two passes: the distillation terms' gradient first, set aside, then the cross-entropy's, then the
+    update with one momentum buffer each (`kdlab.dot`). Either part may be absent (a generation 0 trains on CE)."""
+    task = terms.get("ce")
+    distill = [v for name, v in terms.items() if name != "ce"]
+    opt.zero_grad(set_to_none=True)
+    if distill:
+        torch.stack(distill).sum().backward(retain_graph=task is not None)
+        opt.stash_distillation_grads()
+        opt.zero_grad(set_to_none=True)  # not in place: the stash holds these gradient tensors
+    if task is not None:
+        task.backward()
+    opt.step()
 
 
 class _EpochSums:

@@ -82,9 +82,11 @@ def passes_per_step(config: dict | None) -> dict | None:
     n_teachers = len(config.get("teachers") or []) or (1 if config.get("generations") else 0)
     uses_teacher = any(t.needs_teacher for t in terms)
     cached = bool((config.get("train") or {}).get("teacher_cache")) and uses_teacher
+    dot = (config.get("train") or {}).get("optimizer") == "dot"
     return {
         "student_forward": views,
-        "student_backward": 1 + sum(t.extra_backward for t in terms),
+        # DOT back-propagates the distillation terms and the cross-entropy apart
+        "student_backward": 1 + sum(t.extra_backward for t in terms) + (dot and bool(terms)),
         "teacher_forward": 0 if cached or not uses_teacher else n_teachers * views,
         "teacher_cached": cached,
     }
