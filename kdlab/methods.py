@@ -189,6 +189,18 @@ METHODS: dict[str, Method] = {
             "none",
             "Yang et al. 2023 (ICCV)",
         ),
+        Method(
+            "sdd",
+            "scale decoupled KD: KD on the logits of every SPP region through the classifier, complementary regions x2",
+            ("sdd",),
+            paper="Wei et al. 2024 (CVPR)",
+        ),
+        Method(
+            "sdd_dkd",
+            "scale decoupled DKD: DKD on the logits of every SPP region, complementary regions x2, with a warm-up",
+            ("sdd_dkd",),
+            paper="Wei et al. 2024 (CVPR)",
+        ),
     ]
 }
 
