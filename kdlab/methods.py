@@ -201,6 +201,12 @@ METHODS: dict[str, Method] = {
             ("sdd_dkd",),
             paper="Wei et al. 2024 (CVPR)",
         ),
+        Method(
+            "cat_kd",
+            "class attention transfer: MSE between pooled class activation maps of bias-free classifiers",
+            ("cat_kd",),
+            paper="Guo et al. 2023 (CVPR)",
+        ),
     ]
 }
 

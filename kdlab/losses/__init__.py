@@ -6,6 +6,7 @@ each other module is one method."""
 from kdlab.losses import (
     ab,
     at,
+    cat_kd,
     cc,
     crd,
     ctkd,
