@@ -195,6 +195,24 @@ METHODS: dict[str, Method] = {
             "none",
             "Yang et al. 2023 (ICCV)",
         ),
+        Method(
+            "sdd",
+            "scale decoupled KD: KD on the logits of every SPP region through the classifier, complementary regions x2",
+            ("sdd",),
+            paper="Wei et al. 2024 (CVPR)",
+        ),
+        Method(
+            "sdd_dkd",
+            "scale decoupled DKD: DKD on the logits of every SPP region, complementary regions x2, with a warm-up",
+            ("sdd_dkd",),
+            paper="Wei et al. 2024 (CVPR)",
+        ),
+        Method(
+            "cat_kd",
+            "class attention transfer: MSE between pooled class activation maps of bias-free classifiers",
+            ("cat_kd",),
+            paper="Guo et al. 2023 (CVPR)",
+        ),
     ]
 }
 

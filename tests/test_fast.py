@@ -262,7 +262,7 @@ def train_weights(digits, run_dir, cfg: TrainConfig, loss: LossConfig, teachers:
     return {k: v.clone() for k, v in distiller.state_dict().items()}
 
 
-@pytest.mark.parametrize("case", ["kd", "feed_nesterov_clip", "nkd", "wttm", "uskd"])
+@pytest.mark.parametrize("case", ["kd", "feed_nesterov_clip", "nkd", "wttm", "uskd", "sdd", "cat_kd"])
 def test_graph_step_run_eagerly_matches_the_plain_trainer(digits_small, tmp_path, case):
     if case == "kd":
         loss = LossConfig(ce=0.1, terms={"kd": {"weight": 0.9, "T": 4}})
@@ -270,6 +270,9 @@ def test_graph_step_run_eagerly_matches_the_plain_trainer(digits_small, tmp_path
     elif case in ("nkd", "wttm", "uskd"):  # logit terms that drop the target column by a gather; USKD's side head
         loss = LossConfig(ce=1.0, terms={case: {}})
         extra, teachers = {}, 0 if case == "uskd" else 1
+    elif case in ("sdd", "cat_kd"):  # the classifiers applied to the tapped pre-pool maps; SDD's argmax weights
+        loss = LossConfig(ce=1.0, terms={case: {"student_bias": "drop", "weight": 2.0} if case == "cat_kd" else {}})
+        extra, teachers = {}, 1
     else:  # side modules (translators), two teachers, nesterov, no decay on BN/bias, clipping
         loss = LossConfig(ce=1.0, terms={"feed": {"weight": 50}})
         extra, teachers = {"nesterov": True, "decay_norm_and_bias": False, "grad_clip": 1.0}, 2

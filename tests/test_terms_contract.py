@@ -20,6 +20,8 @@ OPTIONS = {
     "lp": {"k": 3},
     "ensemble_kd": {},
     "dkd": {"warmup_epochs": 0},
+    "sdd_dkd": {"warmup_epochs": 0},
+    "cat_kd": {"student_bias": "drop"},  # the smallcnn student has a classifier bias; tests/test_cat_kd.py builds none
     "reviewkd": {"warmup_epochs": 0},
     # every other-class sample of the 60-sample training set below is a negative: no sampling noise, so the
     # value is a function of the batch (order invariance holds)
@@ -42,11 +44,16 @@ VARIANTS = [
     ("pkt", {"mode": "paper"}),
     ("rkd", {"gather": True}),  # one process: gathering the global batch is the identity
     ("dist", {"gather": True}),
+    ("sdd", {"complementary": 3.0}),
+    ("cat_kd", {"normalize": True, "resolution": 1, "student_bias": "keep", "teacher_bias": True}),
 ]
 CASES = [(t, {}) for t in sorted(TERMS)] + VARIANTS
 CASE_IDS = [t + "".join(f"-{k}={v}" for k, v in o.items()) for t, o in CASES]
 # terms whose value is a distance between student and teacher quantities without a trainable map in between
-ZERO_WHEN_EQUAL = [(t, {}) for t in ("kd", "ensemble_kd", "at", "nst", "sp", "rkd", "pkt", "fsp", "dkd")] + [
+ZERO_WHEN_EQUAL = [
+    (t, {}) for t in ("kd", "ensemble_kd", "at", "nst", "sp", "rkd", "pkt", "fsp", "dkd", "sdd", "sdd_dkd", "cat_kd")
+] + [
+    ("cat_kd", {"student_bias": "keep", "teacher_bias": True, "normalize": True}),
     ("kd", {"logit_standardize": True}),
     ("pkt", {"mode": "paper"}),
     ("cc", {"embed_dim": None}),

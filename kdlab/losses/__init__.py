@@ -1,10 +1,12 @@
 """Loss terms by name. `functional`, `relational` and `feature_functional` hold the pure maths, `checks`
-their shared input checks and precision rule; each other module is one method."""
+their shared input checks and precision rule, `class_maps` the classifier applied to a feature map (CAT-KD, SDD);
+each other module is one method."""
 
 # importing the method modules registers their terms
 from kdlab.losses import (
     ab,
     at,
+    cat_kd,
     cc,
     crd,
     ctkd,
@@ -23,6 +25,7 @@ from kdlab.losses import (
     pkt,
     reviewkd,
     rkd,
+    sdd,
     sp,
     ttm,
     uskd,

@@ -34,6 +34,7 @@ __all__ = [
     "check_logits_targets",
     "check_labels",
     "kl_bm",
+    "kl_rows",
 ]
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
@@ -151,10 +152,15 @@ def check_labels(name: str, targets: Tensor, num_classes: int) -> None:
             )
 
 
-def kl_bm(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL_bm(p || q) = (1/N) sum_n sum_k p_nk (log p_nk - log q_nk)`` from log-probabilities.
+def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p_n || q_n) = sum_k p_nk (log p_nk - log q_nk)`` of each row, (N,), from log-probabilities.
 
     Terms with ``p_nk = 0`` contribute 0 (``xlogy`` convention), as in ``F.kl_div``.
     """
     p = log_p.exp()
-    return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(p))).sum() / log_p.shape[0]
+    return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(p))).sum(1)
+
+
+def kl_bm(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL_bm(p || q) = (1/N) sum_n sum_k p_nk (log p_nk - log q_nk)``: the batch mean of :func:`kl_rows`."""
+    return kl_rows(log_p, log_q).sum() / log_p.shape[0]

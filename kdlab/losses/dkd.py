@@ -15,10 +15,10 @@ from torch import Tensor
 
 from kdlab.errors import ConfigError, LayerError
 from kdlab.losses.base import Outputs, Term, TermOptions, register
-from kdlab.losses.checks import as_float, check_logits_targets, check_positive, check_same_shape, kl_bm
+from kdlab.losses.checks import as_float, check_logits_targets, check_positive, check_same_shape, kl_rows
 
 
-def dkd(
+def dkd_per_sample(
     student_logits: Tensor,
     teacher_logits: Tensor,
     targets: Tensor,
@@ -26,15 +26,17 @@ def dkd(
     beta: float = 8.0,
     T: float = 4.0,
 ) -> Tensor:
-    r"""``alpha * TCKD + beta * NCKD``, each ``T^2 * (1/N) sum_n KL(teacher || student)``.
+    r"""``alpha * TCKD_n + beta * NCKD_n`` of each row, (N,): :func:`dkd` before its batch mean.
 
     .. math::
         b = [p_y, 1 - p_y],\quad \hat p_k = \frac{e^{z_k/T}}{\sum_{j\ne y} e^{z_j/T}}\ (k \ne y)
 
-        \mathrm{TCKD} = T^2\,\mathrm{KL}(b^t \| b^s),\qquad \mathrm{NCKD} = T^2\,\mathrm{KL}(\hat p^t \| \hat p^s)
+        \mathrm{TCKD}_n = T^2\,\mathrm{KL}(b^t_n \| b^s_n),\qquad
+        \mathrm{NCKD}_n = T^2\,\mathrm{KL}(\hat p^t_n \| \hat p^s_n)
 
     with p = softmax(z / T). The non-target distribution is computed exactly (the target class removed),
-    where mdistiller subtracts 1000 from the target logit; the two agree to float precision.
+    where mdistiller subtracts 1000 from the target logit; the two agree to float precision. SDD's SD-DKD
+    weights these rows per region (`kdlab.losses.sdd`).
     """
     T = T if isinstance(T, Tensor) else check_positive("dkd", "temperature T", T)  # a tensor: learned (CTKD)
     for what, value in (("alpha", alpha), ("beta", beta)):
@@ -49,13 +51,25 @@ def dkd(
     ps, pt = torch.softmax(zs / T, dim=1), torch.softmax(zt / T, dim=1)
     bs = torch.stack([ps[target], (ps.masked_fill(target, 0)).sum(1)], dim=1)
     bt = torch.stack([pt[target], (pt.masked_fill(target, 0)).sum(1)], dim=1)
-    tckd = kl_bm(bt.clamp_min(1e-30).log(), bs.clamp_min(1e-30).log())
+    tckd = kl_rows(bt.clamp_min(1e-30).log(), bs.clamp_min(1e-30).log())
     # the target class removed: log-softmax over the other K-1 logits
     log_ns = torch.log_softmax(zs.masked_fill(target, float("-inf")) / T, dim=1).masked_fill(target, 0.0)
     log_nt = torch.log_softmax(zt.masked_fill(target, float("-inf")) / T, dim=1).masked_fill(target, 0.0)
-    nckd_terms = torch.where(target, torch.zeros_like(log_nt), log_nt.exp() * (log_nt - log_ns))
-    nckd = nckd_terms.sum() / zs.shape[0]
+    nckd = torch.where(target, torch.zeros_like(log_nt), log_nt.exp() * (log_nt - log_ns)).sum(1)
     return (T * T) * (alpha * tckd + beta * nckd)
+
+
+def dkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    T: float = 4.0,
+) -> Tensor:
+    r"""``alpha * TCKD + beta * NCKD``, each ``T^2 * (1/N) sum_n KL(teacher || student)``: the batch mean of
+    :func:`dkd_per_sample`, whose docstring has the equations."""
+    return dkd_per_sample(student_logits, teacher_logits, targets, alpha, beta, T).mean()
 
 
 def warmup_factor(progress: Tensor | float, warmup_epochs: float) -> Tensor | float:

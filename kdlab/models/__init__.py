@@ -9,7 +9,10 @@ returns logits.  Every model also carries:
   for the pre-activation WRNs, the BN that follows the stage: RepDistiller's ``preact``
   feature), ``channels`` and ``reduction`` (32 / map size for a 32x32 input);
 * ``embedding_module``: the module whose output is the (N, D) vector fed to the classifier;
-* ``classifier_module``: the final ``nn.Linear``.
+* ``classifier_module``: the final ``nn.Linear`` (built without a bias by the option
+  ``classifier_bias=False`` of every model, `create`);
+* ``pool_module``: the global average pooling before it (``avgpool``), whose input is the map a class
+  activation map is computed from (the layer alias ``pre_pool``, `kdlab.taps`).
 
 What a stage is.  Where the architecture's reference implementation returns a feature list
 (RepDistiller's ``forward(x, is_feat=True)``: ``[stem, f1, ..., fK, pooled]`` for the CIFAR

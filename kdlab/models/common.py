@@ -24,10 +24,17 @@ def stage(name: str, module: str, preact: str | None, channels: int, reduction: 
     }
 
 
-def set_taps(model: nn.Module, feature_info: list[dict], embedding: str = "flatten", classifier: str = "fc") -> None:
+def set_taps(
+    model: nn.Module,
+    feature_info: list[dict],
+    embedding: str = "flatten",
+    classifier: str = "fc",
+    pool: str = "avgpool",
+) -> None:
     model.feature_info = feature_info
     model.embedding_module = embedding
     model.classifier_module = classifier
+    model.pool_module = pool
 
 
 class ChannelShuffle(nn.Module):

@@ -20,7 +20,7 @@ Builder = Callable[..., nn.Module]
 #: The registry itself: a plain dict from model name to builder.
 REGISTRY: dict[str, Builder] = {}
 
-_REQUIRED_ATTRS = ("feature_info", "embedding_module", "classifier_module")
+_REQUIRED_ATTRS = ("feature_info", "embedding_module", "classifier_module", "pool_module")
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
@@ -52,8 +52,18 @@ def _check_positive_int(key: str, value: object) -> None:
         raise ConfigError(f"model option {key} must be a positive integer, got {value!r}")
 
 
-def create(name: str, num_classes: int = 100, in_chans: int = 3, **kwargs) -> nn.Module:
-    """Build the registered model ``name``; it returns logits of shape (N, num_classes)."""
+def create(
+    name: str, num_classes: int = 100, in_chans: int = 3, *, classifier_bias: bool = True, **kwargs
+) -> nn.Module:
+    """Build the registered model ``name``; it returns logits of shape (N, num_classes).
+
+    ``classifier_bias=False`` (an option of every zoo model) builds the final Linear without a bias, its weight
+    initialised as the model's own: the "CAM network" form of CAT-KD (Guo et al., CVPR 2023; official code
+    `GzyAftermath/CAT-KD`, the ``*_test`` models), whose logits are the pooled maps of a bias-free 1x1 conv, which
+    equals a bias-free Linear after the pooling.
+    """
+    if not isinstance(classifier_bias, bool):
+        raise ConfigError(f"model option classifier_bias must be true or false, got {classifier_bias!r}")
     builder = REGISTRY.get(name)
     if builder is None:
         valid = names()
@@ -68,7 +78,17 @@ def create(name: str, num_classes: int = 100, in_chans: int = 3, **kwargs) -> nn
         raise ConfigError(f"model {name!r} does not accept these options {sorted(kwargs)}: {exc}") from None
     model = builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
     _check_model(name, model)
+    if not classifier_bias:
+        _drop_classifier_bias(model)
     return model
+
+
+def _drop_classifier_bias(model: nn.Module) -> None:
+    old = model.get_submodule(model.classifier_module)
+    new = nn.Linear(old.in_features, old.out_features, bias=False)
+    new.weight.data.copy_(old.weight.data)  # the model's own init of the weight, one less parameter
+    parent_name, _, leaf = model.classifier_module.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 
 def _check_model(name: str, model: nn.Module) -> None:
