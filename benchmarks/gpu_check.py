@@ -21,7 +21,7 @@ Sections (each one is timed and reported; a failing one is recorded and the othe
 ``bench``            ``kdlab bench`` (kdlab.tools.bench.run_bench) for resnet56:resnet20 and
                      resnet32x4:resnet8x4, KD, modes reference / kdlab / kdlab-fast, with
                      max_memory_allocated and max_memory_reserved.
-``stream_imagenet``  the streaming ImageNet loader (data.loader: stream) at 224 px: a few hundred synthetic JPEGs
+``stream_imagenet``  the streaming ImageNet loader (data.loader: stream) at 224 px: 1,536 synthetic JPEGs
                      of ImageNet's typical size (about 480x360) generated in a temporary folder here, then
                      benchmarks/stream_loader.py's two measurements: decode + RandomResizedCrop + flip
                      images/s per worker count, and a ResNet-18 (resnet18_imagenet) SGD step fed by the
@@ -88,11 +88,11 @@ class Sizes:
     bench_warmup: int = 10  # > the graph step's 3 warm-up calls + capture, so no capture is timed
     bench_workers: int | None = None
     test_images: int | None = None  # None: the whole test set
-    stream_images: int = 384  # stream_imagenet: synthetic JPEGs generated
+    stream_images: int = 1536  # stream_imagenet: synthetic JPEGs generated
     stream_size: int = 224
-    stream_batch: int = 64
+    stream_batch: int = 48  # 32 batches: 13 warm-up (6 workers x prefetch 2 + 1), 19 timed
     stream_workers: tuple = (0, 4, 8)  # decode + augment alone
-    stream_step_workers: int = 8
+    stream_step_workers: int = 6
     stream_model: str = "resnet18_imagenet"
     stream_side: tuple = ((420, 540), (315, 405))  # width, height ranges
 
@@ -446,7 +446,7 @@ def stream_imagenet(device: torch.device, sizes: Sizes, tmp: Path) -> dict:
     rows = stream_loader.decode_rows(
         ds, sizes.stream_batch, list(sizes.stream_workers), 2, 2, device, log=lambda m: print(f"  {m}", flush=True)
     )
-    batches = len(ds) // sizes.stream_batch - 1
+    batches = len(ds) // sizes.stream_batch - (sizes.stream_step_workers * 2 + 1)
     step = stream_loader.train_step_rate(
         ds,
         sizes.stream_model,

@@ -7,8 +7,8 @@
 Two measurements, on the ``train`` split of ``--root`` (a folder in kdlab's layout, ``train/<class>/*``; its
 file index is built or read the way a run does it, beside the data or in the user cache), or, without
 ``--root``, of a synthetic folder generated in a temporary directory (``--images`` JPEGs of about 400x350
-pixels, quality 90, 8 classes). With ``--root`` the first ``--images`` rows of an evenly spaced selection
-over the split are timed (``--images 0``: all of it).
+pixels, quality 90, 8 classes). With ``--root``, ``--images`` files spread evenly over the split are timed
+(``--images 0``: all of it).
 
 1. **decode + augment**, per worker count in ``--workers``: one epoch of :class:`~kdlab.data.stream.StreamLoader`
    in train mode, PIL decode + RandomResizedCrop(size) + flip in the workers, the uint8 -> float cast and the
@@ -16,9 +16,10 @@ over the split are timed (``--images 0``: all of it).
    per decoding process (workers 0 decodes in the main process: one process).
 2. **training step**: the same loader (``--step-workers`` workers, working ahead while the main process
    computes) feeding a real SGD step of ``--model`` (forward, cross-entropy, backward, update) on
-   ``--device``; images/s over ``--step-batches`` batches after one warm-up batch. For comparison the step
-   alone, repeated on one resident batch, gives the compute-bound rate: when the streamed rate is close to
-   it, the loader keeps up.
+   ``--device``; images/s over ``--step-batches`` batches after ``workers x prefetch + 1`` warm-up batches
+   (the batches the workers decode ahead while the first step runs come for free; past them the loader and
+   the step run at their steady rates). For comparison the step alone, repeated on one resident batch, gives
+   the compute-bound rate: when the streamed rate is close to it, the loader keeps up.
 
 The main process uses ``--threads`` torch threads (default 1: on a small machine the workers need the
 other cores). Prints a table; JSON: ``--json`` or benchmarks/results/stream_loader-<date>.json.
@@ -119,9 +120,12 @@ def train_step_rate(
     prefetch: int,
     device: torch.device,
     log=print,
+    warmup: int | None = None,
 ) -> dict:
-    """images/s of SGD steps of ``model_name`` fed by the streaming loader (after one warm-up batch, which
-    also pays for the workers' start), and of the same step repeated on one resident batch."""
+    """images/s of SGD steps of ``model_name`` fed by the streaming loader, after ``warmup`` batches (default
+    ``workers x prefetch + 1``: the workers' start, and the batches they decode ahead meanwhile, untimed),
+    and of the same step repeated on one resident batch."""
+    warmup = workers * prefetch + 1 if warmup is None else warmup
     torch.manual_seed(0)
     model = models.create(model_name, num_classes=ds.num_classes).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -133,14 +137,15 @@ def train_step_rate(
         opt.step()
 
     loader = StreamLoader(ds, batch, train=True, device=device, workers=workers, prefetch=prefetch)
-    if len(loader) < batches + 1:
+    if len(loader) < warmup + batches:
         raise SystemExit(
-            f"stream_loader: {len(ds)} images make {len(loader)} batches of {batch}; "
-            f"the step needs {batches + 1} (lower --step-batch or --step-batches)"
+            f"stream_loader: {len(ds)} images make {len(loader)} batches of {batch}; the step needs "
+            f"{warmup} + {batches} (more --images, or lower --step-batch, --step-batches or --step-workers)"
         )
     it = loader.iter_batches()
-    x, y = next(it)
-    step(x, y)
+    for _ in range(warmup):
+        x, y = next(it)
+        step(x, y)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -160,6 +165,7 @@ def train_step_rate(
         "device": str(device),
         "batch": batch,
         "batches": batches,
+        "warmup_batches": warmup,
         "workers": workers,
         "prefetch": prefetch,
         "streamed_seconds": round(streamed, 3),

@@ -52,7 +52,12 @@ def test_cpu_dry_run_runs_every_section(tmp_path, capsys):
     assert stream["images"] == 24 and [r["workers"] for r in stream["decode_augment"]] == [0, 1]
     assert all(r["images"] == 24 and r["images_per_s"] > 0 for r in stream["decode_augment"])
     step = stream["train_step"]
-    assert step["model"] == "resnet8" and step["batches"] == 5 and step["streamed_images_per_s"] > 0
+    assert (
+        step["model"] == "resnet8"
+        and step["batches"] == 3
+        and step["warmup_batches"] == 3
+        and step["streamed_images_per_s"] > 0
+    )
     printed = capsys.readouterr().out
     assert "kdlab gpu_check on" in printed and "fast_recipe" in printed and str(out) in printed
 
