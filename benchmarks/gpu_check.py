@@ -21,6 +21,11 @@ Sections (each one is timed and reported; a failing one is recorded and the othe
 ``bench``            ``kdlab bench`` (kdlab.tools.bench.run_bench) for resnet56:resnet20 and
                      resnet32x4:resnet8x4, KD, modes reference / kdlab / kdlab-fast, with
                      max_memory_allocated and max_memory_reserved.
+``stream_imagenet``  the streaming ImageNet loader (data.loader: stream) at 224 px: 1,536 synthetic JPEGs
+                     of ImageNet's typical size (about 480x360) generated in a temporary folder here, then
+                     benchmarks/stream_loader.py's two measurements: decode + RandomResizedCrop + flip
+                     images/s per worker count, and a ResNet-18 (resnet18_imagenet) SGD step fed by the
+                     loader against the same step on a resident batch.
 ``torchrun_nccl``    a 2-process torchrun job (NCCL, global-batch BatchNorm, the eager graph step)
                      when 2 GPUs exist; skipped with a note otherwise.
 
@@ -83,6 +88,13 @@ class Sizes:
     bench_warmup: int = 10  # > the graph step's 3 warm-up calls + capture, so no capture is timed
     bench_workers: int | None = None
     test_images: int | None = None  # None: the whole test set
+    stream_images: int = 1536  # stream_imagenet: synthetic JPEGs generated
+    stream_size: int = 224
+    stream_batch: int = 48  # 32 batches: 13 warm-up (6 workers x prefetch 2 + 1), 19 timed
+    stream_workers: tuple = (0, 4, 8)  # decode + augment alone
+    stream_step_workers: int = 6
+    stream_model: str = "resnet18_imagenet"
+    stream_side: tuple = ((420, 540), (315, 405))  # width, height ranges
 
 
 DRY = Sizes(
@@ -100,6 +112,13 @@ DRY = Sizes(
     bench_warmup=1,
     bench_workers=0,
     test_images=64,
+    stream_images=24,
+    stream_size=32,
+    stream_batch=4,
+    stream_workers=(0, 1),
+    stream_step_workers=1,
+    stream_model="resnet8",
+    stream_side=((40, 56), (36, 48)),
 )
 
 
@@ -412,6 +431,42 @@ def run_bench(device: torch.device, sizes: Sizes) -> dict:
     return report
 
 
+def stream_imagenet(device: torch.device, sizes: Sizes, tmp: Path) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import stream_loader
+
+    from kdlab.data.stream import open_stream
+
+    root = tmp / "stream-folder"
+    t0 = time.perf_counter()
+    width, height = sizes.stream_side
+    stream_loader.make_folder(root, sizes.stream_images, width=width, height=height)
+    generated = time.perf_counter() - t0
+    ds = open_stream(root, "train", sizes.stream_size)
+    rows = stream_loader.decode_rows(
+        ds, sizes.stream_batch, list(sizes.stream_workers), 2, 2, device, log=lambda m: print(f"  {m}", flush=True)
+    )
+    batches = len(ds) // sizes.stream_batch - (sizes.stream_step_workers * 2 + 1)
+    step = stream_loader.train_step_rate(
+        ds,
+        sizes.stream_model,
+        sizes.stream_batch,
+        batches,
+        sizes.stream_step_workers,
+        2,
+        device,
+        log=lambda m: print(f"  {m}", flush=True),
+    )
+    return {
+        "images": len(ds),
+        "image_size": sizes.stream_size,
+        "mean_file_bytes": round(sum(f.stat().st_size for f in (root / "train").rglob("*.jpg")) / len(ds)),
+        "generate_seconds": round(generated, 1),
+        "decode_augment": rows,
+        "train_step": step,
+    }
+
+
 def torchrun_nccl(device: torch.device, tmp: Path) -> dict:
     if device.type != "cuda":
         raise Skipped("CPU: the 2-rank gloo jobs are tests/test_distributed.py's")
@@ -541,6 +596,14 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     rep = s.get("bench", {})
     kd = [r for r in rep.get("results", []) if r["task"] == "kd"]
     add("bench", "; ".join(f"{r['pair']} {r['mode']} {r['images_per_s']:.0f} img/s" for r in kd))
+    st = s.get("stream_imagenet", {})
+    dec = ", ".join(f"{r['workers']}w {r['images_per_s']:.0f}" for r in st.get("decode_augment", []))
+    ts = st.get("train_step") or {}
+    add(
+        "stream_imagenet",
+        f"decode+augment img/s {dec}; {ts.get('model')} step {ts.get('streamed_images_per_s', 0):.0f} img/s "
+        f"streamed vs {ts.get('resident_images_per_s', 0):.0f} resident",
+    )
     add("torchrun_nccl", "2 ranks finished" if s.get("torchrun_nccl", {}).get("status") == "ok" else "")
     return rows
 
@@ -614,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             ("bf16_vs_fp32", lambda: bf16_vs_fp32(device, sizes, ctx)),
             ("fast_recipe", lambda: fast_recipes(device, sizes, train_set, test_set, tmp)),
             ("bench", lambda: run_bench(device, sizes)),
+            ("stream_imagenet", lambda: stream_imagenet(device, sizes, tmp)),
             ("torchrun_nccl", lambda: torchrun_nccl(device, tmp)),
         ]
         for name, fn in plan:

@@ -32,6 +32,7 @@ def test_cpu_dry_run_runs_every_section(tmp_path, capsys):
         "bf16_vs_fp32": "ok",
         "fast_recipe": "ok",
         "bench": "ok",
+        "stream_imagenet": "ok",
         "torchrun_nccl": "skipped",
     }
     graph = sections["graph_vs_eager"]
@@ -47,6 +48,16 @@ def test_cpu_dry_run_runs_every_section(tmp_path, capsys):
         assert "graph step" in fast["options"] and "teacher cache" in fast["options"]
     kd = [r for r in sections["bench"]["results"] if r["task"] == "kd"]
     assert [r["mode"] for r in kd] == ["reference", "kdlab", "kdlab-fast"]
+    stream = sections["stream_imagenet"]
+    assert stream["images"] == 24 and [r["workers"] for r in stream["decode_augment"]] == [0, 1]
+    assert all(r["images"] == 24 and r["images_per_s"] > 0 for r in stream["decode_augment"])
+    step = stream["train_step"]
+    assert (
+        step["model"] == "resnet8"
+        and step["batches"] == 3
+        and step["warmup_batches"] == 3
+        and step["streamed_images_per_s"] > 0
+    )
     printed = capsys.readouterr().out
     assert "kdlab gpu_check on" in printed and "fast_recipe" in printed and str(out) in printed
 

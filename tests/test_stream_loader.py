@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -465,3 +466,127 @@ def test_two_ranks_stream_like_one_process_at_the_global_batch(folder, tmp_path)
     a = checkpoint.load(tmp_path / "ddp" / "student.safetensors")[0]
     b = checkpoint.load(tmp_path / "one" / "student.safetensors")[0]
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# What real folders hold: odd colour modes, misnamed files, missing or mismatched splits, empty files
+
+
+def test_greyscale_cmyk_and_a_png_named_jpeg_decode_to_rgb_on_both_paths(tmp_path, monkeypatch):
+    """ImageNet's train split has greyscale and CMYK JPEGs and one PNG named .JPEG; both loaders give PIL's
+    own convert('RGB') of each (16x16 files at image_size 16: the memory path stores them unresized; the
+    stream's eval view at 14 crops the central 14x14, its resize target being 16)."""
+    from kdlab.data.imagefolder import load_imagefolder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    rng = np.random.default_rng(5)
+    root = tmp_path / "odd"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            rgb = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+            rgb.save(d / "0_rgb.JPEG", quality=95)
+            rgb.convert("L").save(d / "1_grey.JPEG", quality=95)
+            rgb.convert("CMYK").save(d / "2_cmyk.JPEG", quality=95)
+            rgb.save(d / "3_png.JPEG", format="PNG")
+    modes = {}
+    for f in sorted((root / "train" / "a").iterdir()):
+        with Image.open(f) as im:
+            modes[f.name] = (im.format, im.mode)
+    assert modes == {
+        "0_rgb.JPEG": ("JPEG", "RGB"),
+        "1_grey.JPEG": ("JPEG", "L"),
+        "2_cmyk.JPEG": ("JPEG", "CMYK"),
+        "3_png.JPEG": ("PNG", "RGB"),
+    }
+    files = [root / "train" / cls / name for cls in ("a", "b") for name in sorted(modes)]
+    expected = []
+    for f in files:
+        with Image.open(f) as im:
+            expected.append(np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
+    expected = torch.from_numpy(np.stack(expected))
+    memory = load_imagefolder(root, "train", 16)
+    assert memory.images.dtype == torch.uint8 and torch.equal(memory.images, expected)
+    assert memory.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    ds = open_stream(root, "train", 14)
+    assert ds.paths == [f"{f.parent.name}/{f.name}" for f in files]
+    assert torch.equal(ds.first_images(8), expected[:, :, 1:15, 1:15])
+    grey = expected[1]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])  # L -> RGB repeats the plane
+
+
+def run_cli(root, tmp_path, capsys, **data):
+    """`kdlab train` of a tiny recipe on ``root``: (exit status, stderr lines, run directory)."""
+    from kdlab.recipe_files import dump
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump(recipe(root, **data)))
+    out = tmp_path / f"run-{data.get('loader', 'auto')}"
+    capsys.readouterr()
+    code = main(["train", str(path), "--out", str(out), "--quiet"])
+    return code, capsys.readouterr().err.strip().splitlines(), out
+
+
+def assert_stopped_before_training(code, err, out, message):
+    assert code != 0 and len(err) == 1 and err[0].startswith("kdlab: error: ")
+    assert __import__("re").search(message, err[0]), err[0]
+    trained = ("metrics.jsonl", "result.json", "student.safetensors", "checkpoints")
+    assert not [n for n in trained if (out / n).exists()]
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_missing_test_split_is_a_one_line_error(tmp_path, capsys, monkeypatch, loader):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    root = make_folder(tmp_path / "data", per_class=3, splits=("train",))
+    code, err, out = run_cli(root, tmp_path, capsys, loader=loader)
+    assert_stopped_before_training(code, err, out, r"data/test: missing split folder \(expected test or val/")
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_val_classes_not_in_train_are_a_one_line_error(tmp_path, capsys, monkeypatch, loader):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    root = make_folder(tmp_path / "data", per_class=3, splits=("train", "val"))
+    (root / "val" / "dog").mkdir()
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(root / "val" / "dog" / "0.png")
+    code, err, out = run_cli(root, tmp_path, capsys, loader=loader)
+    assert_stopped_before_training(code, err, out, r"data/val: class folder\(s\) dog not in the train split")
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_zero_byte_file_is_named_or_skipped_and_counted(tmp_path, capsys, monkeypatch, loader):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    root = make_folder(tmp_path / "data", per_class=3)
+    (root / "train" / "bee" / "empty.JPEG").write_bytes(b"")
+    code, err, out = run_cli(root, tmp_path, capsys, loader=loader)
+    assert_stopped_before_training(code, err, out, r"train/bee/empty\.JPEG: unreadable image.*skip_unreadable")
+    data = load_data(recipe(root, loader=loader, skip_unreadable=True))
+    assert data.streamed == (loader == "stream")
+    assert len(data.train) == 9 and len(data.train.skipped) == 1 and "empty.JPEG" in data.train.skipped[0]
+    assert not data.test.skipped and len(data.test) == 9
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder whatever its permissions")
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_data_root_without_read_permission_is_a_one_line_error(tmp_path, capsys, monkeypatch, loader):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    root = make_folder(tmp_path / "data", per_class=3)
+    root.chmod(0)
+    try:
+        code, err, out = run_cli(root, tmp_path, capsys, loader=loader)
+    finally:
+        root.chmod(0o755)
+    assert_stopped_before_training(code, err, out, r"data: no read permission")
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_an_unlistable_root_is_refused_by_its_access_check(tmp_path, capsys, monkeypatch, loader):
+    """The permission check itself, where the tests run as root (which lists any folder): os.access says no."""
+    import kdlab.data.imagefolder as imagefolder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    root = make_folder(tmp_path / "data", per_class=3)
+    real = os.access
+    monkeypatch.setattr(imagefolder.os, "access", lambda p, mode: real(p, mode) and Path(p) != root)
+    code, err, out = run_cli(root, tmp_path, capsys, loader=loader)
+    assert_stopped_before_training(code, err, out, r"data: no read permission")

@@ -233,8 +233,7 @@ def folder_index(
     if root is None:
         raise MissingDataRoot("imagefolder", "the folder holding train/ and test/")
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder")
+    imagefolder.check_root(root)
     train_dir = imagefolder._split_dir(root, "train")
     split_dir = imagefolder._split_dir(root, split)
     classes = imagefolder._classes(train_dir)

@@ -10,6 +10,7 @@ decoded instead of stopping at the first one; the dataset's ``skipped`` lists th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,15 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 # (resolved train folder, image_size, fingerprint) -> (mean, std); spares re-reading train for test.
 _STATS_CACHE: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+
+
+def check_root(root: Path) -> None:
+    """A one-line DataError for a root that is not a folder, or one this user cannot list (a permission error
+    met later would name some file inside it, or, from ``Path.is_dir``, claim the split folder is missing)."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"{root}: no read permission (the folder and its files must be readable by this user)")
 
 
 def _split_dir(root: Path, split: str) -> Path:
@@ -139,8 +149,7 @@ def load_imagefolder(
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"imagefolder image_size must be a positive int, got {image_size!r}")
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder")
+    check_root(root)
     train_dir = _split_dir(root, "train")
     split_dir = _split_dir(root, split)
     classes = _classes(train_dir)
