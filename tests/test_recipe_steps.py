@@ -139,8 +139,17 @@ def one_step(recipe: Recipe, tmp_path: Path) -> dict[str, float]:
     cfg = recipe.train.model_copy(
         update={"batch_size": batch, "device": "cpu", "max_steps_per_epoch": 1, "teacher_cache": False}
     )
-    # CRD's memory bank holds one entry per training sample and draws its negatives among them: a real-size set
-    data = random_data(recipe, batch, TRAIN_SIZES[recipe.data.name] if "crd" in terms else None)
+    # CRD's memory bank holds one entry per training sample and draws its negatives among them: a real-size set,
+    # except for an image folder (ImageNet's 1.28M random 224-px images would not fit): a bank of 1,024 there, with
+    # nce_k cut to what it holds
+    n_train = None
+    if "crd" in terms and recipe.data.name in TRAIN_SIZES:
+        n_train = TRAIN_SIZES[recipe.data.name]
+    elif "crd" in terms:
+        n_train = 1024
+        terms["crd"]["nce_k"] = min(int(terms["crd"].get("nce_k", 16384)), 64)
+        loss_cfg = recipe.loss.model_copy(update={"terms": terms})
+    data = random_data(recipe, batch, n_train)
     device = torch.device("cpu")
     student = build_model(recipe.student.name, recipe.student.kwargs, data, recipe.seed)
     specs = recipe.teachers or ([recipe.student] if recipe.generations else [])
