@@ -45,6 +45,46 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def shard_plan(
+    name: str, n: int, batch_size: int, train: bool, drop_last: bool, shard
+) -> tuple[tuple[int, int], int, int, int]:
+    """The sharding rule of the module docstring, shared by every loader: ``((rank, world), start, num_samples,
+    num_batches)`` of this rank, with the refusals (a bad shard, a sharded training loader without drop_last,
+    no batch at all) as one-line errors."""
+    try:
+        rank, world = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise ConfigError(f"shard must be (rank, world_size), got {shard!r}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"shard must satisfy 0 <= rank < world_size, got {shard!r}")
+    if train and world > 1:
+        if not drop_last:
+            raise ConfigError(
+                "a sharded training loader drops the last partial global batch (drop_last=True), "
+                "so that every rank takes the same number of steps"
+            )
+        global_batch = batch_size * world
+        start, num_batches = 0, n // global_batch
+        num_samples = num_batches * batch_size
+        if num_batches == 0:
+            raise ConfigError(
+                f"{name}: {n} samples make no global batch of {global_batch} ({world} ranks x {batch_size})"
+            )
+    else:
+        if train:
+            start, num_samples = 0, n
+        else:
+            base, extra = divmod(n, world)
+            start, num_samples = rank * base + min(rank, extra), base + (rank < extra)
+        num_batches = num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+    if train and num_batches == 0:
+        raise ConfigError(
+            f"{name}: {num_samples} samples per epoch make no batch of {batch_size}"
+            + (" with drop_last" if drop_last else "")
+        )
+    return (rank, world), start, num_samples, num_batches
+
+
 class DeviceLoader:
     """Iterate ``(x, y)`` batches of an :class:`ArrayDataset` held as uint8 on ``device``.
 
@@ -77,50 +117,15 @@ class DeviceLoader:
             self.augment = None
         self.seed = _check_int("seed", seed, 0)
         self.drop_last = self.train if drop_last is None else bool(drop_last)
-        try:
-            rank, world = (int(v) for v in shard)
-        except (TypeError, ValueError):
-            raise ConfigError(f"shard must be (rank, world_size), got {shard!r}") from None
-        if world < 1 or not 0 <= rank < world:
-            raise ConfigError(f"shard must satisfy 0 <= rank < world_size, got {shard!r}")
-        self.shard = (rank, world)
+        self.shard, self._start, self.num_samples, self._num_batches = shard_plan(
+            dataset.name, len(dataset), self.batch_size, self.train, self.drop_last, shard
+        )
         self.device = torch.device(device)
         self.name = dataset.name
         self.num_classes = dataset.num_classes
         self.class_names = list(dataset.class_names)
         self.mean, self.std = dataset.mean, dataset.std
-
-        n = len(dataset)
-        self.dataset_size = n
-        if self.train and world > 1:
-            if not self.drop_last:
-                raise ConfigError(
-                    "a sharded training loader drops the last partial global batch (drop_last=True), "
-                    "so that every rank takes the same number of steps"
-                )
-            global_batch = self.batch_size * world
-            self._start, self._num_batches = 0, n // global_batch
-            self.num_samples = self._num_batches * self.batch_size
-            if self._num_batches == 0:
-                raise ConfigError(
-                    f"{dataset.name}: {n} samples make no global batch of {global_batch} "
-                    f"({world} ranks x {self.batch_size})"
-                )
-        else:
-            if self.train:
-                self._start, self.num_samples = 0, n
-            else:
-                base, extra = divmod(n, world)
-                self._start, self.num_samples = rank * base + min(rank, extra), base + (rank < extra)
-            if self.drop_last:
-                self._num_batches = self.num_samples // self.batch_size
-            else:
-                self._num_batches = math.ceil(self.num_samples / self.batch_size)
-        if self.train and self._num_batches == 0:
-            raise ConfigError(
-                f"{dataset.name}: {self.num_samples} samples per epoch make no batch of "
-                f"{self.batch_size}" + (" with drop_last" if self.drop_last else "")
-            )
+        self.dataset_size = len(dataset)
 
         self.images = dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)

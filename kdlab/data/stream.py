@@ -50,7 +50,7 @@ from kdlab.errors import ConfigError, DataError
 
 from .folder_index import FolderIndex, folder_index
 from .imagefolder import SIXTEEN_BIT_MODES
-from .loader import _check_int, epoch_seed
+from .loader import _check_int, epoch_seed, shard_plan
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -339,51 +339,16 @@ class StreamLoader:
         self.prefetch = _check_int("data.prefetch", prefetch, 1)
         self.seed = _check_int("seed", seed, 0)
         self.drop_last = self.train if drop_last is None else bool(drop_last)
-        try:
-            rank, world = (int(v) for v in shard)
-        except (TypeError, ValueError):
-            raise ConfigError(f"shard must be (rank, world_size), got {shard!r}") from None
-        if world < 1 or not 0 <= rank < world:
-            raise ConfigError(f"shard must satisfy 0 <= rank < world_size, got {shard!r}")
-        self.shard = (rank, world)
+        self.shard, self._start, self.num_samples, self._num_batches = shard_plan(
+            dataset.name, len(dataset), self.batch_size, self.train, self.drop_last, shard
+        )
         self.device = torch.device(device)
         self.dataset = dataset
         self.name = dataset.name
         self.num_classes = dataset.num_classes
         self.class_names = list(dataset.class_names)
         self.mean, self.std = dataset.mean, dataset.std
-        n = len(dataset)
-        self.dataset_size = n
-        # the rule of DeviceLoader (kdlab.data.loader), so that either loader shards a run the same way
-        if self.train and world > 1:
-            if not self.drop_last:
-                raise ConfigError(
-                    "a sharded training loader drops the last partial global batch (drop_last=True), "
-                    "so that every rank takes the same number of steps"
-                )
-            global_batch = self.batch_size * world
-            self._start, self._num_batches = 0, n // global_batch
-            self.num_samples = self._num_batches * self.batch_size
-            if self._num_batches == 0:
-                raise ConfigError(
-                    f"{dataset.name}: {n} samples make no global batch of {global_batch} "
-                    f"({world} ranks x {self.batch_size})"
-                )
-        else:
-            if self.train:
-                self._start, self.num_samples = 0, n
-            else:
-                base, extra = divmod(n, world)
-                self._start, self.num_samples = rank * base + min(rank, extra), base + (rank < extra)
-            if self.drop_last:
-                self._num_batches = self.num_samples // self.batch_size
-            else:
-                self._num_batches = math.ceil(self.num_samples / self.batch_size)
-        if self.train and self._num_batches == 0:
-            raise ConfigError(
-                f"{dataset.name}: {self.num_samples} samples per epoch make no batch of "
-                f"{self.batch_size}" + (" with drop_last" if self.drop_last else "")
-            )
+        self.dataset_size = len(dataset)
         self._decoder = _Decoder(dataset)
         self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
