@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from kdlab import distributed, taps
-from kdlab.errors import LayerError
+from kdlab.errors import ConfigError, LayerError
 from kdlab.strict import Strict
 
 TERMS: dict[str, type[Term]] = {}
@@ -113,6 +113,9 @@ class Term(nn.Module):
         self.num_teachers = len(teachers)
         if self.needs_teacher and not teachers:
             raise LayerError(f"loss term {self.name!r} needs a teacher")
+        index = getattr(opts, "teacher", None)  # the logit terms that read one teacher of several
+        if index is not None and index >= len(teachers):
+            raise ConfigError(f"loss.terms.{self.name}.teacher: index {index} but only {len(teachers)} teacher(s)")
         self.student_layers = self._layers(student, "student_layers", self.default_student_layers, "student")
         self.teacher_layers = (
             [

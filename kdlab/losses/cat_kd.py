@@ -115,10 +115,6 @@ class CATKD(Term):
 
     def __init__(self, opts, student, teachers):
         super().__init__(opts, student, teachers)
-        if opts.teacher >= len(teachers):
-            raise ConfigError(
-                f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)"
-            )
         if len(self.student_layers) != 1 or any(len(t) != 1 for t in self.teacher_layers):
             raise ConfigError(
                 f"loss.terms.{self.name}: the class maps come from one map per network, got student_layers "

@@ -6,7 +6,6 @@ import torch
 from pydantic import Field
 
 from kdlab import distributed
-from kdlab.errors import ConfigError
 from kdlab.losses import relational as R
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 
@@ -44,13 +43,6 @@ class DIST(Term):
 
     name = "dist"
     Options = DISTOptions
-
-    def __init__(self, opts, student, teachers):
-        super().__init__(opts, student, teachers)
-        if opts.teacher >= len(teachers):
-            raise ConfigError(
-                f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)"
-            )
 
     def forward(self, out: Outputs) -> torch.Tensor:
         o = self.opts

@@ -119,11 +119,6 @@ class DKD(Term):
     Options = DKDOptions
     needs_progress = True
 
-    def __init__(self, opts, student, teachers):
-        super().__init__(opts, student, teachers)
-        if opts.teacher >= len(teachers):
-            raise ConfigError(f"loss.terms.dkd.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)")
-
     def forward(self, out: Outputs) -> Tensor:
         return self.value_at(out, self.opts.T)
 

@@ -39,15 +39,6 @@ class KD(Term):
     name = "kd"
     Options = KDOptions
 
-    def __init__(self, opts, student, teachers):
-        super().__init__(opts, student, teachers)
-        if opts.teacher >= len(teachers):
-            from kdlab.errors import ConfigError
-
-            raise ConfigError(
-                f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)"
-            )
-
     def teacher_logits(self, out: Outputs) -> torch.Tensor:
         return out.teacher_logits[self.opts.teacher]
 

@@ -106,13 +106,6 @@ class NKD(Term):
     name = "nkd"
     Options = NKDOptions
 
-    def __init__(self, opts, student, teachers):
-        super().__init__(opts, student, teachers)
-        if opts.teacher >= len(teachers):
-            raise ConfigError(
-                f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)"
-            )
-
     def forward(self, out: Outputs) -> Tensor:
         o = self.opts
         return nkd(

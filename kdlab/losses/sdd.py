@@ -152,10 +152,6 @@ class SDD(Term):
 
     def __init__(self, opts, student, teachers):
         super().__init__(opts, student, teachers)
-        if opts.teacher >= len(teachers):
-            raise ConfigError(
-                f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)"
-            )
         self.levels = check_levels(f"loss.terms.{self.name}.levels", opts.levels)
         if len(self.student_layers) != 1 or any(len(t) != 1 for t in self.teacher_layers):
             raise ConfigError(

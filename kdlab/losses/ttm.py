@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from kdlab.errors import ConfigError, LayerError
+from kdlab.errors import LayerError
 from kdlab.losses.base import Outputs, Term, TermOptions, register
 from kdlab.losses.checks import as_float, check_positive, check_same_shape, float_math, shape_of
 
@@ -86,13 +86,6 @@ class TTM(Term):
     name = "ttm"
     Options = TTMOptions
     weighted = False
-
-    def __init__(self, opts, student, teachers):
-        super().__init__(opts, student, teachers)
-        if opts.teacher >= len(teachers):
-            raise ConfigError(
-                f"loss.terms.{self.name}.teacher: index {opts.teacher} but only {len(teachers)} teacher(s)"
-            )
 
     def forward(self, out: Outputs) -> Tensor:
         o = self.opts
