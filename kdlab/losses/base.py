@@ -180,6 +180,24 @@ class Term(nn.Module):
         raise NotImplementedError
 
 
+class OwnRandomStream:
+    """A term's own random stream (CRD's negatives, MGD's masks), for a `Term` subclass: ``start_stream`` seeds
+    ``self.sampler`` from the run's stream (the same on every rank at that point), and the module's extra state
+    carries its state through checkpoints, so torchrun ranks draw what one process draws and a resumed run draws
+    what the uninterrupted one did."""
+
+    def start_stream(self, device: torch.device | str | None = None) -> None:
+        self.sampler = torch.Generator(device=device or "cpu")
+        self.sampler.manual_seed(int(torch.randint(0, 2**62, ())))
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.sampler.get_state() if hasattr(self, "sampler") else torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        if hasattr(self, "sampler") and state.numel():
+            self.sampler.set_state(state.cpu())
+
+
 def pool_to_match(a: torch.Tensor, b: torch.Tensor, pool: bool, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Adaptive-average-pool the larger map to the smaller one's spatial size when asked to."""
     if a.shape[-2:] == b.shape[-2:]:

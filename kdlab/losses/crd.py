@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from kdlab import distributed
 from kdlab.errors import ConfigError, LayerError
-from kdlab.losses.base import Outputs, Term, TermOptions, register
+from kdlab.losses.base import Outputs, OwnRandomStream, Term, TermOptions, register
 
 EPS = 1e-7  # RepDistiller's ContrastLoss epsilon
 
@@ -86,7 +86,7 @@ class CRDOptions(TermOptions):
 
 
 @register
-class CRD(Term):
+class CRD(OwnRandomStream, Term):
     """CRD. RepDistiller's CIFAR-100 recipe: `loss: {ce: 1.0, terms: {crd: {weight: 0.8}}}` (+ `kd: {weight: 1, T: 4}`
     for CRD+KD). Negatives are drawn without replacement from the other classes, as RepDistiller's data set
     does; the banks start uniform in +-1/sqrt(feat_dim/3) and the normalisers Z are fixed by the first batch."""
@@ -129,11 +129,7 @@ class CRD(Term):
         self.register_buffer("z_s", torch.full((), -1.0, device=device))  # < 0: not yet fixed by the first batch
         self.register_buffer("z_t", torch.full((), -1.0, device=device))
         self.register_buffer("labels", labels.to(device=device, dtype=torch.int64), persistent=False)
-        # the negatives' own random stream: seeded from the (rank-independent) state at attach time, advanced
-        # the same on every rank, saved in checkpoints (get_extra_state), so that torchrun ranks draw what one
-        # process draws and a resumed run draws what the uninterrupted one did
-        self.sampler = torch.Generator(device=device)
-        self.sampler.manual_seed(int(torch.randint(0, 2**62, (), generator=None)))
+        self.start_stream(device)  # the negatives' own stream, seeded at attach time, advanced alike on every rank
 
     @property
     def n_data(self) -> int:
@@ -146,13 +142,6 @@ class CRD(Term):
         rows = sample_contrast(everyone, self.labels, self.opts.nce_k, self.opts.mode, self.sampler)
         start = distributed.rank() * len(indices) if distributed.world_size() > 1 else 0
         return rows[start : start + len(indices)]
-
-    def get_extra_state(self) -> Tensor:
-        return self.sampler.get_state() if hasattr(self, "sampler") else torch.empty(0, dtype=torch.uint8)
-
-    def set_extra_state(self, state: Tensor) -> None:
-        if hasattr(self, "sampler") and state.numel():
-            self.sampler.set_state(state.cpu())
 
     def forward(self, out: Outputs) -> Tensor:
         if out.indices is None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from kdlab import distributed
 from kdlab.errors import ConfigError
-from kdlab.losses.base import Outputs, Term, TermOptions, register
+from kdlab.losses.base import Outputs, OwnRandomStream, Term, TermOptions, register
 from kdlab.losses.checks import as_float
 
 
@@ -70,7 +70,7 @@ class MGDOptions(TermOptions):
 
 
 @register
-class MGD(Term):
+class MGD(OwnRandomStream, Term):
     """``alpha * sum((G(align(F_s) * M) - F_t)^2) / N`` on the last stage of one teacher."""
 
     name = "mgd"
@@ -101,16 +101,7 @@ class MGD(Term):
         c_s, c_t = s.shape[1], t.shape[1]
         self.align = nn.Conv2d(c_s, c_t, kernel_size=1) if c_s != c_t else nn.Identity()
         self.generation = generator_block(c_t)
-        # seeded from the run's stream at build time, which is the same on every rank
-        self.sampler = torch.Generator()
-        self.sampler.manual_seed(int(torch.randint(0, 2**62, ())))
-
-    def get_extra_state(self) -> Tensor:
-        return self.sampler.get_state() if hasattr(self, "sampler") else torch.empty(0, dtype=torch.uint8)
-
-    def set_extra_state(self, state: Tensor) -> None:
-        if hasattr(self, "sampler") and state.numel():
-            self.sampler.set_state(state.cpu())
+        self.start_stream()  # on the CPU: a CUDA run draws the masks a CPU run does
 
     def forward(self, out: Outputs) -> Tensor:
         (s, t), *_ = self.layer_pairs(out)
